@@ -1,0 +1,32 @@
+"""olss_fast: Optimal Linear Subspace Search (OLSS) few-step samplers for diffusers pipelines.
+
+Duan et al., "Optimal Linear Subspace Search: Learning to Construct Fast and High-Quality Schedulers for Diffusion
+Models", CIKM 2023 (arXiv 2305.14677). See DESIGN.md for the math in the form the code uses.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .fit import FitConfig, FitResult, fit_olss_scheduler
+from .recording import RecordConfig, record_trajectories
+from .refine import refine_schedule
+from .schedule import OLSSSchedule
+from .scheduler import OLSSScheduler
+from .search import SearchConfig, search_schedule
+from .stats import GramStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GramStats", "search_schedule", "refine_schedule", "OLSSSchedule", "OLSSScheduler", "compile_olss_pipeline",
+    "fit_olss_scheduler", "record_trajectories", "RecordConfig", "FitConfig", "FitResult", "SearchConfig",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # the runtime pulls in the compiled-loop machinery; import it only when asked for
+    if name == "compile_olss_pipeline":
+        from .runtime import compile_olss_pipeline
+
+        return compile_olss_pipeline
+    raise AttributeError(f"module 'olss_fast' has no attribute {name!r}")

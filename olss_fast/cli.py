@@ -1,0 +1,135 @@
+"""Command line: ``olss-fast search`` (record + search + refine for a diffusers pipeline)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+def _read_prompts(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"prompts file {p} does not exist")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix == ".json":
+        prompts = json.loads(text)
+        if not isinstance(prompts, list) or not all(isinstance(x, (str, int)) for x in prompts):
+            raise ValueError(f"{p}: a JSON prompts file must hold a list of strings (or class labels)")
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompts file {p} holds no prompts")
+    return prompts
+
+
+def load_pipeline(name: str, device: str = "cpu", dtype: str = "float32"):
+    """A diffusers pipeline from a local folder or hub id; ``digits`` is the bundled model."""
+    import torch
+
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
+    if torch_dtype is None:
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
+    if name == "digits":
+        from .models.digits import load_digits_pipeline
+
+        return load_digits_pipeline(device=device, dtype=torch_dtype)
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(name, torch_dtype=torch_dtype)
+    except (OSError, EnvironmentError) as exc:
+        raise ValueError(f"cannot load pipeline {name!r}: {exc}") from None
+    return pipe.to(device)
+
+
+def _prepare_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ValueError(f"output folder {out} exists and is not empty; pass --force to overwrite its results")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot create output folder {out}: {exc}") from None
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"output folder {out} is not writable")
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from . import FitConfig, RecordConfig, fit_olss_scheduler
+    from ._io import atomic_write_text
+
+    prompts = _read_prompts(args.prompts)
+    out = Path(args.out)
+    _prepare_out_dir(out, args.force)
+    record = RecordConfig(
+        teacher_steps=args.teacher_steps, batch_size=args.batch_size, seeds_per_prompt=args.seeds_per_prompt,
+        base_seed=args.seed, guidance_scale=args.guidance_scale, height=args.height, width=args.width,
+    )
+    fit = FitConfig(num_steps=tuple(args.steps), path=args.path, granularity=args.granularity,
+                    refine=not args.no_refine, refine_samples=args.refine_samples)
+    pipe = load_pipeline(args.pipeline, args.device, args.dtype)
+    pipe.set_progress_bar_config(disable=True)
+    result = fit_olss_scheduler(pipe, prompts, record=record, fit=fit, progress=not args.quiet)
+    result.stats.save(out / "stats.safetensors")
+    result.scheduler.save_pretrained(str(out / "scheduler"))
+    for n, sched in result.schedules.items():
+        sched.save(out / f"schedule_{n}.json")
+    summary = {
+        "pipeline": args.pipeline, "prompts": len(prompts), "samples": result.stats.num_samples,
+        "teacher": result.stats.teacher,
+        "schedules": {n: {"timesteps": s.timesteps, "final_error": s.errors[-1], "refined": s.refined}
+                      for n, s in result.schedules.items()},
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    print(f"searched {sorted(result.schedules)}-step schedules from {result.stats.num_samples} teacher samples")
+    for n, s in sorted(result.schedules.items()):
+        print(f"  {n:3d} steps: timesteps {s.timesteps}  final-step MSE {s.errors[-1]:.3g}")
+    print(f"wrote {out}/scheduler (OLSSScheduler.from_pretrained), {out}/stats.safetensors")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="olss-fast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("search", help="record a teacher through a pipeline, search and refine OLSS schedules")
+    s.add_argument("--pipeline", required=True, help="local folder or hub id of a diffusers pipeline, or 'digits'")
+    s.add_argument("--prompts", required=True, help="text file (one prompt per line) or JSON list")
+    s.add_argument("--out", required=True, help="output folder (scheduler/, stats.safetensors, schedule_N.json)")
+    s.add_argument("--teacher-steps", type=int, default=100)
+    s.add_argument("--steps", type=int, nargs="+", default=[5, 10], help="student step counts")
+    s.add_argument("--guidance-scale", type=float, default=None)
+    s.add_argument("--seeds-per-prompt", type=int, default=1)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("--height", type=int, default=None)
+    s.add_argument("--width", type=int, default=None)
+    s.add_argument("--path", default="uniform", choices=["uniform", "minimax"])
+    s.add_argument("--granularity", default="global", choices=["global", "channel"])
+    s.add_argument("--no-refine", action="store_true", help="skip the student-in-the-loop re-fit (paper's fit)")
+    s.add_argument("--refine-samples", type=int, default=None)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--dtype", default="float32")
+    s.add_argument("--force", action="store_true", help="write into a non-empty output folder")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_search)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        print(f"olss-fast: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

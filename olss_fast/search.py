@@ -1,0 +1,276 @@
+"""OLSS path search and coefficient fit on Gram statistics (Duan et al. 2023, Algorithm 1 and Eq. 9–10).
+
+A student path ``i_0 = 0 < i_1 < … < i_{n-1} < T`` selects teacher steps; student step j predicts the teacher latent
+``x[i_{j+1}]`` (``i_n := T``) as ``w_j x[0] + Σ_{l≤j} v_{j,l} e[i_l]`` with coefficients fitted by least squares over
+all recorded samples. Everything here reads only the Gram matrix of :class:`~olss_fast.stats.GramStats`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .lstsq import gram_lstsq, numerical_rank
+from .schedule import GRANULARITIES, OLSSSchedule
+from .stats import GramStats
+
+logger = logging.getLogger(__name__)
+
+PATHS = ("uniform", "minimax")
+#: The default path. Measured on held-out seeds (benchmarks/quality.py, benchmarks/RESULTS.md): the paper's minimax
+#: path crowds the last steps together and generalises worse than the uniform path, with and without the
+#: student-in-the-loop refinement, so "uniform" is the default (DESIGN.md, "Student-in-the-loop refinement").
+DEFAULT_PATH = "uniform"
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Options of :func:`search_schedule`.
+
+    Attributes:
+        path: "uniform" (``i_j = round(j·T/n)``) or "minimax" (the paper's: minimise the largest per-step error).
+        granularity: "global" (one coefficient set, the paper's) or "channel" (one set per latent channel).
+        bisection_iters: bisection steps on the error bound of the minimax search.
+    """
+
+    path: str = DEFAULT_PATH
+    granularity: str = "global"
+    bisection_iters: int = 60
+
+    def __post_init__(self) -> None:
+        if self.path not in PATHS:
+            raise ValueError(f"unknown path {self.path!r}; choose one of {PATHS}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"unknown granularity {self.granularity!r}; choose one of {GRANULARITIES}")
+        if self.bisection_iters < 1:
+            raise ValueError("bisection_iters must be >= 1")
+
+
+class _Fitter:
+    """Per-step least-squares fits on one GramStats, with a cache (the path search asks for the same fits often)."""
+
+    def __init__(self, stats: GramStats, granularity: str) -> None:
+        stats._require_data()
+        self.stats = stats
+        self.T = stats.num_teacher_steps
+        self.gram = stats.gram if granularity == "channel" else stats.gram.sum(0, keepdim=True)
+        self.granularity = granularity
+        groups = self.gram.shape[0]
+        self.equations = stats.num_samples * stats.elements_per_sample / groups  # equations per fit
+        self.denominator = stats.num_samples * stats.elements_per_sample
+        self._cache: dict[tuple[tuple[int, ...], int], tuple[torch.Tensor, float]] = {}
+
+    def fit(self, path: Sequence[int], target: int) -> tuple[torch.Tensor, float]:
+        """Fit teacher latent ``x[target]`` on ``{x[0], e[i] for i in path}`` → (coef ``[G, len(path)+1]``, MSE)."""
+        key = (tuple(path), target)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        basis = [self.stats.x_index(0)] + [self.stats.e_index(i) for i in path]
+        coef, sse = gram_lstsq(self.gram, basis, self.stats.x_index(target))
+        result = (coef, float(sse.sum()) / self.denominator)
+        self._cache[key] = result
+        return result
+
+    def path_fit(self, indices: Sequence[int]) -> tuple[torch.Tensor, list[float]]:
+        """Coefficients ``[G, n, n+1]`` and per-step MSEs of the whole path."""
+        n = len(indices)
+        coeffs = torch.zeros(self.gram.shape[0], n, n + 1, dtype=torch.float64)
+        errors = []
+        targets = list(indices[1:]) + [self.T]
+        for j in range(n):
+            coef, err = self.fit(indices[: j + 1], targets[j])
+            coeffs[:, j, : j + 2] = coef.cpu()
+            errors.append(err)
+        return coeffs, errors
+
+
+def uniform_path(num_teacher_steps: int, num_steps: int) -> list[int]:
+    """``i_j = round(j·T/n)`` (half up), j = 0..n-1."""
+    _check_steps(num_teacher_steps, num_steps)
+    return [int(math.floor(j * num_teacher_steps / num_steps + 0.5)) for j in range(num_steps)]
+
+
+def _check_steps(T: int, n: int) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {n!r}")
+    if n > T:
+        raise ValueError(f"cannot search {n} steps on a {T}-step teacher: num_steps must be <= teacher steps")
+
+
+def _greedy(fitter: _Fitter, n: int, bound: float) -> list[int] | None:
+    """Paper's inner loop: from the current path, jump to the farthest teacher index whose fit error ≤ bound.
+
+    Returns the path (possibly shorter than n) if the final latent is reached within n steps, else None.
+    The error is assumed monotone in the jump length, so the farthest admissible index is found by bisection.
+    """
+    T = fitter.T
+    path = [0]
+    while True:
+        if fitter.fit(path, T)[1] <= bound:
+            return path
+        if len(path) == n:
+            return None
+        lo, hi = path[-1] + 1, T - 1  # candidate next indices
+        if lo > hi or fitter.fit(path, lo)[1] > bound:
+            return None
+        while lo < hi:  # largest m in [lo, hi] with err ≤ bound
+            mid = (lo + hi + 1) // 2
+            if fitter.fit(path, mid)[1] <= bound:
+                lo = mid
+            else:
+                hi = mid - 1
+        path.append(lo)
+
+
+def _pad_path(path: list[int], n: int, T: int) -> list[int]:
+    """Insert indices into the widest gaps until the path has n steps (used when fewer steps already suffice)."""
+    path = list(path)
+    while len(path) < n:
+        bounds = path + [T]
+        gaps = [(bounds[k + 1] - bounds[k], k) for k in range(len(path))]
+        width, k = max(gaps)
+        if width < 2:
+            raise ValueError(f"cannot place {n} steps on a {T}-step teacher")
+        path.insert(k + 1, bounds[k] + width // 2)
+    return path
+
+
+def minimax_path(fitter: _Fitter, n: int, iters: int = 60) -> list[int]:
+    """The paper's path search: bisection on the bound of the largest per-step error (Algorithm 1).
+
+    The greedy walk's feasibility is not monotone in the bound (a longer early jump can make a later step
+    infeasible), so the bisection keeps the feasible path with the smallest *actual* largest error it met, and then
+    keeps lowering the bound below that error (by 0.1% at a time) while the greedy walk still succeeds.
+    """
+    T = fitter.T
+    _check_steps(T, n)
+
+    def attempt(bound: float) -> tuple[list[int], float] | None:
+        found = _greedy(fitter, n, bound)
+        if found is None:
+            return None
+        path = _pad_path(found, n, T)
+        return path, max(fitter.path_fit(path)[1])
+
+    hi = fitter.fit([0], T)[1]  # one jump to the end is always admissible at this bound
+    lo = 0.0
+    best = attempt(hi)
+    assert best is not None
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        found = attempt(mid)
+        if found is None:
+            lo = mid
+        else:
+            hi = mid
+            if found[1] < best[1]:
+                best = found
+        if hi - lo <= 1e-12 * max(hi, 1e-300):
+            break
+    for _ in range(500):  # descend below the best error found while the greedy walk stays feasible
+        found = attempt(best[1] * (1 - 1e-3))
+        if found is None or found[1] >= best[1]:
+            break
+        best = found
+    return best[0]
+
+
+def search_schedule(
+    stats: GramStats,
+    num_steps: int,
+    path: str | Sequence[int] = DEFAULT_PATH,
+    granularity: str = "global",
+    *,
+    config: SearchConfig | None = None,
+) -> OLSSSchedule:
+    """Fit an n-step OLSS schedule on teacher statistics.
+
+    Args:
+        stats: teacher statistics (:class:`GramStats`).
+        num_steps: n, the number of student steps (model evaluations).
+        path: "uniform", "minimax" (the paper's search; falls back to uniform when uniform is better on the
+            search's own criterion, the largest per-step error), or an explicit list of teacher indices.
+        granularity: "global" (the paper's single coefficient set) or "channel" (per latent channel).
+        config: a :class:`SearchConfig` overriding ``path``/``granularity``.
+
+    Raises:
+        ValueError: empty statistics, n > T, too few samples for the number of unknowns, bad options.
+    """
+    if config is None:
+        config = SearchConfig(path=path if isinstance(path, str) else "uniform", granularity=granularity)
+    stats._require_data()
+    T = stats.num_teacher_steps
+    _check_steps(T, num_steps)
+    fitter = _Fitter(stats, config.granularity)
+    unknowns = num_steps + 1
+    if fitter.equations < unknowns:
+        raise ValueError(
+            f"{stats.num_samples} sample(s) × {int(fitter.equations)} elements per coefficient group give fewer "
+            f"equations than the {unknowns} coefficients of the last of {num_steps} steps: record more samples "
+            f"or use granularity='global'"
+        )
+    if not isinstance(path, str):
+        indices = [int(i) for i in path]
+        if len(indices) != num_steps:
+            raise ValueError(f"explicit path has {len(indices)} indices but num_steps = {num_steps}")
+        if indices[0] != 0 or any(a >= b for a, b in zip(indices, indices[1:])) or indices[-1] >= T:
+            raise ValueError(f"explicit path must start at 0, increase strictly and stay below T={T}: {indices}")
+        chosen = "custom"
+    elif config.path == "uniform":
+        indices, chosen = uniform_path(T, num_steps), "uniform"
+    else:
+        indices, chosen = minimax_path(fitter, num_steps, config.bisection_iters), "minimax"
+        uni = uniform_path(T, num_steps)
+        if max(fitter.path_fit(uni)[1]) < max(fitter.path_fit(indices)[1]):
+            logger.info("minimax search found no path better than uniform on its own criterion; using uniform")
+            indices, chosen = uni, "uniform"
+    basis = [stats.x_index(0)] + [stats.e_index(i) for i in indices]
+    rank = numerical_rank(fitter.gram, basis)
+    if rank < len(basis):
+        logger.info(
+            "the %d basis vectors of this path are numerically collinear (rank %d) in the recorded data; "
+            "using minimum-norm coefficients where needed", len(basis), rank,
+        )
+    coeffs, errors = fitter.path_fit(indices)
+    if config.granularity == "global":
+        coeffs = coeffs[0]
+    return OLSSSchedule(
+        timesteps=[stats.timesteps[i] for i in indices],
+        indices=indices,
+        coeffs=coeffs,
+        errors=errors,
+        teacher_steps=T,
+        prediction_type=stats.prediction_type,
+        path=chosen,
+        refined=False,
+        teacher=stats.teacher,
+        meta={"num_samples": stats.num_samples, "model": stats.model},
+    )
+
+
+def path_errors(stats: GramStats, indices: Sequence[int], granularity: str = "global") -> list[float]:
+    """Per-step fit MSE of the least-squares coefficients on a given path."""
+    return _Fitter(stats, granularity).path_fit(list(indices))[1]
+
+
+def coefficient_errors(stats: GramStats, indices: Sequence[int], coeffs: torch.Tensor) -> list[float]:
+    """Per-step MSE on the teacher data of *given* coefficients ``[n, n+1]`` (e.g. DDIM's) on a path.
+
+    ``‖y − Σ c_k b_k‖² = G_yy − 2 c·G_Sy + cᵀ G_SS c`` summed over samples, divided by ``B·D``.
+    """
+    g = stats.global_gram()
+    T = stats.num_teacher_steps
+    targets = list(indices[1:]) + [T]
+    out = []
+    for j in range(len(indices)):
+        basis = [stats.x_index(0)] + [stats.e_index(i) for i in indices[: j + 1]]
+        c = coeffs[j, : j + 2].to(torch.float64)
+        idx = torch.tensor(basis)
+        y = stats.x_index(targets[j])
+        sse = g[y, y] - 2 * (c * g[idx, y]).sum() + c @ g[idx][:, idx] @ c
+        out.append(float(sse) / (stats.num_samples * stats.elements_per_sample))
+    return out

@@ -1,0 +1,122 @@
+"""Path search and fit invariants on Gaussian-mixture teachers; clear errors for bad input."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from olss_fast import GramStats, search_schedule
+from olss_fast.models.gmm import make_gmm
+from olss_fast.recording import record_trajectories
+from olss_fast.search import coefficient_errors, path_errors, uniform_path
+from olss_fast.step import ddim_coefficients
+
+
+def record_gmm(seed, components=3, shape=(2, 3, 3), samples=24, T=30):
+    pipe = make_gmm(shape, num_components=components, seed=seed)
+    stats = record_trajectories(pipe, [None] * samples, teacher_steps=T, batch_size=samples, progress=False,
+                                base_seed=seed)
+    return pipe, stats
+
+
+def ddim_on_path(pipe, stats, indices):
+    ts = [stats.timesteps[i] for i in indices]
+    prev = ts[1:] + [-1]
+    sch = pipe.scheduler
+    return ddim_coefficients(sch.alphas_cumprod, ts, prev, float(sch.final_alpha_cumprod), "epsilon")
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), components=st.integers(1, 4), n=st.integers(2, 8))
+def test_fit_never_worse_than_ddim_on_same_path(seed, components, n):
+    pipe, stats = record_gmm(seed, components)
+    sched = search_schedule(stats, n, path="uniform")
+    ddim_err = coefficient_errors(stats, sched.indices, ddim_on_path(pipe, stats, sched.indices))
+    for j, (ours, theirs) in enumerate(zip(sched.errors, ddim_err)):
+        assert ours <= theirs * (1 + 1e-9) + 1e-15, (j, ours, theirs)
+    # and DDIM's coefficients are not trivially optimal: on some step the fit is strictly better
+    assert min(o / max(t, 1e-30) for o, t in zip(sched.errors, ddim_err)) < 0.999
+
+
+def test_coefficient_errors_of_fitted_coeffs_equal_reported_errors():
+    _, stats = record_gmm(5)
+    sched = search_schedule(stats, 5)
+    assert coefficient_errors(stats, sched.indices, sched.coeffs) == pytest.approx(sched.errors, rel=1e-6, abs=1e-14)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("n", [3, 5, 8])
+def test_minimax_never_worse_than_uniform_on_its_own_criterion(seed, n):
+    _, stats = record_gmm(seed, T=40)
+    mm = search_schedule(stats, n, path="minimax")
+    uni = search_schedule(stats, n, path="uniform")
+    assert max(mm.errors) <= max(uni.errors) * (1 + 1e-12)
+    assert mm.indices[0] == 0 and len(mm.indices) == n
+    assert mm.timesteps == [stats.timesteps[i] for i in mm.indices]
+
+
+def test_minimax_bound_is_tight():
+    """The greedy walk reaches the end within n steps at the bound found, and not at a slightly smaller bound."""
+    from olss_fast.search import _Fitter, _greedy, minimax_path
+
+    _, stats = record_gmm(7, components=3, T=40)
+    fitter = _Fitter(stats, "global")
+    path = minimax_path(fitter, 4)
+    bound = max(fitter.path_fit(path)[1])
+    assert _greedy(fitter, 4, bound * (1 + 1e-9)) is not None
+    assert _greedy(fitter, 4, bound * (1 - 1e-3)) is None
+    assert len(path) == 4 and path[0] == 0
+
+
+def test_channel_granularity_not_worse_than_global_on_training_data():
+    _, stats = record_gmm(3)
+    g = search_schedule(stats, 6, granularity="global")
+    c = search_schedule(stats, 6, granularity="channel")
+    assert c.coeffs.shape == (2, 6, 7)
+    for a, b in zip(c.errors, g.errors):
+        assert a <= b * (1 + 1e-9)
+
+
+def test_uniform_path_formula():
+    assert uniform_path(100, 10) == list(range(0, 100, 10))
+    assert uniform_path(60, 7) == [0, 9, 17, 26, 34, 43, 51]
+    assert uniform_path(5, 5) == [0, 1, 2, 3, 4]
+
+
+def test_bad_requests_raise_value_error():
+    _, stats = record_gmm(1, samples=4, T=10)
+    with pytest.raises(ValueError, match="must be <= teacher steps"):
+        search_schedule(stats, 11)
+    with pytest.raises(ValueError, match="positive integer"):
+        search_schedule(stats, 0)
+    with pytest.raises(ValueError, match="unknown path"):
+        search_schedule(stats, 3, path="fastest")
+    with pytest.raises(ValueError, match="unknown granularity"):
+        search_schedule(stats, 3, granularity="pixel")
+    with pytest.raises(ValueError, match="no samples"):
+        search_schedule(GramStats([3, 2, 1]), 2)
+
+
+def test_too_few_samples_for_the_unknowns_is_a_clear_error():
+    stats = GramStats(list(range(20))[::-1])
+    g = torch.Generator().manual_seed(0)
+    stats.update(torch.randn(21, 1, 1, 4, generator=g), torch.randn(20, 1, 1, 4, generator=g))  # 4 equations
+    search_schedule(stats, 3)  # 4 unknowns: fine
+    with pytest.raises(ValueError, match="fewer equations"):
+        search_schedule(stats, 5)
+
+
+def test_update_rejects_bad_trajectories():
+    stats = GramStats([3, 2, 1])
+    with pytest.raises(ValueError, match="3-step teacher"):
+        stats.update(torch.randn(3, 2, 4, 1), torch.randn(3, 2, 4, 1))
+    with pytest.raises(ValueError, match="disagree"):
+        stats.update(torch.randn(4, 2, 4, 1), torch.randn(3, 3, 4, 1))
+    x = torch.randn(4, 2, 4, 1)
+    x[1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        stats.update(x, torch.randn(3, 2, 4, 1))
+    stats.update(torch.randn(4, 2, 4, 1), torch.randn(3, 2, 4, 1))
+    with pytest.raises(ValueError, match="sample shape"):
+        stats.update(torch.randn(4, 2, 4, 2), torch.randn(3, 2, 4, 2))
+    with pytest.raises(ValueError, match="duplicates"):
+        GramStats([5, 5, 3])
