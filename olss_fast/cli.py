@@ -48,15 +48,22 @@ def load_pipeline(name: str, device: str = "cpu", dtype: str = "float32"):
     return pipe.to(device)
 
 
-def _prepare_out_dir(out: Path, force: bool) -> None:
+def _check_out_dir(out: Path, force: bool) -> None:
+    """Refuse a non-empty output folder (unless forced) or an unwritable location, before any work is done."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output path {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not force:
         raise ValueError(f"output folder {out} exists and is not empty; pass --force to overwrite its results")
+    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"cannot write to {out}: {parent} is not writable")
+
+
+def _make_out_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ValueError(f"cannot create output folder {out}: {exc}") from None
-    if not os.access(out, os.W_OK):
-        raise ValueError(f"output folder {out} is not writable")
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -65,7 +72,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     prompts = _read_prompts(args.prompts)
     out = Path(args.out)
-    _prepare_out_dir(out, args.force)
+    _check_out_dir(out, args.force)
     record = RecordConfig(
         teacher_steps=args.teacher_steps, batch_size=args.batch_size, seeds_per_prompt=args.seeds_per_prompt,
         base_seed=args.seed, guidance_scale=args.guidance_scale, height=args.height, width=args.width,
@@ -75,6 +82,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.pipeline, args.device, args.dtype)
     pipe.set_progress_bar_config(disable=True)
     result = fit_olss_scheduler(pipe, prompts, record=record, fit=fit, progress=not args.quiet)
+    _make_out_dir(out)  # only now: a failed search leaves nothing behind
     result.stats.save(out / "stats.safetensors")
     result.scheduler.save_pretrained(str(out / "scheduler"))
     for n, sched in result.schedules.items():

@@ -1,0 +1,79 @@
+"""Fair comparisons of samplers at the same number of model evaluations (DESIGN.md, "Fair comparisons").
+
+Every sampler runs through the same pipeline from the same initial noise, with trailing timesteps; quality is
+measured on held-out noise/prompts against the teacher's final sample from that noise.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch
+
+from .recording import _quiet_progress, swapped_scheduler
+
+logger = logging.getLogger(__name__)
+
+#: diffusers baselines by name: (class name, extra config)
+BASELINES: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "deis": ("DEISMultistepScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+}
+
+
+def baseline_scheduler(name: str, config: dict[str, Any]) -> Any:
+    """A diffusers scheduler by name, on the noise schedule of ``config``, with trailing timesteps."""
+    import diffusers
+
+    if name not in BASELINES:
+        raise ValueError(f"unknown sampler {name!r}; choose from {sorted(BASELINES)} or 'olss'")
+    cls_name, extra = BASELINES[name]
+    base = {k: v for k, v in dict(config).items() if k != "schedules"}
+    base.update(extra)
+    base["timestep_spacing"] = "trailing"
+    if cls_name == "DDIMScheduler":
+        base["clip_sample"] = False
+    if cls_name == "PNDMScheduler":
+        base["steps_offset"] = base.get("steps_offset", 0)
+    return getattr(diffusers, cls_name).from_config(base)
+
+
+def steps_for_nfe(scheduler: Any, nfe: int) -> int:
+    """The ``num_inference_steps`` that makes ``scheduler`` evaluate the model exactly ``nfe`` times."""
+    for steps in [nfe] + [s for s in range(max(1, nfe - 2), nfe + 2) if s != nfe]:
+        try:
+            scheduler.set_timesteps(steps)
+        except ValueError:
+            continue
+        if len(scheduler.timesteps) == nfe:
+            return steps
+    raise ValueError(f"{type(scheduler).__name__} cannot run with exactly {nfe} model evaluations")
+
+
+@torch.no_grad()
+def sample(pipe: Any, scheduler: Any, prompts: Sequence[Any], latents: torch.Tensor, nfe: int,
+           call_kwargs: dict[str, Any] | None = None, batch_size: int | None = None) -> torch.Tensor:
+    """Final latents of ``pipe`` with ``scheduler`` at ``nfe`` model evaluations, from given initial latents."""
+    kwargs = dict(call_kwargs or {})
+    kwargs.setdefault("output_type", "latent")
+    steps = steps_for_nfe(scheduler, nfe)
+    bs = batch_size or latents.shape[0]
+    outs = []
+    with swapped_scheduler(pipe, scheduler), _quiet_progress(pipe):
+        for s in range(0, latents.shape[0], bs):
+            out = pipe(prompt=list(prompts[s : s + bs]), latents=latents[s : s + bs].clone(),
+                       num_inference_steps=steps, **kwargs)
+            images = out[0] if isinstance(out, tuple) else getattr(out, "images", None)
+            if images is None:
+                images = out.sample
+            outs.append(torch.as_tensor(images).to("cpu", torch.float32))
+    return torch.cat(outs)
+
+
+def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Root mean squared difference over all elements (float64)."""
+    return float(((a.double() - b.double()) ** 2).mean().sqrt())
