@@ -139,7 +139,7 @@ def make_gmm(
     if scheduler is None:
         scheduler = DDIMScheduler(
             num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-            clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing",
+            clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing",
         )
     unet = GMMDenoiser(means, stds, weights, scheduler.alphas_cumprod)
     return GMMPipeline(unet=unet, scheduler=scheduler)
@@ -207,7 +207,7 @@ def ode_solution(
     """Integrate the probability-flow ODE from ᾱ_start to ᾱ_end with RK4 in float64 (ground truth).
 
     In DDIM's variables ``x̄ = x/√ᾱ``, ``σ = √((1−ᾱ)/ᾱ)`` the ODE is ``dx̄/dσ = ε(x, ᾱ(σ))`` (Song et al. 2021,
-    Eq. 14); steps are uniform in log σ.
+    Eq. 14); steps are uniform in log σ. ``alpha_bar_end = 1`` integrates to clean data (σ = 0).
     """
     x = x_start.to(torch.float64)
     b = x.shape[0]
@@ -226,11 +226,12 @@ def ode_solution(
         return e_u + guidance_scale * (e_c - e_u)
 
     s0, s1 = sigma_of(alpha_bar_start), sigma_of(alpha_bar_end)
-    logs = torch.linspace(math.log(s0), math.log(s1), num_steps + 1, dtype=torch.float64)
-    sig = logs.exp().tolist()
+    # uniform in log σ down to s1 (or to 1e-4·s0 when s1 = 0, then one last step to σ = 0)
+    end = s1 if s1 > 0 else s0 * 1e-4
+    logs = torch.linspace(math.log(s0), math.log(end), num_steps + 1, dtype=torch.float64)
+    sig = logs.exp().tolist() + ([0.0] if s1 == 0 else [])
     xbar = x / math.sqrt(alpha_bar_start)
-    for i in range(num_steps):
-        a, c = sig[i], sig[i + 1]
+    for a, c in zip(sig[:-1], sig[1:]):
         h = c - a
         k1 = eps(xbar, a)
         k2 = eps(xbar + 0.5 * h * k1, a + 0.5 * h)
