@@ -19,14 +19,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GramStats", "search_schedule", "refine_schedule", "OLSSSchedule", "OLSSScheduler", "compile_olss_pipeline",
-    "fit_olss_scheduler", "record_trajectories", "RecordConfig", "FitConfig", "FitResult", "SearchConfig",
+    "OLSSRunner", "fit_olss_scheduler", "record_trajectories", "RecordConfig", "FitConfig", "FitResult", "SearchConfig",
 ]
 
 
 def __getattr__(name: str) -> Any:
     # the runtime pulls in the compiled-loop machinery; import it only when asked for
-    if name == "compile_olss_pipeline":
-        from .runtime import compile_olss_pipeline
+    if name in ("compile_olss_pipeline", "OLSSRunner"):
+        from . import runtime
 
-        return compile_olss_pipeline
+        return getattr(runtime, name)
     raise AttributeError(f"module 'olss_fast' has no attribute {name!r}")

@@ -1,0 +1,123 @@
+if ls .whl/*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD; fi
+# ----------------------------------------------------------------------------------------------------------------
+# GPU check for compile_olss_pipeline / the fused Triton OLSS step (issue #4). Run from the repository root:
+#
+#     bash benchmarks/gpu_check.sh
+#
+# 1. makes olss_fast importable from this checkout without installing it: a shim package /tmp/olss_site/olss_fast
+#    whose entries link to olss_fast/*, with kernels/ and export/ linked in as olss_fast.kernels / olss_fast.export
+#    (PYTHONSAFEPATH=1 keeps the checkout's own olss_fast/ — which lacks those two — from shadowing the shim);
+# 2. runs the GPU-marked tests (pytest -m gpu, without the kernel file), then the whole kernel test file
+#    (interpreted + compiled Triton kernel);
+# 3. runs benchmarks/latency.py --quick within what is left of the time budget (torch.compile only if >= 120 s left);
+# 4. prints a short summary and the latency table last.
+#
+# Logs, JUnit XML, latency.json and latency_table.txt go to $OUT (or /tmp/olss_gpu_check). Environment knobs:
+#   GPU_CHECK_BUDGET_S (default 350: the whole script), GPU_TESTS (default "tests"), PYTHON (default python3),
+#   BENCH_ARGS (extra arguments for latency.py, e.g. "--skip-compile").
+# Without CUDA the GPU tests skip and the benchmark is not run (a CPU dry run of everything else).
+# ----------------------------------------------------------------------------------------------------------------
+set -u
+START=$(date +%s)
+REPO=$(pwd)
+PY=${PYTHON:-python3}
+OUTDIR=${OUT:-/tmp/olss_gpu_check}
+BUDGET=${GPU_CHECK_BUDGET_S:-350}
+GPU_TESTS=${GPU_TESTS:-tests}
+mkdir -p "$OUTDIR"
+elapsed() { echo $(( $(date +%s) - START )); }
+left() { echo $(( BUDGET - $(date +%s) + START )); }
+
+# ---- 1. import shim ------------------------------------------------------------------------------------------
+SHIM=/tmp/olss_site
+rm -rf "$SHIM" && mkdir -p "$SHIM/olss_fast"
+for entry in "$REPO"/olss_fast/*; do
+  name=$(basename "$entry")
+  case "$name" in __pycache__|kernels|export) continue ;; esac
+  ln -s "$entry" "$SHIM/olss_fast/$name"
+done
+ln -s "$REPO/kernels" "$SHIM/olss_fast/kernels"
+ln -s "$REPO/export" "$SHIM/olss_fast/export"
+export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONSAFEPATH=1
+export PYTHONDONTWRITEBYTECODE=1
+
+{
+  echo "== environment"
+  command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L
+  $PY - <<'EOF'
+import importlib, sys
+print("python", sys.version.split()[0])
+for mod in ("torch", "triton", "diffusers", "transformers", "pytest"):
+    try:
+        m = importlib.import_module(mod)
+        print(f"{mod} {getattr(m, '__version__', '?')}  ({m.__file__})")
+    except Exception as exc:  # noqa: BLE001
+        print(f"{mod} NOT IMPORTABLE: {exc!r}")
+import torch
+print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+import olss_fast, olss_fast.kernels.fused_step as fs, olss_fast.export.cuda_graph as cg, olss_fast.runtime as rt
+print("olss_fast from", olss_fast.__file__, "| kernels", fs.__file__, "| triton in kernels:", fs.HAS_TRITON)
+EOF
+} > "$OUTDIR/env.txt" 2>&1
+SHIM_OK=$?
+cat "$OUTDIR/env.txt"
+if [ $SHIM_OK -ne 0 ]; then
+  echo "FATAL: olss_fast (with olss_fast.kernels / olss_fast.export) does not import through the shim; see above"
+  exit 2
+fi
+HAVE_PYTEST=1
+$PY -c "import pytest" >/dev/null 2>&1 || HAVE_PYTEST=0
+[ $HAVE_PYTEST -eq 1 ] || echo "WARNING: pytest is not importable: put pytest/pluggy/iniconfig/packaging wheels in .whl/; tests skipped"
+HAVE_CUDA=$($PY -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+
+PYTEST_COMMON=(-q -rfEs -p no:cacheprovider --color=no)
+run_pytest() {  # name, timeout, args...
+  local name=$1 tmo=$2; shift 2
+  echo "== $name (timeout ${tmo}s, $(left)s of budget left)"
+  timeout --kill-after=10 "$tmo" $PY -m pytest "${PYTEST_COMMON[@]}" --junitxml="$OUTDIR/$name.xml" "$@" \
+    > "$OUTDIR/$name.log" 2>&1
+  local rc=$?
+  [ $rc -eq 124 ] && echo "   TIMED OUT after ${tmo}s"
+  tail -n 25 "$OUTDIR/$name.log" | grep -E "passed|failed|error|FAILED|ERROR|skipped|no tests ran" | tail -n 12
+  return $rc
+}
+
+# ---- 2. tests -----------------------------------------------------------------------------------------------
+GPU_RC=skipped; KERNEL_RC=skipped
+if [ $HAVE_PYTEST -eq 1 ]; then
+  run_pytest gpu_tests 150 -m gpu $GPU_TESTS --ignore=tests/test_kernels.py; GPU_RC=$?
+  run_pytest kernel_tests 120 tests/test_kernels.py; KERNEL_RC=$?
+fi
+
+# ---- 3. latency benchmark -----------------------------------------------------------------------------------
+BENCH_RC=skipped
+if [ "$HAVE_CUDA" = "1" ]; then
+  REM=$(( $(left) - 10 ))
+  if [ $REM -lt 60 ]; then
+    echo "== latency benchmark skipped: only ${REM}s of the budget left"
+  else
+    echo "== latency benchmark (--time-budget $((REM - 15))s)"
+    timeout --kill-after=10 "$REM" $PY benchmarks/latency.py "$OUTDIR/latency.json" --quick \
+      --time-budget $((REM - 15)) --table-out "$OUTDIR/latency_table.txt" ${BENCH_ARGS:-} \
+      > "$OUTDIR/latency.log" 2>&1
+    BENCH_RC=$?
+    [ $BENCH_RC -eq 124 ] && echo "   benchmark TIMED OUT (partial results are in latency.json)"
+    grep -E "ERROR|Traceback|skipping" "$OUTDIR/latency.log" | head -n 8
+  fi
+else
+  echo "== latency benchmark skipped: no CUDA device (CPU dry run)"
+fi
+
+# ---- 4. summary ---------------------------------------------------------------------------------------------
+echo
+echo "== summary ($(elapsed)s; outputs in $OUTDIR)"
+echo "gpu tests rc=$GPU_RC | kernel tests rc=$KERNEL_RC | latency benchmark rc=$BENCH_RC"
+if [ -f "$OUTDIR/latency_table.txt" ]; then
+  cat "$OUTDIR/latency_table.txt"
+elif [ -f "$OUTDIR/latency.json" ]; then
+  echo "(no table: partial latency.json follows)"; head -c 3000 "$OUTDIR/latency.json"; echo
+fi
+[ "$GPU_RC" = "0" ] || [ "$GPU_RC" = "skipped" ] || [ "$GPU_RC" = "5" ] || exit 1
+[ "$KERNEL_RC" = "0" ] || [ "$KERNEL_RC" = "skipped" ] || exit 1
+exit 0
