@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .metrics import rmse  # noqa: F401  (re-exported for the comparison scripts)
 from .recording import _quiet_progress, swapped_scheduler
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,3 @@ def sample(pipe: Any, scheduler: Any, prompts: Sequence[Any], latents: torch.Ten
             outs.append(torch.as_tensor(images).to("cpu", torch.float32))
     return torch.cat(outs)
 
-
-def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Root mean squared difference over all elements (float64)."""
-    return float(((a.double() - b.double()) ** 2).mean().sqrt())

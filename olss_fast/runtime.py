@@ -14,6 +14,9 @@ whole sampler is a static program::
   small LRU cache (:mod:`olss_fast.export.cuda_graph`). Tokenisation, noise sampling and post-processing stay on the
   host; token ids, labels and noise are copied into static buffers before each replay;
 * ``backend="auto"``: ``cuda_graph`` on CUDA, ``eager`` otherwise;
+* ``backend="onnxruntime"`` / ``"tensorrt"``: the same program exported to static-shape ONNX (and built into TensorRT
+  engines) by :mod:`olss_fast.export`, cached on disk; :func:`compile_olss_pipeline` returns an
+  :class:`olss_fast.export.compiled.ExportedOLSSRunner` with the same call signature and outputs;
 * ``compile_unet=True``: the UNet is ``torch.compile``-d (inductor, static shapes) inside the loop.
 
 The coefficients, timesteps and guidance scale live in device tensors read by the captured kernels, so
@@ -31,13 +34,16 @@ import copy
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
 from olss_fast.export.cuda_graph import CapturedGraph, GraphCache, StaticBuffers
 from olss_fast.kernels.fused_step import fused_olss_step
 from olss_fast.schedule import OLSSSchedule
+
+if TYPE_CHECKING:  # pragma: no cover
+    from olss_fast.export.compiled import ExportedOLSSRunner
 
 logger = logging.getLogger(__name__)
 
@@ -620,7 +626,8 @@ class OLSSRunner:
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(
-                f"unknown backend {backend!r}; the OLSS runner supports {BACKENDS} (ONNX/TensorRT export is separate)"
+                f"unknown backend {backend!r}; the OLSS runner supports {BACKENDS} (compile_olss_pipeline also takes "
+                "'onnxruntime' and 'tensorrt', see olss_fast.export)"
             )
         self.pipe = pipe
         self.adapter = _make_adapter(pipe)
@@ -940,14 +947,17 @@ def compile_olss_pipeline(
     warmup_iters: int = 2,
     step_backend: str = "auto",
     warmup: bool = False,
-) -> OLSSRunner:
+    cache_dir: Optional[str] = None,
+) -> Union[OLSSRunner, "ExportedOLSSRunner"]:
     """Build an :class:`OLSSRunner` that samples ``pipe`` with an OLSS schedule as one static loop.
 
     Args:
         pipe: a ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or ``DigitsPipeline``.
         schedule: an :class:`OLSSSchedule`; or an ``OLSSScheduler`` (anything with a ``schedules`` mapping
             ``{n: OLSSSchedule}``) with ``num_inference_steps`` choosing one; ``None`` uses ``pipe.scheduler``.
-        backend: ``"auto"`` (``cuda_graph`` on CUDA, else ``eager``), ``"eager"`` or ``"cuda_graph"``.
+        backend: ``"auto"`` (``cuda_graph`` on CUDA, else ``eager``), ``"eager"``, ``"cuda_graph"``, or
+            ``"onnxruntime"`` / ``"tensorrt"`` (ONNX export / TensorRT engines, see :mod:`olss_fast.export`; these
+            return an ``ExportedOLSSRunner`` and ignore ``compile_unet``, ``cache_size`` and ``warmup_iters``).
         num_inference_steps: which schedule of an ``OLSSScheduler`` to run (must match an ``OLSSSchedule``).
         height, width: default image size (the pipeline's default when ``None``); calls may override.
         batch_size: the batch :meth:`OLSSRunner.warmup` prepares (calls may use other batches: each new input
@@ -961,11 +971,24 @@ def compile_olss_pipeline(
         step_backend: fused-step backend (``"auto"``, ``"triton"``, ``"reference"``), see
             :func:`olss_fast.kernels.fused_step.select_backend`.
         warmup: capture for ``batch_size`` × ``height`` × ``width`` now instead of at the first call.
+        cache_dir: where the ``onnxruntime`` / ``tensorrt`` backends keep exports and engines (default
+            ``$OLSS_FAST_CACHE`` or ``~/.cache/olss_fast``).
 
     Raises:
         ValueError: unsupported pipeline or backend, a schedule that does not fit the pipeline, bad sizes.
+        RuntimeError: ``backend="tensorrt"`` without the ``tensorrt`` package.
     """
     resolved = _resolve_schedule(schedule, num_inference_steps, pipe)
+    if backend in ("onnxruntime", "tensorrt"):  # the exported program (olss_fast.export)
+        from olss_fast.export.compiled import ExportedOLSSRunner
+
+        exported = ExportedOLSSRunner(
+            pipe, resolved, backend=backend, height=height, width=width, batch_size=batch_size,
+            guidance_scale=guidance_scale, dtype=dtype, cache_dir=cache_dir, step_backend=step_backend,
+        )
+        if warmup:
+            exported.warmup()
+        return exported
     runner = OLSSRunner(
         pipe, resolved, backend=backend, height=height, width=width, batch_size=batch_size,
         guidance_scale=guidance_scale, dtype=dtype, compile_unet=compile_unet, compile_mode=compile_mode,

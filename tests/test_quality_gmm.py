@@ -37,8 +37,7 @@ def table():
         row = {}
         for name, sched in samplers.items():
             out = sample(pipe, sched, prompts, x0, n)
-            per_sample = ((out - teacher) ** 2).flatten(1).mean(1).sqrt()
-            row[name] = (rmse(out, teacher), float(per_sample.median()))
+            row[name] = (rmse(out, teacher), float(rmse(out, teacher, per_sample=True).median()))
         rows[n] = row
     return rows
 

@@ -1,0 +1,1 @@
+"""Triton kernels for the fused OLSS sampler step, with their torch reference (import as olss_fast.kernels)."""
