@@ -7,7 +7,10 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .distributed import DistContext
 
 logger = logging.getLogger(__name__)
 
@@ -67,21 +70,78 @@ def _make_out_dir(out: Path) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from . import FitConfig, RecordConfig, fit_olss_scheduler
-    from ._io import atomic_write_text
+    """``olss-fast search``; under ``torchrun`` every rank records its share and rank 0 writes the results."""
+    import torch.distributed as dist
 
-    prompts = _read_prompts(args.prompts)
+    from .distributed import init_distributed, shutdown_distributed
+
+    had_group = dist.is_available() and dist.is_initialized()
+    ctx = init_distributed()
+    try:
+        return _search(args, ctx)
+    finally:
+        if not had_group:  # destroy only a process group this command created
+            shutdown_distributed()
+
+
+def _search(args: argparse.Namespace, ctx: "DistContext") -> int:
+    """The body of ``olss-fast search`` (see :func:`cmd_search`)."""
+    from . import FitConfig, GramStats, RecordConfig, fit_olss_scheduler
+    from ._io import atomic_write_text
+    from .checkpoint import require_complete
+    from .distributed import agree_on_error
+
+    stats = None
+    if args.stats:
+        stats = GramStats.load(args.stats)
+        require_complete(stats, args.stats)
+        if args.resume or args.checkpoint or args.checkpoint_every is not None:
+            raise ValueError("--stats searches finished statistics: it cannot be combined with --resume/--checkpoint")
+    search_only = stats is not None and args.no_refine
+    if not args.pipeline and not search_only:
+        raise ValueError("--pipeline is required (it may be left out only with --stats and --no-refine)")
+    if not args.prompts and not search_only:
+        raise ValueError("--prompts is required (it may be left out only with --stats and --no-refine)")
+    prompts = _read_prompts(args.prompts) if args.prompts else []
     out = Path(args.out)
-    _check_out_dir(out, args.force)
+    checkpoint = None
+    if args.checkpoint or args.checkpoint_every is not None or args.resume:
+        checkpoint = Path(args.checkpoint) if args.checkpoint else out / "stats.safetensors"
+    error = None
+    if ctx.is_main:  # file-system checks on the writing rank; every rank gets the same error
+        try:
+            _check_out_dir(out, args.force or args.resume)
+            if checkpoint is not None and args.force and not args.resume:
+                stale = [checkpoint] if checkpoint.is_file() else []
+                if checkpoint.parent.is_dir():
+                    stale += sorted(checkpoint.parent.glob(f"{checkpoint.stem}.rank*-of-*{checkpoint.suffix}"))
+                for path in stale:
+                    logger.warning("--force without --resume: discarding the existing checkpoint %s", path)
+                    path.unlink()
+        except ValueError as exc:
+            error = str(exc)
+    agree_on_error(error, ctx)
+    teacher_steps = args.teacher_steps or (stats.num_teacher_steps if stats is not None else 100)
     record = RecordConfig(
-        teacher_steps=args.teacher_steps, batch_size=args.batch_size, seeds_per_prompt=args.seeds_per_prompt,
+        teacher_steps=teacher_steps, batch_size=args.batch_size, seeds_per_prompt=args.seeds_per_prompt,
         base_seed=args.seed, guidance_scale=args.guidance_scale, height=args.height, width=args.width,
     )
     fit = FitConfig(num_steps=tuple(args.steps), path=args.path, granularity=args.granularity,
                     refine=not args.no_refine, refine_samples=args.refine_samples)
-    pipe = load_pipeline(args.pipeline, args.device, args.dtype)
-    pipe.set_progress_bar_config(disable=True)
-    result = fit_olss_scheduler(pipe, prompts, record=record, fit=fit, progress=not args.quiet)
+    pipe = None
+    if args.pipeline:
+        device = args.device
+        if ctx.enabled and device == "cuda":  # one GPU per process under torchrun
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        pipe = load_pipeline(args.pipeline, device, args.dtype)
+        pipe.set_progress_bar_config(disable=True)
+    result = fit_olss_scheduler(
+        pipe, prompts, record=record, fit=fit, stats=stats, progress=not args.quiet, checkpoint=checkpoint,
+        checkpoint_every=10 if args.checkpoint_every is None else args.checkpoint_every, resume=args.resume,
+        distributed=ctx,
+    )
+    if not ctx.is_main:  # only rank 0 writes results
+        return 0
     _make_out_dir(out)  # only now: a failed search leaves nothing behind
     result.stats.save(out / "stats.safetensors")
     result.scheduler.save_pretrained(str(out / "scheduler"))
@@ -89,12 +149,13 @@ def cmd_search(args: argparse.Namespace) -> int:
         sched.save(out / f"schedule_{n}.json")
     summary = {
         "pipeline": args.pipeline, "prompts": len(prompts), "samples": result.stats.num_samples,
-        "teacher": result.stats.teacher,
+        "teacher": result.stats.teacher, "processes": ctx.world_size,
         "schedules": {n: {"timesteps": s.timesteps, "final_error": s.errors[-1], "refined": s.refined}
                       for n, s in result.schedules.items()},
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
-    print(f"searched {sorted(result.schedules)}-step schedules from {result.stats.num_samples} teacher samples")
+    print(f"searched {sorted(result.schedules)}-step schedules from {result.stats.num_samples} teacher samples"
+          + (f" ({ctx.world_size} processes)" if ctx.enabled else ""))
     for n, s in sorted(result.schedules.items()):
         print(f"  {n:3d} steps: timesteps {s.timesteps}  final-step MSE {s.errors[-1]:.3g}")
     print(f"wrote {out}/scheduler (OLSSScheduler.from_pretrained), {out}/stats.safetensors")
@@ -105,10 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="olss-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("search", help="record a teacher through a pipeline, search and refine OLSS schedules")
-    s.add_argument("--pipeline", required=True, help="local folder or hub id of a diffusers pipeline, or 'digits'")
-    s.add_argument("--prompts", required=True, help="text file (one prompt per line) or JSON list")
+    s.add_argument("--pipeline", default=None,
+                   help="local folder or hub id of a diffusers pipeline, or 'digits' (not needed with --stats "
+                        "and --no-refine)")
+    s.add_argument("--prompts", default=None, help="text file (one prompt per line) or JSON list")
     s.add_argument("--out", required=True, help="output folder (scheduler/, stats.safetensors, schedule_N.json)")
-    s.add_argument("--teacher-steps", type=int, default=100)
+    s.add_argument("--teacher-steps", type=int, default=None, help="default 100 (or the --stats file's)")
     s.add_argument("--steps", type=int, nargs="+", default=[5, 10], help="student step counts")
     s.add_argument("--guidance-scale", type=float, default=None)
     s.add_argument("--seeds-per-prompt", type=int, default=1)
@@ -122,9 +185,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--refine-samples", type=int, default=None)
     s.add_argument("--device", default="cpu")
     s.add_argument("--dtype", default="float32")
-    s.add_argument("--force", action="store_true", help="write into a non-empty output folder")
+    s.add_argument("--force", action="store_true",
+                   help="write into a non-empty output folder (without --resume: discard an existing checkpoint)")
+    s.add_argument("--stats", default=None, metavar="FILE",
+                   help="search these finished statistics (a stats.safetensors / finished checkpoint) instead of "
+                        "recording; with --no-refine the pipeline is never run")
+    s.add_argument("--checkpoint", default=None, metavar="FILE",
+                   help="checkpoint the recording statistics to FILE (default OUT/stats.safetensors when "
+                        "--checkpoint-every or --resume is given)")
+    s.add_argument("--checkpoint-every", type=int, default=None, metavar="M",
+                   help="write the checkpoint every M batches (default 10 when checkpointing)")
+    s.add_argument("--resume", action="store_true",
+                   help="continue the recording from the checkpoint (after a crash or kill)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_search)
+    from .demo import add_demo_parser
+
+    add_demo_parser(sub)
+    from .export.cli import add_export_parser  # olss-fast export (ONNX / TensorRT); imports no torch
+    add_export_parser(sub)
     return parser
 
 

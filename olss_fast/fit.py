@@ -8,6 +8,7 @@ refinement sample for an n-step schedule.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -18,6 +19,8 @@ from .recording import (
     RecordConfig, RecordingScheduler, StopSampling, WorkItem, _quiet_progress, item_noise, latent_shape,
     make_work_items, pipeline_device, pipeline_dtype, record_trajectories, run_pipeline, swapped_scheduler,
 )
+from .checkpoint import checkpoint_info
+from .distributed import LOCAL, DistContext, all_gather_object, broadcast_object, gather_by_sum, resolve_context
 from .refine import sequential_refit
 from .schedule import OLSSSchedule
 from .scheduler import OLSSScheduler
@@ -66,32 +69,57 @@ class FitResult:
 
 
 class _LatentKeeper:
-    """Keeps the teacher latents of the first ``limit`` work items at the teacher indices the re-fit needs."""
+    """Keeps the teacher latents of the work items with ``index < limit`` at the teacher indices the re-fit needs.
+
+    Positional (item i is the i-th work item), so it works for any batching and for this rank's share of the items
+    under torch.distributed; :meth:`teacher_latents` assembles the full tensor on every rank.
+    """
 
     def __init__(self, limit: int, indices: Sequence[int] | None) -> None:
         self.limit = limit
         self.indices = sorted(set(indices)) if indices is not None else None
-        self.items: list[WorkItem] = []
-        self.latents: list[torch.Tensor] = []  # per batch [K, b, ...] on CPU
+        self.kept: dict[int, torch.Tensor] = {}  # item index -> [K, ...] on CPU
 
     def __call__(self, items: list[WorkItem], x_path: torch.Tensor, e_path: torch.Tensor) -> None:
-        room = self.limit - len(self.items)
-        if room <= 0:
+        cols = [b for b, it in enumerate(items) if it.index < self.limit and it.index not in self.kept]
+        if not cols:
             return
-        take = items[:room]
-        x = x_path[:, : len(take)]
+        x = x_path[:, cols]
         if self.indices is not None:
             x = x[self.indices]
-        self.items.extend(take)
-        self.latents.append(x.detach().to("cpu", torch.float32))
+        x = x.detach().to("cpu", torch.float32)
+        for c, b in enumerate(cols):
+            self.kept[items[b].index] = x[:, c].clone()
 
-    def teacher_latents(self, T: int) -> torch.Tensor:
-        """``[T+1, B, ...]`` with only the kept indices filled (others NaN, never read)."""
-        x = torch.cat(self.latents, dim=1)
-        if self.indices is None:
-            return x
-        full = torch.full((T + 1, *x.shape[1:]), float("nan"))
-        full[self.indices] = x
+    def missing(self, ctx: DistContext = LOCAL) -> list[int]:
+        """Indices below ``limit`` that no rank has kept (collective under torch.distributed)."""
+        have: set[int] = set()
+        for part in all_gather_object(sorted(self.kept), ctx):
+            have.update(part)
+        return [i for i in range(self.limit) if i not in have]
+
+    def teacher_latents(self, T: int, ctx: DistContext = LOCAL, only: Sequence[int] | None = None) -> torch.Tensor:
+        """``[T+1, limit, ...]`` with the kept (or ``only`` the given) teacher indices filled, others NaN (never read).
+
+        Collective under torch.distributed (an exact all-gather of every rank's items).
+        """
+        kept_idx = list(range(T + 1)) if self.indices is None else self.indices
+        rows = sorted(set(only)) if only is not None else kept_idx
+        if any(r not in kept_idx for r in rows):
+            raise ValueError(f"teacher indices {sorted(set(rows) - set(kept_idx))} were not kept for the re-fit")
+        pos = [kept_idx.index(r) for r in rows]
+        shapes = {tuple(v.shape[1:]) for v in self.kept.values()}
+        shape = all_gather_object(sorted(shapes), ctx)
+        shapes = {tuple(s) for part in shape for s in part}
+        if len(shapes) != 1:
+            raise ValueError(f"no or inconsistent teacher latents kept for the re-fit (shapes {sorted(shapes)})")
+        sample_shape = shapes.pop()
+        part = torch.zeros(len(rows), self.limit, *sample_shape, dtype=torch.float32)
+        for i, v in self.kept.items():
+            part[:, i] = v[pos]
+        part = gather_by_sum(part, ctx)
+        full = torch.full((T + 1, self.limit, *sample_shape), float("nan"))
+        full[rows] = part
         return full
 
 
@@ -103,8 +131,18 @@ def refine_through_pipeline(
     record: RecordConfig,
     granularity: str | None = None,
     progress: bool = True,
+    *,
+    distributed: bool | DistContext | None = None,
 ) -> OLSSSchedule:
-    """Student-in-the-loop re-fit driving ``pipe`` itself (see module docstring)."""
+    """Student-in-the-loop re-fit driving ``pipe`` itself (see module docstring).
+
+    Under torch.distributed (``distributed``, see :func:`olss_fast.distributed.resolve_context`) the refinement
+    batches (``items`` cut into ``record.batch_size`` batches, as a single process would) are evaluated by rank
+    ``k % world_size``; the model outputs are all-gathered exactly, every rank runs the same float64 fit with rank 0's
+    coefficients, and the result equals a single-process run's to float64 rounding. Collective: every rank must call
+    it with the same arguments.
+    """
+    ctx = resolve_context(distributed)
     n = schedule.num_steps
     shape = latent_shape(pipe, record.height, record.width)
     device, dtype = pipeline_device(pipe), pipeline_dtype(pipe)
@@ -124,7 +162,9 @@ def refine_through_pipeline(
         recorder = RecordingScheduler(student, stop_after=j)
         outs = []
         with swapped_scheduler(pipe, recorder), _quiet_progress(pipe):
-            for s in range(0, len(items), bs):
+            for k, s in enumerate(range(0, len(items), bs)):
+                if k % ctx.world_size != ctx.rank:
+                    continue
                 batch = list(items[s : s + bs])
                 recorder.clear()
                 try:
@@ -136,10 +176,20 @@ def refine_through_pipeline(
                         f"the pipeline made {len(recorder.outputs)} scheduler steps, expected {j + 1}: it must call "
                         "scheduler.step once per timestep"
                     )
-                outs.append(recorder.outputs[j].to("cpu", torch.float32))
-        return torch.cat(outs)
+                outs.append((s, recorder.outputs[j].to("cpu", torch.float32)))
+        if not ctx.enabled:
+            return torch.cat([o for _, o in outs])
+        full = torch.zeros(x0.shape, dtype=torch.float32)
+        for s, o in outs:
+            full[s : s + o.shape[0]] = o
+        return gather_by_sum(full, ctx)
 
-    return sequential_refit(schedule, x0, targets, evaluate, granularity, progress)
+    def evaluate_with_rank0_coeffs(j: int, coeffs: torch.Tensor, history: Sequence[torch.Tensor]) -> torch.Tensor:
+        return evaluate(j, broadcast_object(coeffs, ctx), history)
+
+    refined = sequential_refit(schedule, x0, targets, evaluate_with_rank0_coeffs, granularity,
+                               progress and ctx.is_main)
+    return broadcast_object(refined, ctx)
 
 
 def fit_olss_scheduler(
@@ -151,6 +201,10 @@ def fit_olss_scheduler(
     fit: FitConfig | None = None,
     stats: GramStats | None = None,
     progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
+    resume: bool = False,
+    distributed: bool | DistContext | None = None,
     **kwargs: Any,
 ) -> FitResult:
     """Record a teacher through ``pipe``, search OLSS schedules for several step counts, refine them.
@@ -158,17 +212,38 @@ def fit_olss_scheduler(
     Keyword arguments not given as configs are split between :class:`RecordConfig` (``teacher_steps``,
     ``batch_size``, ``seeds_per_prompt``, ``base_seed``, ``guidance_scale``, ``height``, ``width``,
     ``call_kwargs``) and :class:`FitConfig` (``num_steps``, ``path``, ``granularity``, ``refine``,
-    ``refine_samples``). Pass ``stats`` to skip recording (re-search a finished recording); refinement then needs a
-    new, short teacher run on the refinement samples.
+    ``refine_samples``). Pass ``stats`` to skip recording (re-search a finished recording; ``teacher_steps``
+    defaults to the statistics'); with ``refine=False`` the pipeline is then never run, otherwise the refinement
+    re-runs the teacher on the (whole batches holding the) refinement samples to get their latents.
+
+    ``checkpoint``/``checkpoint_every``/``resume`` make the recording resumable (see :func:`record_trajectories`
+    and :mod:`olss_fast.checkpoint`). Under torchrun (``distributed``, default auto) recording and refinement are
+    sharded over the processes and every rank returns the same result (:mod:`olss_fast.distributed`); only rank 0
+    should write files.
     """
+    ctx = resolve_context(distributed)
     rec_keys = set(RecordConfig.__dataclass_fields__)
     fit_keys = set(FitConfig.__dataclass_fields__)
     unknown = set(kwargs) - rec_keys - fit_keys
     if unknown:
         raise ValueError(f"unknown option(s) {sorted(unknown)}; see RecordConfig and FitConfig")
+    if stats is not None and record is None and "teacher_steps" not in kwargs:
+        kwargs = dict(kwargs, teacher_steps=stats.num_teacher_steps)
     record = record or RecordConfig(**{k: v for k, v in kwargs.items() if k in rec_keys})
     fit = fit or FitConfig(**{k: v for k, v in kwargs.items() if k in fit_keys})
-    items = make_work_items(prompts, record.seeds_per_prompt, record.base_seed)
+    if stats is not None:
+        stats._require_data()
+        if stats.num_teacher_steps != record.teacher_steps:
+            raise ValueError(
+                f"the statistics hold a {stats.num_teacher_steps}-step teacher but teacher_steps="
+                f"{record.teacher_steps}; leave teacher_steps out (or set it to {stats.num_teacher_steps})"
+            )
+        info = checkpoint_info(stats)
+        if info is not None and not info.get("complete", False):
+            logger.warning("searching on an unfinished recording checkpoint (%d samples)", stats.num_samples)
+    # (no work items needed when searching given statistics without refinement: the pipeline is never run)
+    need_items = stats is None or fit.refine
+    items = make_work_items(prompts, record.seeds_per_prompt, record.base_seed) if need_items else []
     for n in fit.num_steps:
         if n > record.teacher_steps:
             raise ValueError(f"cannot fit {n} steps from a {record.teacher_steps}-step teacher")
@@ -179,19 +254,60 @@ def fit_olss_scheduler(
     keeper = _LatentKeeper(limit if fit.refine else 0, needed)
     if stats is None:
         stats = record_trajectories(pipe, prompts, teacher=teacher, config=record, items=items,
-                                    on_batch=keeper, progress=progress)
-    elif fit.refine:
-        # statistics given: re-run the teacher on the refinement samples only, to get their latents
-        record_trajectories(pipe, prompts, teacher=teacher, config=record, items=items[:limit],
-                            on_batch=keeper, progress=progress)
+                                    on_batch=keeper, progress=progress, checkpoint=checkpoint,
+                                    checkpoint_every=checkpoint_every, resume=resume, distributed=ctx)
+    if fit.refine:
+        # latents of refinement samples not recorded in this call (statistics given, or restored from a
+        # checkpoint): re-run the teacher on the whole single-process batches holding them, so that they are
+        # bitwise the latents an uninterrupted recording would have produced
+        missing = keeper.missing(ctx)
+        if missing:
+            bs = record.batch_size
+            rerun = [it for b in sorted({i // bs for i in missing}) for it in items[b * bs : (b + 1) * bs]]
+            record_trajectories(pipe, prompts, teacher=teacher, config=record, items=rerun, on_batch=keeper,
+                                progress=progress, distributed=ctx)
     paper: dict[int, OLSSSchedule] = {}
+    for n in tqdm(sorted(fit.num_steps), desc="searching schedules", disable=not progress or not ctx.is_main):
+        paper[n] = _search_on_rank0(stats, n, fit, ctx)
     final: dict[int, OLSSSchedule] = {}
-    for n in tqdm(sorted(fit.num_steps), desc="searching schedules", disable=not progress):
-        sched = search_schedule(stats, n, path=fit.path, granularity=fit.granularity)
-        paper[n] = sched
-        if fit.refine:
-            latents = keeper.teacher_latents(stats.num_teacher_steps)
-            sched = refine_through_pipeline(pipe, sched, keeper.items, latents, record, fit.granularity, progress)
-        final[n] = sched
-    scheduler = OLSSScheduler.from_schedules(list(final.values()), config=dict(pipe.scheduler.config))
+    if fit.refine:
+        T = stats.num_teacher_steps
+        rows = sorted({i for s in paper.values() for i in s.indices[1:]} | {T})
+        latents = keeper.teacher_latents(T, ctx, rows)
+        refine_items = items[:limit]
+        for n in sorted(fit.num_steps):
+            final[n] = refine_through_pipeline(pipe, paper[n], refine_items, latents, record, fit.granularity,
+                                               progress, distributed=ctx)
+    else:
+        final = {n: paper[n] for n in sorted(fit.num_steps)}
+    scheduler = OLSSScheduler.from_schedules(list(final.values()), config=_scheduler_config(pipe, stats))
     return FitResult(scheduler=scheduler, stats=stats, schedules=final, paper_schedules=paper)
+
+
+def _search_on_rank0(stats: GramStats, n: int, fit: FitConfig, ctx: DistContext) -> OLSSSchedule:
+    """``search_schedule`` on rank 0, its result (or its ValueError) on every rank."""
+    if not ctx.enabled:
+        return search_schedule(stats, n, path=fit.path, granularity=fit.granularity)
+    result, error = None, None
+    if ctx.is_main:
+        try:
+            result = search_schedule(stats, n, path=fit.path, granularity=fit.granularity)
+        except ValueError as exc:
+            error = str(exc)
+    result, error = broadcast_object((result, error), ctx)
+    if error is not None:
+        raise ValueError(error)
+    return result
+
+
+def _scheduler_config(pipe: Any, stats: GramStats) -> dict[str, Any]:
+    """The base config of the returned ``OLSSScheduler``: the pipeline's scheduler's, else the one recorded."""
+    sched = getattr(pipe, "scheduler", None) if pipe is not None else None
+    if sched is not None and getattr(sched, "config", None) is not None:
+        return dict(sched.config)
+    cfg = stats.meta.get("scheduler_config") if isinstance(stats.meta, dict) else None
+    if not cfg:
+        raise ValueError(
+            "no scheduler config: pass the pipeline (or statistics recorded by this version, which store it)"
+        )
+    return {k: v for k, v in cfg.items() if not str(k).startswith("_")}

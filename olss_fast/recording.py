@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
+import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from .stats import GramStats
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .checkpoint import RecordCheckpointer
+    from .distributed import DistContext
 
 logger = logging.getLogger(__name__)
 
@@ -239,6 +246,10 @@ def record_trajectories(
     items: Sequence[WorkItem] | None = None,
     on_batch: Callable[[list[WorkItem], torch.Tensor, torch.Tensor], None] | None = None,
     progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
+    resume: bool = False,
+    distributed: "bool | DistContext | None" = None,
     **config_kwargs: Any,
 ) -> GramStats:
     """Run the teacher through ``pipe`` on prompts × seeds and stream the trajectories into ``GramStats``.
@@ -250,10 +261,27 @@ def record_trajectories(
         config: a :class:`RecordConfig`; or pass its fields as keywords (``teacher_steps=100, batch_size=4, ...``).
         stats: statistics to add to (default: new ones).
         items: explicit work items (default: ``make_work_items(prompts, seeds_per_prompt, base_seed)``).
-        on_batch: called with ``(items, x_path, e_path)`` after each batch, before the trajectories are dropped.
-        progress: show a progress bar over samples.
+        on_batch: called with ``(items, x_path, e_path)`` after each batch, before the trajectories are dropped
+            (under torch.distributed: for this rank's batches only; not for batches restored from a checkpoint).
+        progress: show a progress bar over samples (rank 0's share when distributed; resumed items count as done).
+        checkpoint: file to checkpoint the statistics to (see :mod:`olss_fast.checkpoint`); when the recording
+            finishes it holds the finished statistics, which ``fit_olss_scheduler(stats=GramStats.load(...))`` or
+            ``olss-fast search --stats`` re-search without recording again.
+        checkpoint_every: write the checkpoint every this many batches (and when done).
+        resume: continue from ``checkpoint`` (an unfinished one resumes after its last finished batch, a finished
+            one is returned without recording). Without ``resume`` an existing checkpoint is refused.
+        distributed: None (default): shard the batches over the torch.distributed process group when there is one
+            (or torchrun's environment asks for one) and all-reduce the statistics (:mod:`olss_fast.distributed`);
+            False: this process only.
+
+    Raises:
+        ValueError: bad options; a corrupted checkpoint, or one of another job (teacher, model, prompts, seeds,
+            shape, ...), named field by field.
     """
     from diffusers import DDIMScheduler
+
+    from .checkpoint import RecordCheckpointer, job_fingerprint, model_fingerprint
+    from .distributed import all_reduce_stats, resolve_context, shard_batches
 
     config = config or RecordConfig(**config_kwargs)
     if teacher is None:
@@ -265,32 +293,164 @@ def record_trajectories(
     device, dtype = pipeline_device(pipe), pipeline_dtype(pipe)
     teacher.set_timesteps(config.teacher_steps)
     timesteps = [t.item() for t in teacher.timesteps]
-    if stats is None:
-        stats = GramStats(
-            timesteps, teacher=describe_scheduler(teacher, config.teacher_steps), model=describe_model(pipe),
-            prediction_type=teacher.config.get("prediction_type", "epsilon"),
-        )
-    recorder = RecordingScheduler(teacher)
+    ctx = resolve_context(distributed)
     kwargs = config.pipeline_kwargs()
-    bar = tqdm(total=len(items), desc="recording teacher", unit="sample", disable=not progress)
+    teacher_desc = describe_scheduler(teacher, config.teacher_steps)
+    model_desc = describe_model(pipe)
+
+    def new_stats() -> GramStats:
+        out = GramStats(timesteps, teacher=teacher_desc, model=model_desc,
+                        prediction_type=teacher.config.get("prediction_type", "epsilon"))
+        out.meta["scheduler_config"] = jsonable_config(getattr(pipe.scheduler, "config", {}))
+        return out
+
+    plain = checkpoint is None and not ctx.enabled
+    if plain:  # the original single-process path: stream straight into the caller's statistics
+        if stats is None:
+            stats = new_stats()
+        target = stats
+    else:
+        target = None
+    done: set[int] = set()
+    ckpt = None
+    if checkpoint is not None:
+        if len({it.index for it in items}) != len(items):
+            raise ValueError("work item indices must be unique to checkpoint a recording")
+        fingerprint = job_fingerprint(
+            teacher_description=teacher_desc, teacher_config=teacher.config, teacher_steps=config.teacher_steps,
+            model_description=model_desc, model_sha256=model_fingerprint(pipe), prompts=list(prompts),
+            seeds_per_prompt=config.seeds_per_prompt, base_seed=config.base_seed, items=items,
+            guidance_scale=config.guidance_scale, call_kwargs=config.call_kwargs, sample_shape=shape,
+            pipeline_dtype=dtype,
+        )
+        layout = {"batch_size": config.batch_size, "world_size": ctx.world_size, "rank": ctx.rank}
+        ckpt = RecordCheckpointer(Path(checkpoint), checkpoint_every, fingerprint, layout,
+                                  [it.index for it in items], ctx)
+        finished, target, done = _open_checkpoint(ckpt, resume, ctx)
+        if finished is not None:
+            logger.info("checkpoint %s is finished (%d samples): nothing left to record", checkpoint,
+                        finished.num_samples)
+            if progress and ctx.is_main:
+                tqdm(total=len(items), initial=len(items), desc="recording teacher (from checkpoint)",
+                     unit="sample").close()
+            return finished if stats is None else stats.merge_(finished)
+    if target is None:
+        target = new_stats()
+    elif "scheduler_config" not in target.meta:
+        target.meta["scheduler_config"] = jsonable_config(getattr(pipe.scheduler, "config", {}))
+
+    mine = shard_batches(items, config.batch_size, ctx)
+    my_indices = {it.index for _, b in mine for it in b}
+    if not done <= my_indices:
+        raise ValueError(
+            f"checkpoint {checkpoint} lists finished work items that are not this process's share "
+            f"({ctx.describe()}); it is corrupted or from another job"
+        )
+    for _, batch in mine:
+        n_done = sum(it.index in done for it in batch)
+        if 0 < n_done < len(batch):
+            raise ValueError(f"checkpoint {checkpoint} is corrupted: it lists a partly finished batch")
+    if done:
+        logger.info("resuming %s: %d of %d samples already recorded (%s)", checkpoint, len(done),
+                    len(my_indices), ctx.describe())
+    recorder = RecordingScheduler(teacher)
+    desc = "recording teacher" + (f" ({ctx.describe()})" if ctx.enabled else "")
+    my_total = sum(len(b) for _, b in mine)
+    restored = sum(len(b) for _, b in mine if b[0].index in done)
+    bar = tqdm(total=my_total, initial=restored, desc=desc, unit="sample", disable=not progress or not ctx.is_main)
     with swapped_scheduler(pipe, recorder), _quiet_progress(pipe):
-        for start in range(0, len(items), config.batch_size):
-            batch = items[start : start + config.batch_size]
+        for _, batch in mine:
+            if batch[0].index in done:
+                continue
             noise = item_noise(batch, shape, device, dtype)
             run_pipeline(pipe, batch, noise, config.teacher_steps, kwargs)
             x_path, e_path = recorder.trajectory()
-            if x_path.shape[0] != stats.num_teacher_steps + 1:
+            if x_path.shape[0] != target.num_teacher_steps + 1:
                 raise ValueError(
-                    f"the pipeline ran {x_path.shape[0] - 1} steps but the teacher has {stats.num_teacher_steps}"
+                    f"the pipeline ran {x_path.shape[0] - 1} steps but the teacher has {target.num_teacher_steps}"
                 )
-            stats.update(x_path, e_path)
+            target.update(x_path, e_path)
             if on_batch is not None:
                 on_batch(batch, x_path, e_path)
             recorder.clear()
             del x_path, e_path
+            done.update(it.index for it in batch)
+            if ckpt is not None:
+                ckpt.step(target, done)
             bar.update(len(batch))
     bar.close()
-    return stats
+    if plain:
+        return stats
+    if ckpt is not None:
+        ckpt.save_shard(target, done, complete=True)
+    if ctx.enabled:
+        target = all_reduce_stats(target, ctx, sample_shape=shape)
+        if ckpt is not None:
+            ckpt.save_final(target)
+            ctx.barrier()  # the finished file exists before any shard file goes away
+            ckpt.remove_shard()
+    if stats is None:
+        return target
+    return stats.merge_(target)
+
+
+def _open_checkpoint(
+    ckpt: "RecordCheckpointer", resume: bool, ctx: "DistContext"
+) -> tuple[GramStats | None, GramStats | None, set[int]]:
+    """``(finished statistics or None, this rank's partial statistics or None, its finished items)``.
+
+    Collective under torch.distributed: every rank raises the same ``ValueError`` when any rank finds a problem.
+    """
+    from .distributed import agree_on_error, broadcast_object, broadcast_stats
+
+    error = None
+    final = None
+    try:
+        others = ckpt.other_layout_shards()
+        if others:
+            raise ValueError(
+                f"found per-rank checkpoint(s) {[p.name for p in others]} of a run with another number of "
+                f"processes next to {ckpt.path}; resume with that many processes (torchrun --nproc_per_node), or "
+                "delete them to start over"
+            )
+        if not resume:
+            existing = [p for p in dict.fromkeys([ckpt.path, ckpt.shard_path]) if p.exists()]
+            if existing:
+                raise ValueError(
+                    f"checkpoint {existing[0]} exists: pass resume=True (olss-fast search --resume) to continue it, "
+                    "or delete it to start over"
+                )
+        elif ctx.is_main:
+            final = ckpt.load_final()
+    except ValueError as exc:
+        error = str(exc)
+    agree_on_error(error, ctx)
+    if broadcast_object(final is not None, ctx):
+        final = broadcast_stats(final, ctx)
+        ckpt.remove_shard()
+        return final, None, set()
+    partial, done, error = None, set(), None
+    if resume:
+        try:
+            partial, done = ckpt.load_shard()
+        except ValueError as exc:
+            error = str(exc)
+    agree_on_error(error, ctx)
+    return None, partial, done
+
+
+def jsonable_config(config: Any) -> dict[str, Any]:
+    """A diffusers config as plain JSON data (tuples become lists, tensors/arrays lists, other objects strings)."""
+
+    def default(obj: Any) -> Any:
+        if hasattr(obj, "tolist"):
+            return obj.tolist()
+        return str(obj)
+
+    try:
+        return json.loads(json.dumps(dict(config or {}), default=default))
+    except (TypeError, ValueError):
+        return {}
 
 
 @contextlib.contextmanager

@@ -1,0 +1,267 @@
+"""``olss-fast demo``: OLSS on the bundled digits model against diffusers' samplers, on held-out classes and seeds.
+
+Steps: load the bundled class-conditional digits model; record a DDIM-100 teacher on the *training* classes and seeds;
+search and refine OLSS schedules for several step counts; then, on *held-out* classes and seeds, run OLSS and
+diffusers' DDIM, DPM-Solver++(2M), UniPC, DEIS, PNDM and Euler at the same number of model evaluations (NFE), all
+with trailing timesteps, and measure RMSE/PSNR against the teacher's sample from the same noise, the Fréchet distance
+to the real digits of the evaluated classes in the shipped classifier's feature space, and the class accuracy.
+Writes ``results.json`` (every number), ``grid.png`` and ``quality.png`` into the output folder.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ._io import atomic_write_text, atomic_write_with
+from .evaluate import baseline_scheduler, compare_samplers, sample
+from .fit import fit_olss_scheduler
+from .recording import item_noise, latent_shape, make_work_items
+
+logger = logging.getLogger(__name__)
+
+SAMPLERS = ("olss", "ddim", "dpmsolver++", "unipc", "deis", "pndm", "euler")
+
+
+@dataclass
+class DemoConfig:
+    """Options of the demo (``olss-fast demo --help`` lists them with the same names)."""
+
+    teacher_steps: int = 100
+    steps: Sequence[int] = (4, 5, 6, 8, 10)
+    samplers: Sequence[str] = SAMPLERS
+    train_classes: Sequence[int] = (0, 1, 2, 3, 4)
+    eval_classes: Sequence[int] = (5, 6, 7, 8, 9)
+    train_seeds: int = 20
+    eval_seeds: int = 40
+    guidance_scale: float | None = None
+    batch_size: int = 200
+    device: str = "cpu"
+    seed: int = 0
+    grid_nfe: int = 5
+    grid_columns: int = 10
+    out: str = "demo_out"
+    model_path: str | None = None  # a copy of the bundled model folder (default: the package's own)
+
+    def validate(self) -> None:
+        unknown = [s for s in self.samplers if s not in SAMPLERS]
+        if unknown:
+            raise ValueError(f"unknown sampler(s) {unknown}; choose from {list(SAMPLERS)}")
+        if not self.steps or any(int(n) < 1 for n in self.steps):
+            raise ValueError(f"steps must be >= 1, got {list(self.steps)}")
+        if self.teacher_steps < max(self.steps):
+            raise ValueError(f"teacher_steps ({self.teacher_steps}) must be >= the largest step count {max(self.steps)}")
+        for name, classes in (("train_classes", self.train_classes), ("eval_classes", self.eval_classes)):
+            if not classes or any(not 0 <= int(c) <= 9 for c in classes):
+                raise ValueError(f"{name} must be digits 0-9, got {list(classes)}")
+        if self.train_seeds < 1 or self.eval_seeds < 1:
+            raise ValueError("train_seeds and eval_seeds must be >= 1")
+        if self.grid_nfe not in self.steps:
+            raise ValueError(f"grid_nfe ({self.grid_nfe}) must be one of the step counts {list(self.steps)}")
+
+
+def check_output_folder(out: Path) -> None:
+    """``ValueError`` now, before any work, if ``out`` cannot be created or written."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output path {out} exists and is not a folder")
+    target = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not target.is_dir():
+        raise ValueError(f"output folder {out} cannot be created: {target} is a file, not a folder")
+    if not os.access(target, os.W_OK):
+        raise ValueError(f"output folder {out} is not writable ({target} is read-only); pass --out elsewhere")
+
+
+def _real_feature_stats(classes: Sequence[int], classifier: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    from .metrics import classifier_features, feature_statistics
+    from .models.train_digits import load_digit_images
+
+    x, y = load_digit_images()
+    keep = torch.isin(y, torch.tensor(list(classes)))
+    return feature_statistics(classifier_features(x[keep], classifier))
+
+
+def digits_quality(teacher: torch.Tensor, labels: torch.Tensor, classes: Sequence[int],
+                   classifier: torch.nn.Module) -> Any:
+    """``quality(samples) -> {"rmse", "psnr", "fd", "accuracy"}`` for digits samples from the teacher's noise.
+
+    RMSE/PSNR against the teacher's samples; Fréchet distance to the real digits of ``classes`` in the classifier's
+    feature space; accuracy against ``labels``.
+    """
+    from .metrics import class_accuracy, classifier_features, feature_statistics, frechet_distance, psnr, rmse
+
+    mu_real, sigma_real = _real_feature_stats(classes, classifier)
+
+    def quality(samples: torch.Tensor) -> dict[str, float]:
+        mu, sigma = feature_statistics(classifier_features(samples, classifier))
+        return {
+            "rmse": rmse(samples, teacher),
+            "psnr": psnr(samples, teacher),
+            "fd": frechet_distance(mu, sigma, mu_real, sigma_real),
+            "accuracy": class_accuracy(samples, labels, classifier),
+        }
+
+    return quality
+
+
+def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
+    """Run the whole demo; returns the results dict that is also written to ``results.json``."""
+    from .models.digits import load_digits_classifier, load_digits_pipeline
+
+    config.validate()
+    out = Path(config.out)
+    check_output_folder(out)
+    t_start = time.perf_counter()
+    pipe = load_digits_pipeline(device=config.device, path=config.model_path)
+    classifier = load_digits_classifier(device=config.device, path=config.model_path)
+    call = {} if config.guidance_scale is None else {"guidance_scale": config.guidance_scale}
+    steps = sorted({int(n) for n in config.steps})
+
+    # 1. record + search + refine on the training classes and seeds
+    fit = fit_olss_scheduler(
+        pipe, list(config.train_classes), teacher_steps=config.teacher_steps, num_steps=tuple(steps),
+        seeds_per_prompt=config.train_seeds, base_seed=config.seed, batch_size=config.batch_size,
+        refine_samples=len(config.train_classes) * config.train_seeds, progress=progress,
+        guidance_scale=config.guidance_scale,
+    )
+    t_search = time.perf_counter() - t_start
+
+    # 2. held-out classes and seeds (a different base seed: no noise is shared with the search)
+    items = make_work_items(list(config.eval_classes), config.eval_seeds, base_seed=config.seed + 1_000_003)
+    prompts = [it.prompt for it in items]
+    labels = torch.tensor(prompts)
+    x0 = item_noise(items, latent_shape(pipe), "cpu")
+    cfg = dict(pipe.scheduler.config)
+    teacher_sched = baseline_scheduler("ddim", cfg)
+    teacher = sample(pipe, teacher_sched, prompts, x0, config.teacher_steps, call, config.batch_size)
+    quality = digits_quality(teacher, labels, config.eval_classes, classifier)
+
+    results: dict[str, Any] = {
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
+        "teacher": {"sampler": f"ddim-{config.teacher_steps}", **quality(teacher)},
+        "schedules": {str(n): {"timesteps": s.timesteps, "coeffs": s.coeffs.tolist(), "refit_errors": s.errors}
+                      for n, s in fit.schedules.items()},
+        "nfe": steps,
+    }
+    grid_rows: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, n: int, samples: torch.Tensor) -> None:
+        if n == config.grid_nfe:
+            grid_rows[name] = samples[: config.grid_columns]
+
+    samplers = {name: fit.scheduler if name == "olss" else baseline_scheduler(name, cfg) for name in config.samplers}
+    results["samplers"] = compare_samplers(pipe, samplers, steps, prompts, x0, quality, call, config.batch_size,
+                                           progress, keep)
+    results["time_s"] = {"search": round(t_search, 2), "total": round(time.perf_counter() - t_start, 2)}
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1))
+    grid_rows = {f"teacher ({config.teacher_steps})": teacher[: config.grid_columns], **grid_rows}
+    _save_grid(out / "grid.png", grid_rows, config.grid_nfe)
+    _save_plot(out / "quality.png", results)
+    return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The printed table, made from the results dict (so it shows exactly the numbers in results.json)."""
+    steps = results["nfe"]
+    lines = []
+    for metric, label, fmt in (("rmse", "RMSE vs teacher (lower is better)", "{:8.4f}"),
+                               ("psnr", "PSNR vs teacher, dB (higher is better)", "{:8.2f}"),
+                               ("fd", "Fréchet distance to real digits (lower is better)", "{:8.3f}"),
+                               ("accuracy", "class accuracy", "{:8.3f}")):
+        lines.append(f"{label}; teacher: {fmt.format(results['teacher'][metric]).strip()}")
+        lines.append(f"  {'NFE':14s}" + "".join(f"{n:>9d}" for n in steps))
+        for name, per in results["samplers"].items():
+            cells = [fmt.format(per[str(n)][metric]) if per.get(str(n)) else f"{'-':>8s}" for n in steps]
+            lines.append(f"  {name:14s}" + "".join(" " + c for c in cells))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _save_grid(path: Path, rows: dict[str, torch.Tensor], nfe: int) -> None:
+    from PIL import Image, ImageDraw
+
+    scale, label_w = 4, 150
+    any_row = next(iter(rows.values()))
+    cols, size = any_row.shape[0], any_row.shape[-1] * scale
+    img = Image.new("L", (label_w + cols * size, len(rows) * size), color=255)
+    draw = ImageDraw.Draw(img)
+    for r, (name, samples) in enumerate(rows.items()):
+        x = ((samples.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [B, 1, H, W]
+        for c in range(x.shape[0]):
+            tile = Image.fromarray(x[c, 0].numpy()).resize((size, size), Image.NEAREST)
+            img.paste(tile, (label_w + c * size, r * size))
+        text = name if name.startswith("teacher") else f"{name} ({nfe} NFE)"
+        draw.text((4, r * size + size // 2 - 6), text, fill=0)
+    atomic_write_with(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def _save_plot(path: Path, results: dict[str, Any]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib is a dependency, but keep the demo usable without it
+        logger.warning("matplotlib is not installed; skipping %s", path)
+        return
+    steps = results["nfe"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, per in results["samplers"].items():
+        style = dict(linewidth=2.5, color="black") if name == "olss" else {}
+        def col(metric: str) -> list[float]:
+            return [per[str(n)][metric] if per.get(str(n)) else float("nan") for n in steps]
+
+        axes[0].plot(steps, col("rmse"), marker="o", label=name, **style)
+        axes[1].plot(steps, col("fd"), marker="o", label=name, **style)
+    axes[1].axhline(results["teacher"]["fd"], linestyle="--", color="gray", label="teacher")
+    axes[0].set(xlabel="model evaluations (NFE)", ylabel="RMSE vs teacher", yscale="log", title="Teacher RMSE")
+    axes[1].set(xlabel="model evaluations (NFE)", ylabel="Fréchet distance", title="Fréchet distance to real digits")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def add_demo_parser(subparsers: Any) -> None:
+    """The ``olss-fast demo`` subcommand."""
+    d = DemoConfig()
+    p = subparsers.add_parser("demo", help="OLSS vs diffusers' samplers on the bundled digits model (offline, CPU)")
+    p.add_argument("--out", default=d.out, help="output folder (results.json, grid.png, quality.png)")
+    p.add_argument("--device", default=d.device, help="cpu or cuda")
+    p.add_argument("--teacher-steps", type=int, default=d.teacher_steps)
+    p.add_argument("--steps", type=int, nargs="+", default=list(d.steps), help="NFEs to compare")
+    p.add_argument("--samplers", nargs="+", default=list(d.samplers), help=f"from {list(SAMPLERS)}")
+    p.add_argument("--train-classes", type=int, nargs="+", default=list(d.train_classes))
+    p.add_argument("--eval-classes", type=int, nargs="+", default=list(d.eval_classes))
+    p.add_argument("--train-seeds", type=int, default=d.train_seeds, help="noises per training class")
+    p.add_argument("--eval-seeds", type=int, default=d.eval_seeds, help="held-out noises per evaluated class")
+    p.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--grid-nfe", type=int, default=d.grid_nfe)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: Any) -> int:
+    config = DemoConfig(
+        teacher_steps=args.teacher_steps, steps=tuple(args.steps), samplers=tuple(args.samplers),
+        train_classes=tuple(args.train_classes), eval_classes=tuple(args.eval_classes),
+        train_seeds=args.train_seeds, eval_seeds=args.eval_seeds, guidance_scale=args.guidance_scale,
+        batch_size=args.batch_size, device=args.device, seed=args.seed, grid_nfe=args.grid_nfe, out=args.out,
+    )
+    results = run_demo(config, progress=not args.quiet)
+    print(f"OLSS on the bundled digits model: searched on classes {list(config.train_classes)}, evaluated on "
+          f"held-out classes {list(config.eval_classes)} x {config.eval_seeds} new seeds "
+          f"(teacher DDIM-{config.teacher_steps}, trailing timesteps)\n")
+    print(format_table(results))
+    print(f"search {results['time_s']['search']} s, total {results['time_s']['total']} s; "
+          f"wrote {config.out}/results.json, grid.png, quality.png")
+    return 0
