@@ -71,13 +71,13 @@ class ExportedOLSSRunner:
     """
 
     def __init__(self, pipe: Any, schedule: Any, *, backend: str, height: Optional[int] = None,
-                 width: Optional[int] = None, batch_size: int = 1, guidance_scale: float = 7.5,
+                 width: Optional[int] = None, batch_size: int = 1, guidance_scale: Optional[float] = None,
                  dtype: Any = None, cache_dir: Any = None, providers: Optional[Sequence[Any]] = None,
                  session_options: Any = None, use_cuda_graph: bool = True, step_backend: str = "auto") -> None:
         import torch
 
         from olss_fast.export.onnx_export import _pipeline_kind, default_cache_dir
-        from olss_fast.runtime import _check_guidance, _make_adapter, _pipe_device
+        from olss_fast.runtime import _check_guidance, _make_adapter, _pipe_device, default_guidance
 
         if backend not in EXPORT_BACKENDS:
             raise ValueError(f"unknown export backend {backend!r}; expected one of {EXPORT_BACKENDS}")
@@ -101,7 +101,7 @@ class ExportedOLSSRunner:
         dh, dw = self.adapter.default_size()
         self.height, self.width = int(height or dh), int(width or dw)
         self.adapter.check_size(self.height, self.width)
-        self.guidance_scale = _check_guidance(guidance_scale)
+        self.guidance_scale = _check_guidance(default_guidance(pipe) if guidance_scale is None else guidance_scale)
         self.schedule = schedule
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.providers = providers

@@ -1,8 +1,9 @@
 """One call from a diffusers pipeline to an `OLSSScheduler`: record the teacher, search, refine.
 
-The refinement drives the pipeline itself (its text encoder, guidance and UNet calls) with a partially fitted
-``OLSSScheduler``: pass j runs the student's first j steps and stops the pipeline right after the model output of step
-j was computed. That works for any pipeline whose loop calls ``scheduler.step``, at ``n(n+1)/2`` model evaluations per
+The refinement drives the pipeline itself (its text encoder, guidance and UNet calls): for student step j the
+pipeline is called with the student's latents z_j (from the coefficients fitted so far) and a one-timestep probe
+scheduler whose only timestep is t_j, which records the guided model output and stops the loop. That works for any
+pipeline whose loop iterates ``scheduler.timesteps`` and calls ``scheduler.step``, at n model evaluations per
 refinement sample for an n-step schedule.
 """
 from __future__ import annotations
@@ -16,13 +17,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .recording import (
-    RecordConfig, RecordingScheduler, StopSampling, WorkItem, _quiet_progress, item_noise, latent_shape,
+    RecordConfig, StopSampling, WorkItem, _quiet_progress, item_noise, latent_shape,
     make_work_items, pipeline_device, pipeline_dtype, record_trajectories, run_pipeline, swapped_scheduler,
 )
 from .checkpoint import checkpoint_info
 from .distributed import LOCAL, DistContext, all_gather_object, broadcast_object, gather_by_sum, resolve_context
 from .refine import sequential_refit
 from .schedule import OLSSSchedule
+from .step import olss_combine
 from .scheduler import OLSSScheduler
 from .search import DEFAULT_PATH, search_schedule, uniform_path
 from .stats import GramStats
@@ -123,6 +125,39 @@ class _LatentKeeper:
         return full
 
 
+class _SingleStepProbe:
+    """Scheduler stand-in that makes a pipeline evaluate its model once, at one timestep, on the latents it is given.
+
+    Its ``step`` records the (guided) model output and raises :class:`StopSampling`; everything else a pipeline may
+    read (``config``, ``order``, ``add_noise``, ...) falls through to an ``OLSSScheduler`` on the same noise schedule.
+    """
+
+    def __init__(self, base: OLSSScheduler, timestep: int | float) -> None:
+        self._base = base
+        self._t = timestep
+        self.output: torch.Tensor | None = None
+        self.init_noise_sigma = 1.0
+        self.order = 1
+        self.timesteps = self._timesteps(None)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._base, name)
+
+    def _timesteps(self, device: Any) -> torch.Tensor:
+        dtype = torch.long if isinstance(self._t, int) else torch.float32
+        return torch.tensor([self._t], dtype=dtype, device=device)
+
+    def set_timesteps(self, num_inference_steps: Any = None, device: Any = None, **_: Any) -> None:
+        self.timesteps = self._timesteps(device)
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
+        return sample
+
+    def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any):
+        self.output = model_output.detach()
+        raise StopSampling()
+
+
 def refine_through_pipeline(
     pipe: Any,
     schedule: OLSSSchedule,
@@ -146,37 +181,35 @@ def refine_through_pipeline(
     n = schedule.num_steps
     shape = latent_shape(pipe, record.height, record.width)
     device, dtype = pipeline_device(pipe), pipeline_dtype(pipe)
-    x0 = item_noise(items, shape, "cpu", torch.float32)
+    # the noise as the pipeline sees it (rounded to its dtype), in float32 like OLSSScheduler's x0
+    x0 = item_noise(items, shape, "cpu", torch.float32).to(dtype).to(torch.float32)
     T = schedule.teacher_steps
     targets = teacher_latents[list(schedule.indices[1:]) + [T]]
     kwargs = record.pipeline_kwargs()
     bs = record.batch_size
-    base_config = dict(pipe.scheduler.config)
+    base = OLSSScheduler.from_config({k: v for k, v in dict(pipe.scheduler.config).items() if k != "schedules"})
 
     def evaluate(j: int, coeffs: torch.Tensor, history: Sequence[torch.Tensor]) -> torch.Tensor:
-        partial = OLSSSchedule(
-            timesteps=schedule.timesteps, indices=schedule.indices, coeffs=coeffs.to(torch.float64),
-            teacher_steps=T, prediction_type=schedule.prediction_type, path=schedule.path,
-        )
-        student = OLSSScheduler.from_schedules([partial], config=base_config)
-        recorder = RecordingScheduler(student, stop_after=j)
+        # the student's latent at step j, computed exactly as OLSSScheduler.step computes it at inference
+        z = x0 if j == 0 else olss_combine(coeffs, j - 1, x0, history)
+        probe = _SingleStepProbe(base, schedule.timesteps[j])
         outs = []
-        with swapped_scheduler(pipe, recorder), _quiet_progress(pipe):
+        with swapped_scheduler(pipe, probe), _quiet_progress(pipe):
             for k, s in enumerate(range(0, len(items), bs)):
                 if k % ctx.world_size != ctx.rank:
                     continue
                 batch = list(items[s : s + bs])
-                recorder.clear()
+                probe.output = None
                 try:
-                    run_pipeline(pipe, batch, x0[s : s + bs].to(device, dtype), n, kwargs)
+                    run_pipeline(pipe, batch, z[s : s + bs].to(device, dtype), 1, kwargs)
                 except StopSampling:
                     pass
-                if len(recorder.outputs) != j + 1:
+                if probe.output is None:
                     raise ValueError(
-                        f"the pipeline made {len(recorder.outputs)} scheduler steps, expected {j + 1}: it must call "
-                        "scheduler.step once per timestep"
+                        f"{type(pipe).__name__} never called scheduler.step: the re-fit needs a pipeline whose loop "
+                        "iterates scheduler.timesteps and calls scheduler.step"
                     )
-                outs.append((s, recorder.outputs[j].to("cpu", torch.float32)))
+                outs.append((s, probe.output.to("cpu", torch.float32)))
         if not ctx.enabled:
             return torch.cat([o for _, o in outs])
         full = torch.zeros(x0.shape, dtype=torch.float32)

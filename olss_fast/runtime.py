@@ -616,7 +616,7 @@ class OLSSRunner:
         height: Optional[int] = None,
         width: Optional[int] = None,
         batch_size: int = 1,
-        guidance_scale: float = 7.5,
+        guidance_scale: Optional[float] = None,
         dtype: Optional[torch.dtype] = None,
         compile_unet: bool = False,
         compile_mode: Optional[str] = None,
@@ -648,7 +648,7 @@ class OLSSRunner:
         dh, dw = self.adapter.default_size()
         self.height, self.width = int(height or dh), int(width or dw)
         self.adapter.check_size(self.height, self.width)
-        self.guidance_scale = _check_guidance(guidance_scale)
+        self.guidance_scale = _check_guidance(default_guidance(pipe) if guidance_scale is None else guidance_scale)
         self.warmup_iters = int(warmup_iters)
         self.step_backend = step_backend
         self.text_encoder_in_graph = True
@@ -913,6 +913,19 @@ def _capture_error(exc: _CaptureFailed) -> RuntimeError:
     return RuntimeError(f"capturing the OLSS loop in a CUDA graph failed: {exc.error!r}; use backend='eager'")
 
 
+def default_guidance(pipe: Any) -> float:
+    """The default ``guidance_scale`` of ``pipe.__call__`` (7.5 when it has none)."""
+    import inspect
+
+    try:
+        param = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
+    except (TypeError, ValueError):
+        param = None
+    if param is None or not isinstance(param.default, (int, float)) or isinstance(param.default, bool):
+        return 7.5
+    return float(param.default)
+
+
 def _check_guidance(g: Any) -> float:
     try:
         value = float(g)
@@ -939,7 +952,7 @@ def compile_olss_pipeline(
     height: Optional[int] = None,
     width: Optional[int] = None,
     batch_size: int = 1,
-    guidance_scale: float = 7.5,
+    guidance_scale: Optional[float] = None,
     dtype: Optional[torch.dtype] = None,
     compile_unet: bool = False,
     compile_mode: Optional[str] = None,
@@ -962,8 +975,9 @@ def compile_olss_pipeline(
         height, width: default image size (the pipeline's default when ``None``); calls may override.
         batch_size: the batch :meth:`OLSSRunner.warmup` prepares (calls may use other batches: each new input
             signature gets its own capture, kept in an LRU cache of ``cache_size``).
-        guidance_scale: classifier-free guidance scale (> 1 enables CFG); calls may override (no re-capture
-            unless CFG is switched on or off).
+        guidance_scale: classifier-free guidance scale (> 1 enables CFG); ``None`` takes the default of the
+            pipeline's ``__call__`` (7.5 for Stable Diffusion, 1.5 for the digits model); calls may override (no
+            re-capture unless CFG is switched on or off).
         dtype: convert the pipeline's modules to this dtype first (in place); ``None`` keeps the UNet's dtype.
         compile_unet: ``torch.compile`` the UNet (inductor, static shapes; ``compile_mode`` is passed on — do not
             use ``"reduce-overhead"`` with ``cuda_graph``, the whole loop is already captured).

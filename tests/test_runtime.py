@@ -376,9 +376,16 @@ def test_digits_eager_matches_pipeline() -> None:
         _close(out, ref, atol=1e-5, rtol=1e-5)
     pil = runner(class_labels=[5, 6], return_dict=False)[0]
     assert len(pil) == 2 and pil[0].mode == "L"
-    ref_all = pipe(num_inference_steps=N_STEPS, generator=torch.Generator().manual_seed(3), output_type="pt").images
+    ref_all = pipe(num_inference_steps=N_STEPS, guidance_scale=2.0, generator=torch.Generator().manual_seed(3),
+                   output_type="pt").images
     out_all = runner(generator=torch.Generator().manual_seed(3), output_type="pt").images  # None -> digits 0..9
     torch.testing.assert_close(out_all, ref_all, atol=1e-5, rtol=1e-5)
+    # without an explicit guidance scale the runner uses the pipeline's own default
+    default_runner = compile_olss_pipeline(pipe, sched, backend="eager")
+    ref_default = pipe([2, 7], num_inference_steps=N_STEPS, generator=torch.Generator().manual_seed(4),
+                       output_type="pt").images
+    torch.testing.assert_close(default_runner([2, 7], generator=torch.Generator().manual_seed(4), output_type="pt").images,
+                               ref_default, atol=1e-5, rtol=1e-5)
 
 
 def test_bundled_digits_model_if_present() -> None:
