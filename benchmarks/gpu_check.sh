@@ -14,6 +14,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-index --no
 #
 # Logs, JUnit XML, latency.json and latency_table.txt go to $OUT (or /tmp/olss_gpu_check). Environment knobs:
 #   GPU_CHECK_BUDGET_S (default 350: the whole script), GPU_TESTS (default "tests"), PYTHON (default python3),
+#   GPU_STAGES (default "tests latency extras"; extras = the demo and the search-speed benchmark on CUDA),
 #   BENCH_ARGS (extra arguments for latency.py, e.g. "--skip-compile").
 # Without CUDA the GPU tests skip and the benchmark is not run (a CPU dry run of everything else).
 # ----------------------------------------------------------------------------------------------------------------
@@ -84,15 +85,17 @@ run_pytest() {  # name, timeout, args...
 }
 
 # ---- 2. tests -----------------------------------------------------------------------------------------------
+STAGES=" ${GPU_STAGES:-tests latency extras} "
+has_stage() { case "$STAGES" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 GPU_RC=skipped; KERNEL_RC=skipped
-if [ $HAVE_PYTEST -eq 1 ]; then
+if [ $HAVE_PYTEST -eq 1 ] && has_stage tests; then
   run_pytest gpu_tests 150 -m gpu $GPU_TESTS --ignore=tests/test_kernels.py; GPU_RC=$?
   run_pytest kernel_tests 120 tests/test_kernels.py; KERNEL_RC=$?
 fi
 
 # ---- 3. latency benchmark -----------------------------------------------------------------------------------
 BENCH_RC=skipped
-if [ "$HAVE_CUDA" = "1" ]; then
+if [ "$HAVE_CUDA" = "1" ] && has_stage latency; then
   REM=$(( $(left) - 10 ))
   if [ $REM -lt 60 ]; then
     echo "== latency benchmark skipped: only ${REM}s of the budget left"
@@ -109,10 +112,29 @@ else
   echo "== latency benchmark skipped: no CUDA device (CPU dry run)"
 fi
 
-# ---- 4. summary ---------------------------------------------------------------------------------------------
+# ---- 4. extras: the demo on CUDA, the search-speed benchmark on CUDA -------------------------------------------
+EXTRA_RC=skipped
+if [ "$HAVE_CUDA" = "1" ] && has_stage extras; then
+  REM=$(( $(left) - 10 ))
+  echo "== extras: olss-fast demo --device cuda, search_speed.py --device cuda --quick (${REM}s left)"
+  timeout --kill-after=10 $(( REM / 2 )) $PY -m olss_fast demo --device cuda --out "$OUTDIR/demo" --quiet \
+    > "$OUTDIR/demo.log" 2>&1
+  EXTRA_RC=$?
+  tail -n 45 "$OUTDIR/demo.log"
+  REM=$(( $(left) - 10 ))
+  if [ $REM -gt 30 ]; then
+    timeout --kill-after=10 "$REM" $PY benchmarks/search_speed.py --device cuda --quick \
+      --wall-budget $(( REM - 20 )) --out "$OUTDIR/search_speed_cuda.json" --md "$OUTDIR/search_speed_cuda.md" \
+      > "$OUTDIR/search_speed.log" 2>&1
+    [ $? -eq 0 ] || EXTRA_RC=1
+    cat "$OUTDIR/search_speed_cuda.md" 2>/dev/null | head -n 30
+  fi
+fi
+
+# ---- 5. summary ---------------------------------------------------------------------------------------------
 echo
 echo "== summary ($(elapsed)s; outputs in $OUTDIR)"
-echo "gpu tests rc=$GPU_RC | kernel tests rc=$KERNEL_RC | latency benchmark rc=$BENCH_RC"
+echo "gpu tests rc=$GPU_RC | kernel tests rc=$KERNEL_RC | latency benchmark rc=$BENCH_RC | extras rc=$EXTRA_RC"
 if [ -f "$OUTDIR/latency_table.txt" ]; then
   cat "$OUTDIR/latency_table.txt"
 elif [ -f "$OUTDIR/latency.json" ]; then
