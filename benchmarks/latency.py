@@ -84,39 +84,13 @@ SCHEDULER = dict(
 
 
 # ============================================================================================== construction
-def _bytes_to_unicode() -> list[str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def build_tokenizer(folder: Path) -> Any:
     """A byte-level CLIP BPE tokenizer written to ``folder`` and loaded offline (77 tokens, as SD's)."""
     from transformers import CLIPTokenizer
 
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab: dict[str, int] = {}
-    for c in _bytes_to_unicode():
-        vocab[c] = len(vocab)
-    for c in _bytes_to_unicode():
-        vocab[c + "</w>"] = len(vocab)
-    merges = ["o n</w>", "t h", "th e</w>", "r i", "h o", "s e</w>"]
-    for m in merges:
-        a, b = m.split()
-        vocab.setdefault(a + b, len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps({"model_max_length": 77, "tokenizer_class": "CLIPTokenizer"})
-    )
+    from olss_fast.testing import write_clip_tokenizer
+
+    write_clip_tokenizer(folder, model_max_length=77, merges=["o n</w>", "t h", "th e</w>", "r i", "h o", "s e</w>"])
     return CLIPTokenizer.from_pretrained(str(folder))
 
 

@@ -27,7 +27,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["EXPORT_BACKENDS", "ExportedOLSSRunner"]
 
 EXPORT_BACKENDS = ("onnxruntime", "tensorrt")
-_OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 class _OrtProgram:
@@ -189,23 +188,15 @@ class ExportedOLSSRunner:
         """Sample like the pipeline (and like the eager ``OLSSRunner``); see its documentation."""
         import torch
 
-        from olss_fast.runtime import _check_guidance
+        from olss_fast.runtime import check_call_args
 
         unknown = sorted(set(kwargs) - set(self.adapter.extra_kwargs))
         if unknown:
             raise ValueError(f"unsupported argument(s) {unknown} for the {self.backend} OLSS runner of a "
                              f"{self.adapter.name}")
-        if num_inference_steps is not None and int(num_inference_steps) != self.num_inference_steps:
-            raise ValueError(f"this runner runs its {self.num_inference_steps}-step schedule; got "
-                             f"num_inference_steps={num_inference_steps}")
-        if output_type not in _OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {_OUTPUT_TYPES}, got {output_type!r}")
-        if isinstance(num_images_per_prompt, bool) or int(num_images_per_prompt) < 1:
-            raise ValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}")
-        num_images = int(num_images_per_prompt)
-        height, width = int(height or self.height), int(width or self.width)
-        self.adapter.check_size(height, width)
-        g = self.guidance_scale if guidance_scale is None else _check_guidance(guidance_scale)
+        num_images, height, width, g = check_call_args(
+            self, num_inference_steps, output_type, num_images_per_prompt, height, width, guidance_scale
+        )
         guided = g > 1.0
         args = dict(kwargs, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
                     negative_prompt_embeds=negative_prompt_embeds)

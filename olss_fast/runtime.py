@@ -749,19 +749,9 @@ class OLSSRunner:
                 "return_dict, height, width, num_images_per_prompt, guidance_scale, num_inference_steps"
                 + (", " + ", ".join(self.adapter.extra_kwargs) if self.adapter.extra_kwargs else "")
             )
-        if num_inference_steps is not None and int(num_inference_steps) != self.num_inference_steps:
-            raise ValueError(
-                f"this runner runs its {self.num_inference_steps}-step schedule; got num_inference_steps="
-                f"{num_inference_steps} (compile another runner for another step count)"
-            )
-        if output_type not in _OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {_OUTPUT_TYPES}, got {output_type!r}")
-        if isinstance(num_images_per_prompt, bool) or int(num_images_per_prompt) < 1:
-            raise ValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}")
-        num_images = int(num_images_per_prompt)
-        height, width = int(height or self.height), int(width or self.width)
-        self.adapter.check_size(height, width)
-        g = self.guidance_scale if guidance_scale is None else _check_guidance(guidance_scale)
+        num_images, height, width, g = check_call_args(
+            self, num_inference_steps, output_type, num_images_per_prompt, height, width, guidance_scale
+        )
         guided = g > 1.0
         args = dict(kwargs, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
                     negative_prompt_embeds=negative_prompt_embeds)
@@ -911,6 +901,35 @@ class OLSSRunner:
 
 def _capture_error(exc: _CaptureFailed) -> RuntimeError:
     return RuntimeError(f"capturing the OLSS loop in a CUDA graph failed: {exc.error!r}; use backend='eager'")
+
+
+def check_call_args(
+    runner: Any,
+    num_inference_steps: Optional[int],
+    output_type: str,
+    num_images_per_prompt: Any,
+    height: Optional[int],
+    width: Optional[int],
+    guidance_scale: Optional[float],
+) -> tuple[int, int, int, float]:
+    """Validate a runner call's common arguments → ``(num_images, height, width, guidance_scale)``.
+
+    Shared by :class:`OLSSRunner` and the exported runners (``runner`` has ``num_inference_steps``, ``height``,
+    ``width``, ``guidance_scale`` and ``adapter``).
+    """
+    if num_inference_steps is not None and int(num_inference_steps) != runner.num_inference_steps:
+        raise ValueError(
+            f"this runner runs its {runner.num_inference_steps}-step schedule; got num_inference_steps="
+            f"{num_inference_steps} (compile another runner for another step count)"
+        )
+    if output_type not in _OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {_OUTPUT_TYPES}, got {output_type!r}")
+    if isinstance(num_images_per_prompt, bool) or int(num_images_per_prompt) < 1:
+        raise ValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}")
+    height, width = int(height or runner.height), int(width or runner.width)
+    runner.adapter.check_size(height, width)
+    g = runner.guidance_scale if guidance_scale is None else _check_guidance(guidance_scale)
+    return int(num_images_per_prompt), height, width, g
 
 
 def default_guidance(pipe: Any) -> float:

@@ -6,31 +6,60 @@ character-level CLIP tokenizer; ``make_gmm`` (re-exported) builds the analytic G
 from __future__ import annotations
 
 import json
-import string
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from .models.gmm import GMMDenoiser, GMMPipeline, make_gmm, ode_solution  # noqa: F401  (re-exports)
 
 
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP's byte-to-printable-character table (every byte has a token, so any text tokenizes)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+DEFAULT_MERGES = ("a b", "ab c</w>", "h e", "l l", "he ll", "w o", "wo r", "t h", "th e</w>")
+
+
+def write_clip_tokenizer(folder: str | Path, model_max_length: int = 77, merges: Sequence[str] = DEFAULT_MERGES) -> Path:
+    """A tiny byte-level CLIP BPE tokenizer (vocab.json + merges.txt), loadable offline with ``from_pretrained``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _bytes_to_unicode()
+    vocab: dict[str, int] = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    for m in merges:
+        a, b = m.split()
+        vocab.setdefault(a + b, len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"model_max_length": model_max_length, "tokenizer_class": "CLIPTokenizer"})
+    )
+    return folder
+
+
 def tiny_clip_tokenizer(folder: str | Path | None = None, max_length: int = 16):
-    """A character-level CLIPTokenizer written to ``folder`` (a temporary one by default); no download."""
+    """A byte-level CLIPTokenizer written to ``folder`` (a temporary one by default); no download."""
     from transformers import CLIPTokenizer
 
-    folder = Path(folder or tempfile.mkdtemp(prefix="olss_tok_"))
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = string.ascii_lowercase + string.digits + string.punctuation
-    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in chars:
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
-    return tok
+    folder = write_clip_tokenizer(folder or tempfile.mkdtemp(prefix="olss_tok_"), model_max_length=max_length)
+    return CLIPTokenizer.from_pretrained(str(folder))
 
 
 def tiny_sd_pipeline(
@@ -119,3 +148,18 @@ def tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 8, scheduler: Any | Non
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def perturbed(schedule: Any, seed: int, channels: int | None = None, scale: float = 0.05) -> Any:
+    """The same path with randomly perturbed (optionally per-channel) lower-triangular coefficients (for tests)."""
+    from .schedule import OLSSSchedule
+
+    gen = torch.Generator().manual_seed(seed)
+    c = schedule.coeffs
+    if channels is not None:
+        c = c.expand(channels, *c.shape).clone()
+    mask = torch.ones(c.shape[-2:], dtype=torch.float64).tril(1)
+    noise = torch.randn(c.shape, generator=gen, dtype=torch.float64) * scale * c.abs().clamp(min=0.1)
+    return OLSSSchedule(timesteps=schedule.timesteps, indices=schedule.indices, coeffs=c + noise * mask,
+                        teacher_steps=schedule.teacher_steps, prediction_type=schedule.prediction_type, path="test")
+

@@ -36,6 +36,7 @@ from olss_fast.export.onnx_runner import OnnxOLSSRunner  # noqa: E402
 from olss_fast.runtime import compile_olss_pipeline  # noqa: E402
 from olss_fast.schedule import OLSSSchedule  # noqa: E402
 from olss_fast.scheduler import OLSSScheduler  # noqa: E402
+from olss_fast.testing import perturbed  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SD_PROMPTS = ["a cat", "the dog 7"]
@@ -63,18 +64,6 @@ def so() -> Any:
 
 
 # ================================================================================================ models, schedules
-def perturbed(schedule: OLSSSchedule, seed: int, channels: int | None = None, scale: float = 0.05) -> OLSSSchedule:
-    """The same path with randomly perturbed (optionally per-channel) lower-triangular coefficients."""
-    gen = torch.Generator().manual_seed(seed)
-    c = schedule.coeffs
-    if channels is not None:
-        c = c.expand(channels, *c.shape).clone()
-    mask = torch.ones(c.shape[-2:], dtype=torch.float64).tril(1)
-    noise = torch.randn(c.shape, generator=gen, dtype=torch.float64) * scale * c.abs().clamp(min=0.1)
-    return OLSSSchedule(timesteps=schedule.timesteps, indices=schedule.indices, coeffs=c + noise * mask,
-                        teacher_steps=schedule.teacher_steps, prediction_type=schedule.prediction_type, path="test")
-
-
 def ddim(pipe: Any, n: int) -> OLSSSchedule:
     return OLSSScheduler.from_config(pipe.scheduler.config).ddim_schedule(n)
 

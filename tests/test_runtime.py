@@ -35,6 +35,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from olss_fast.runtime import OLSSRunner, compile_olss_pipeline  # noqa: E402
 from olss_fast.schedule import OLSSSchedule  # noqa: E402
 from olss_fast.step import ddim_coefficients  # noqa: E402
+from olss_fast.testing import perturbed, write_clip_tokenizer  # noqa: E402
+
+MERGES = ["a b", "ab c</w>", "h e", "l l", "he ll", "w o", "wo r"]
 
 HAS_CUDA = torch.cuda.is_available()
 N_STEPS = 4
@@ -52,44 +55,9 @@ def _one_cpu_thread() -> Any:
 
 
 # ================================================================================================ tiny components
-def _bytes_to_unicode() -> list[str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
-def write_clip_tokenizer(folder: Path, model_max_length: int = 77) -> Path:
-    """A tiny byte-level CLIP BPE tokenizer (vocab.json + merges.txt), loadable offline with from_pretrained."""
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = _bytes_to_unicode()
-    vocab: dict[str, int] = {}
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    merges = ["a b", "ab c</w>", "h e", "l l", "he ll", "w o", "wo r"]
-    for m in merges:
-        a, b = m.split()
-        vocab[a + b] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps({"model_max_length": model_max_length, "tokenizer_class": "CLIPTokenizer"})
-    )
-    return folder
-
-
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_clip_tokenizer(tmp_path_factory.mktemp("clip_tokenizer"))
+    return write_clip_tokenizer(tmp_path_factory.mktemp("clip_tokenizer"), merges=MERGES)
 
 
 def _clip_config(tok: Any, hidden: int = 32, projection_dim: int | None = None) -> CLIPTextConfig:
@@ -182,18 +150,6 @@ def ddim_schedule(scheduler_config: Any, n: int) -> OLSSSchedule:
     )
     return OLSSSchedule(timesteps=ts, indices=list(range(n)), coeffs=coeffs, teacher_steps=n,
                         prediction_type=ddim.config.prediction_type, path="ddim")
-
-
-def perturbed(schedule: OLSSSchedule, seed: int, channels: int | None = None, scale: float = 0.05) -> OLSSSchedule:
-    """The same path with randomly perturbed (optionally per-channel) lower-triangular coefficients."""
-    gen = torch.Generator().manual_seed(seed)
-    c = schedule.coeffs
-    if channels is not None:
-        c = c.expand(channels, *c.shape).clone()
-    mask = torch.ones(c.shape[-2:], dtype=torch.float64).tril(1)
-    noise = torch.randn(c.shape, generator=gen, dtype=torch.float64) * scale * c.abs().clamp(min=0.1)
-    return OLSSSchedule(timesteps=schedule.timesteps, indices=schedule.indices, coeffs=c + noise * mask,
-                        teacher_steps=schedule.teacher_steps, prediction_type=schedule.prediction_type, path="test")
 
 
 def with_olss_scheduler(pipe: Any, schedule: OLSSSchedule) -> Any:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import logging
 import math
@@ -300,20 +299,12 @@ def save_grid(samples: torch.Tensor, per_row: int, path: str, scale: int = 4) ->
 # --------------------------------------------------------------------------------------------------------------
 # Saving
 # --------------------------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_all(out: Path, unet, sample_sched, classifier, cls_info: dict, mu, sigma, training: dict) -> None:
     """Write the model folder to ``<out>.tmp-<pid>`` and rename it onto ``out``."""
     from safetensors.torch import save_file
 
     from olss_fast.models.digits import (CHECKSUMS_NAME, CLASSIFIER_SUBFOLDER, CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME,
-                                         FEATURE_STATS_NAME, DigitsPipeline)
+                                         FEATURE_STATS_NAME, DigitsPipeline, _sha256)
 
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
