@@ -95,9 +95,9 @@ def main(out: Path) -> None:
         log["crashed"] = False
     except RuntimeError:
         log["crashed"] = True
-    shards = sorted(p.name for p in (out / "cli_resume").glob("stats.rank*"))
-    ctx.barrier()
-    log["shards_after_crash"] = shards
+    ctx.barrier()  # both ranks have crashed (and written their checkpoints) before the folder is listed
+    log["shards_after_crash"] = sorted(p.name for p in (out / "cli_resume").glob("stats.rank*"))
+    ctx.barrier()  # ... and before either rank resumes
     crash["at"] = -1
     log["resume_rc"] = cli.main(resume_args + ["--resume"])
     log["calls_total"] = crash["calls"]
