@@ -113,6 +113,24 @@ def check_teacher(scheduler: Any) -> None:
         )
 
 
+def default_teacher(scheduler: Any) -> Any:
+    """The default teacher for a pipeline's scheduler: its own class for flow matching (an Euler ODE solver on the
+    velocity), DDIM with trailing timesteps on the same noise schedule otherwise."""
+    from diffusers import DDIMScheduler
+
+    if "FlowMatch" in type(scheduler).__name__:
+        return type(scheduler).from_config(scheduler.config)
+    base = {k: v for k, v in dict(scheduler.config).items() if k != "schedules"}
+    return DDIMScheduler.from_config(base, timestep_spacing="trailing", clip_sample=False)
+
+
+def teacher_prediction_type(teacher: Any) -> str:
+    """The output parametrisation the teacher's model uses ("flow" for flow-matching schedulers)."""
+    if "FlowMatch" in type(teacher).__name__:
+        return "flow"
+    return str(teacher.config.get("prediction_type", "epsilon"))
+
+
 def describe_scheduler(scheduler: Any, steps: int) -> str:
     cfg = dict(getattr(scheduler, "config", {}) or {})
     keys = ("timestep_spacing", "prediction_type", "beta_schedule", "algorithm_type", "solver_order", "shift")
@@ -278,15 +296,12 @@ def record_trajectories(
         ValueError: bad options; a corrupted checkpoint, or one of another job (teacher, model, prompts, seeds,
             shape, ...), named field by field.
     """
-    from diffusers import DDIMScheduler
-
     from .checkpoint import RecordCheckpointer, job_fingerprint, model_fingerprint
     from .distributed import all_reduce_stats, resolve_context, shard_batches
 
     config = config or RecordConfig(**config_kwargs)
     if teacher is None:
-        base = {k: v for k, v in dict(pipe.scheduler.config).items() if k != "schedules"}
-        teacher = DDIMScheduler.from_config(base, timestep_spacing="trailing", clip_sample=False)
+        teacher = default_teacher(pipe.scheduler)
     check_teacher(teacher)
     items = list(items) if items is not None else make_work_items(prompts, config.seeds_per_prompt, config.base_seed)
     shape = latent_shape(pipe, config.height, config.width)
@@ -300,7 +315,7 @@ def record_trajectories(
 
     def new_stats() -> GramStats:
         out = GramStats(timesteps, teacher=teacher_desc, model=model_desc,
-                        prediction_type=teacher.config.get("prediction_type", "epsilon"))
+                        prediction_type=teacher_prediction_type(teacher))
         out.meta["scheduler_config"] = jsonable_config(getattr(pipe.scheduler, "config", {}))
         return out
 

@@ -40,9 +40,17 @@ class GMMDenoiser(torch.nn.Module):
         means: torch.Tensor,
         stds: torch.Tensor,
         weights: torch.Tensor,
-        alphas_cumprod: torch.Tensor,
+        alphas_cumprod: torch.Tensor | None = None,
+        prediction: str = "epsilon",
+        num_train_timesteps: int = 1000,
     ) -> None:
         super().__init__()
+        if prediction not in ("epsilon", "flow"):
+            raise ValueError(f"prediction must be 'epsilon' (VP) or 'flow' (rectified flow), got {prediction!r}")
+        if prediction == "epsilon" and alphas_cumprod is None:
+            raise ValueError("the VP (epsilon) model needs the schedule's alphas_cumprod")
+        self.prediction = prediction
+        self.num_train_timesteps = int(num_train_timesteps)
         means = torch.as_tensor(means, dtype=torch.float64)
         if means.dim() < 2:
             raise ValueError("means must be [K, *sample_shape]")
@@ -56,7 +64,8 @@ class GMMDenoiser(torch.nn.Module):
         self.register_buffer("means", means)
         self.register_buffer("stds", stds)
         self.register_buffer("weights", weights / weights.sum())
-        self.register_buffer("alphas_cumprod", torch.as_tensor(alphas_cumprod, dtype=torch.float64))
+        ac = torch.ones(1) if alphas_cumprod is None else alphas_cumprod
+        self.register_buffer("alphas_cumprod", torch.as_tensor(ac, dtype=torch.float64))
         self.sample_shape = tuple(means.shape[1:])
         self.dtype_ = torch.float32
 
@@ -86,17 +95,24 @@ class GMMDenoiser(torch.nn.Module):
         frac = t - lo
         return self.alphas_cumprod[lo] * (1 - frac) + self.alphas_cumprod[hi] * frac
 
-    def epsilon(self, x: torch.Tensor, alpha_bar: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Exact ε(x, ᾱ) in float64; ``class_labels[b] >= 0`` restricts sample b to component ``class_labels[b]``."""
+    def posterior_mean(
+        self, x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Exact E[x_data | x_t] for ``x_t = a·x_data + s·ε`` (per-sample ``a``, ``s`` ``[B]``), in float64.
+
+        ``class_labels[b] >= 0`` restricts sample b to component ``class_labels[b]`` (the conditional model).
+        """
         x = x.to(torch.float64)
         b = x.shape[0]
-        ab = alpha_bar.reshape(b, 1)
+        a = a.reshape(b, 1).to(torch.float64)
+        s = s.reshape(b, 1).to(torch.float64)
         xf = x.reshape(b, 1, -1)  # [B, 1, D]
-        mu = self.means.reshape(1, self.means.shape[0], -1) * ab.sqrt().unsqueeze(-1)  # [B, K, D]
-        var = ab * self.stds.pow(2).reshape(1, -1) + (1 - ab)  # [B, K]
+        means = self.means.reshape(1, self.means.shape[0], -1)  # [1, K, D]
+        s2k = self.stds.pow(2).reshape(1, -1)  # [1, K]
+        var = a * a * s2k + s * s  # [B, K] variance of x_t under component k
         d = xf.shape[-1]
-        sq = (xf - mu).pow(2).sum(-1)  # [B, K]
-        logp = torch.log(self.weights).reshape(1, -1) - 0.5 * sq / var - 0.5 * d * torch.log(var)
+        resid = xf - means * a.unsqueeze(-1)  # [B, K, D]
+        logp = torch.log(self.weights).reshape(1, -1) - 0.5 * resid.pow(2).sum(-1) / var - 0.5 * d * torch.log(var)
         if class_labels is not None:
             labels = torch.as_tensor(class_labels, device=x.device).reshape(-1).long()
             if labels.numel() == 1:
@@ -105,14 +121,32 @@ class GMMDenoiser(torch.nn.Module):
             mask = torch.where((labels >= 0).unsqueeze(-1), mask, torch.ones_like(mask))
             logp = logp.masked_fill(~mask, float("-inf"))
         r = torch.softmax(logp, dim=-1)  # responsibilities [B, K]
-        score = -(r.unsqueeze(-1) * (xf - mu) / var.unsqueeze(-1)).sum(1)  # [B, D]
-        eps = -(1 - ab).sqrt() * score
-        return eps.reshape(x.shape)
+        m_k = means + (a * s2k / var).unsqueeze(-1) * resid  # per-component posterior means [B, K, D]
+        return (r.unsqueeze(-1) * m_k).sum(1).reshape(x.shape)
+
+    def epsilon(self, x: torch.Tensor, alpha_bar: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Exact ε(x, ᾱ) = (x − √ᾱ·E[x_data|x]) / √(1−ᾱ) in float64 (VP)."""
+        a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        m = self.posterior_mean(x, a, s, class_labels)
+        view = [-1] + [1] * (x.dim() - 1)
+        return (x.to(torch.float64) - a.view(view) * m) / s.view(view)
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Exact flow-matching velocity E[ε − x_data | x_σ] for ``x_σ = (1−σ)·x_data + σ·ε`` (rectified flow)."""
+        m = self.posterior_mean(x, 1 - sigma, sigma, class_labels)
+        view = [-1] + [1] * (x.dim() - 1)
+        eps = (x.to(torch.float64) - (1 - sigma).view(view) * m) / sigma.view(view)
+        return eps - m
 
     def forward(self, sample: torch.Tensor, timestep, class_labels=None, return_dict: bool = True, **_):
-        ab = self.alpha_bar(timestep, sample.shape[0])
-        eps = self.epsilon(sample, ab, class_labels).to(sample.dtype)
-        return GMMOutput(sample=eps) if return_dict else (eps,)
+        if self.prediction == "flow":  # diffusers' flow-matching timesteps are σ·num_train_timesteps
+            t = torch.as_tensor(timestep, dtype=torch.float64, device=self.means.device).reshape(-1)
+            sigma = (t / self.num_train_timesteps).clamp(1e-6, 1.0).expand(sample.shape[0])
+            out = self.velocity(sample, sigma, class_labels)
+        else:
+            out = self.epsilon(sample, self.alpha_bar(timestep, sample.shape[0]), class_labels)
+        out = out.to(sample.dtype)
+        return GMMOutput(sample=out) if return_dict else (out,)
 
 
 @dataclass
@@ -129,13 +163,23 @@ def make_gmm(
     spread: float = 1.0,
     std_range: tuple[float, float] = (0.05, 0.3),
     scheduler: DDIMScheduler | None = None,
+    flow: bool = False,
 ) -> "GMMPipeline":
-    """A random Gaussian mixture test pipeline (deterministic in ``seed``)."""
+    """A random Gaussian mixture test pipeline (deterministic in ``seed``).
+
+    ``flow=True``: a rectified-flow model (velocity prediction) with diffusers' ``FlowMatchEulerDiscreteScheduler``.
+    """
     g = torch.Generator().manual_seed(seed)
     means = torch.randn(num_components, *sample_shape, generator=g, dtype=torch.float64) * spread
     lo, hi = std_range
     stds = lo + (hi - lo) * torch.rand(num_components, generator=g, dtype=torch.float64)
     weights = 0.5 + torch.rand(num_components, generator=g, dtype=torch.float64)
+    if flow:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = scheduler or FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
+        unet = GMMDenoiser(means, stds, weights, prediction="flow", num_train_timesteps=1000)
+        return GMMPipeline(unet=unet, scheduler=scheduler)
     if scheduler is None:
         scheduler = DDIMScheduler(
             num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
@@ -178,12 +222,13 @@ class GMMPipeline(DiffusionPipeline):
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {list(shape)}, got {list(latents.shape)}")
         self.scheduler.set_timesteps(num_inference_steps, device=latents.device)
-        latents = latents * self.scheduler.init_noise_sigma
+        latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
         guided = guidance_scale > 1.0 and bool((labels >= 0).any())
         null = torch.full_like(labels, NULL_CLASS)
         for t in self.progress_bar(self.scheduler.timesteps):
             model_in = torch.cat([latents] * 2) if guided else latents
-            model_in = self.scheduler.scale_model_input(model_in, t)
+            if hasattr(self.scheduler, "scale_model_input"):
+                model_in = self.scheduler.scale_model_input(model_in, t)
             cls = torch.cat([null, labels]) if guided else labels
             out = self.unet(model_in, t, class_labels=cls).sample
             if guided:
