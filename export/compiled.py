@@ -76,7 +76,7 @@ class ExportedOLSSRunner:
         import torch
 
         from olss_fast.export.onnx_export import _pipeline_kind, default_cache_dir
-        from olss_fast.runtime import _check_guidance, _make_adapter, _pipe_device, default_guidance
+        from olss_fast.runtime import _make_adapter, _pipe_device, check_init_args
 
         if backend not in EXPORT_BACKENDS:
             raise ValueError(f"unknown export backend {backend!r}; expected one of {EXPORT_BACKENDS}")
@@ -94,13 +94,9 @@ class ExportedOLSSRunner:
         self.dtype = dtype if dtype is not None else self.adapter.unet.dtype
         if self.dtype not in (torch.float32, torch.float16):
             raise ValueError(f"the ONNX/TensorRT backends support float32 and float16, got {self.dtype}")
-        if isinstance(batch_size, bool) or int(batch_size) < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.batch_size = int(batch_size)
-        dh, dw = self.adapter.default_size()
-        self.height, self.width = int(height or dh), int(width or dw)
-        self.adapter.check_size(self.height, self.width)
-        self.guidance_scale = _check_guidance(default_guidance(pipe) if guidance_scale is None else guidance_scale)
+        self.batch_size, self.height, self.width, self.guidance_scale = check_init_args(
+            self.adapter, pipe, batch_size, height, width, guidance_scale
+        )
         self.schedule = schedule
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.providers = providers

@@ -39,18 +39,17 @@ class RecordingScheduler:
     Attribute access falls through to the teacher, so pipelines see the teacher's config, order, timesteps, etc.
     """
 
-    def __init__(self, teacher: Any, stop_after: int | None = None) -> None:
+    def __init__(self, teacher: Any) -> None:
         object.__setattr__(self, "teacher", teacher)
         object.__setattr__(self, "samples", [])
         object.__setattr__(self, "outputs", [])
         object.__setattr__(self, "final", None)
-        object.__setattr__(self, "stop_after", stop_after)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.teacher, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("samples", "outputs", "final", "stop_after"):
+        if name in ("samples", "outputs", "final"):
             object.__setattr__(self, name, value)
         else:
             setattr(self.teacher, name, value)
@@ -67,8 +66,6 @@ class RecordingScheduler:
     def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any):
         self.samples.append(sample.detach().clone())
         self.outputs.append(model_output.detach().clone())
-        if self.stop_after is not None and len(self.outputs) > self.stop_after:
-            raise StopSampling()
         out = self.teacher.step(model_output, timestep, sample, *args, **kwargs)
         prev = out[0] if isinstance(out, tuple) else out.prev_sample
         object.__setattr__(self, "final", prev.detach().clone())

@@ -642,13 +642,9 @@ class OLSSRunner:
         if backend == "cuda_graph" and (self.device.type != "cuda" or not torch.cuda.is_available()):
             raise ValueError(f"backend='cuda_graph' needs the pipeline on a CUDA device, it is on {self.device}")
         self.backend = backend
-        if isinstance(batch_size, bool) or int(batch_size) < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.batch_size = int(batch_size)
-        dh, dw = self.adapter.default_size()
-        self.height, self.width = int(height or dh), int(width or dw)
-        self.adapter.check_size(self.height, self.width)
-        self.guidance_scale = _check_guidance(default_guidance(pipe) if guidance_scale is None else guidance_scale)
+        self.batch_size, self.height, self.width, self.guidance_scale = check_init_args(
+            self.adapter, pipe, batch_size, height, width, guidance_scale
+        )
         self.warmup_iters = int(warmup_iters)
         self.step_backend = step_backend
         self.text_encoder_in_graph = True
@@ -901,6 +897,23 @@ class OLSSRunner:
 
 def _capture_error(exc: _CaptureFailed) -> RuntimeError:
     return RuntimeError(f"capturing the OLSS loop in a CUDA graph failed: {exc.error!r}; use backend='eager'")
+
+
+def check_init_args(
+    adapter: Any, pipe: Any, batch_size: Any, height: Optional[int], width: Optional[int],
+    guidance_scale: Optional[float],
+) -> tuple[int, int, int, float]:
+    """Validate a runner's construction arguments → ``(batch_size, height, width, guidance_scale)``.
+
+    Shared by :class:`OLSSRunner` and the exported runners; ``None`` size/guidance take the pipeline's defaults.
+    """
+    if isinstance(batch_size, bool) or int(batch_size) < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    dh, dw = adapter.default_size()
+    height, width = int(height or dh), int(width or dw)
+    adapter.check_size(height, width)
+    guidance = _check_guidance(default_guidance(pipe) if guidance_scale is None else guidance_scale)
+    return int(batch_size), height, width, guidance
 
 
 def check_call_args(
