@@ -2,7 +2,7 @@
 
 A few-step OLSS sampler is a static program: text encoder → n × (UNet → fused step) → VAE decode, with every shape
 known in advance. Captured once as a CUDA graph it replays with a single launch, which removes the per-kernel launch
-overhead that dominates an eager UNet at batch 1-2 (see DESIGN.md, "Performance reference points").
+overhead that dominates an eager UNet at batch 1-2 (docs/design.md, "Fast paths").
 
 This module is independent of diffusers: it captures any zero-argument callable that reads and writes tensors held in
 :class:`StaticBuffers`, keeps captured programs in a small LRU :class:`GraphCache`, and refuses to copy inputs of the

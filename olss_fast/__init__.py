@@ -1,7 +1,7 @@
 """olss_fast: Optimal Linear Subspace Search (OLSS) few-step samplers for diffusers pipelines.
 
 Duan et al., "Optimal Linear Subspace Search: Learning to Construct Fast and High-Quality Schedulers for Diffusion
-Models", CIKM 2023 (arXiv 2305.14677). See DESIGN.md for the math in the form the code uses.
+Models", CIKM 2023 (arXiv 2305.14677). See docs/design.md for the math in the form the code uses.
 """
 from __future__ import annotations
 

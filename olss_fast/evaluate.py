@@ -1,4 +1,4 @@
-"""Fair comparisons of samplers at the same number of model evaluations (DESIGN.md, "Fair comparisons").
+"""Fair comparisons of samplers at the same number of model evaluations (docs/design.md, "Fair comparisons").
 
 Every sampler runs through the same pipeline from the same initial noise, with trailing timesteps; quality is
 measured on held-out noise/prompts against the teacher's final sample from that noise.

@@ -1,7 +1,7 @@
 """Recording teacher trajectories from any diffusers pipeline by wrapping its scheduler.
 
 The pipeline runs its own loop; :class:`RecordingScheduler` forwards every call to the teacher scheduler and keeps
-the ``sample`` and ``model_output`` of each ``step`` (DESIGN.md, "Recording"). After each batch the trajectories are
+the ``sample`` and ``model_output`` of each ``step`` (docs/design.md, "The method"). After each batch the trajectories are
 added to :class:`~olss_fast.stats.GramStats` and dropped, so memory does not grow with the number of batches.
 """
 from __future__ import annotations

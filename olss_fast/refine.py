@@ -1,4 +1,4 @@
-"""Student-in-the-loop re-fit of OLSS coefficients (DESIGN.md, "Student-in-the-loop refinement"; beyond the paper).
+"""Student-in-the-loop re-fit of OLSS coefficients (docs/design.md, "Student-in-the-loop re-fit"; beyond the paper).
 
 The paper fits step j on the *teacher's* model outputs, but at inference the student feeds the model its own latents.
 Here the student is run on the training noise one step at a time: step j is fitted on ``{x0, e_0 … e_j}`` where the

@@ -1,7 +1,7 @@
 """`GramStats`: float64 sufficient statistics of teacher trajectories for the OLSS search.
 
 For a teacher run with T steps we keep, summed over samples, the Gram matrix of the 2T+1 flattened vectors
-``{x[0..T], e[0..T-1]}`` (DESIGN.md, "Sufficient statistics"): ``G[a, b] = Σ_samples ⟨v_a, v_b⟩``. Every
+``{x[0..T], e[0..T-1]}`` (docs/design.md, "Sufficient statistics"): ``G[a, b] = Σ_samples ⟨v_a, v_b⟩``. Every
 least-squares fit of the OLSS search (Duan et al. 2023, Eq. 9–10) needs only entries of G, so memory is O(T²)
 whatever the number of samples or the image size, and statistics merge by addition.
 

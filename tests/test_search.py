@@ -4,11 +4,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from olss_fast import GramStats, search_schedule
+from olss_fast import GramStats, OLSSSchedule, search_schedule
 from olss_fast.models.gmm import make_gmm
 from olss_fast.recording import record_trajectories
 from olss_fast.search import coefficient_errors, path_errors, uniform_path
 from olss_fast.step import ddim_coefficients
+from olss_fast.testing import assert_fit_errors_optimal, assert_same_fit
 
 
 def record_gmm(seed, components=3, shape=(2, 3, 3), samples=24, T=30):
@@ -40,7 +41,8 @@ def test_fit_never_worse_than_ddim_on_same_path(seed, components, n):
 def test_coefficient_errors_of_fitted_coeffs_equal_reported_errors():
     _, stats = record_gmm(5)
     sched = search_schedule(stats, 5)
-    assert coefficient_errors(stats, sched.indices, sched.coeffs) == pytest.approx(sched.errors, rel=1e-6, abs=1e-14)
+    # the reported errors (from the solve) equal the errors of the coefficients evaluated on the statistics
+    assert_fit_errors_optimal(stats, sched.indices, sched.coeffs, sched.errors)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -120,3 +122,18 @@ def test_update_rejects_bad_trajectories():
         stats.update(torch.randn(4, 2, 4, 2), torch.randn(3, 2, 4, 2))
     with pytest.raises(ValueError, match="duplicates"):
         GramStats([5, 5, 3])
+
+
+def test_comparison_helpers_catch_a_different_fit():
+    """The tolerances of assert_same_fit / assert_fit_errors_optimal are tight enough to see a wrong coefficient."""
+    _, stats = record_gmm(3)
+    sched = search_schedule(stats, 5)
+    assert_same_fit(stats, sched, sched, 0.0)
+    bad = sched.coeffs.clone()
+    bad[2, 1] *= 1 + 1e-5
+    wrong = OLSSSchedule(timesteps=sched.timesteps, indices=sched.indices, coeffs=bad,
+                         teacher_steps=sched.teacher_steps)
+    with pytest.raises(AssertionError, match="step 2"):
+        assert_same_fit(stats, wrong, sched, 1e-15)
+    with pytest.raises(AssertionError, match="step 2"):
+        assert_fit_errors_optimal(stats, sched.indices, bad, sched.errors)
