@@ -442,7 +442,7 @@ def run_ours(traj: Trajectories, n: int, args: argparse.Namespace, device: torch
              raw: torch.Tensor | None) -> OursRun:
     """Stream ``n`` samples into GramStats (timed per update batch), then the public minimax search (timed)."""
     T = traj.T
-    stats = GramStats(traj.timesteps, teacher=f"DDIM({T})", model="diag-gmm", device=device)
+    stats = GramStats(traj.timesteps, teacher=f"DDIM({T})", model="diag-gmm", prediction_type="epsilon", device=device)
     acc = {"update": 0.0, "peak": 0}
 
     def on_block(s0: int, xs: torch.Tensor, es: torch.Tensor) -> None:
@@ -504,7 +504,7 @@ def run_direct(traj: Trajectories, raw: torch.Tensor, args: argparse.Namespace, 
     if ours is not None and ours.samples == raw.shape[1]:
         ref_stats = ours.stats
     else:
-        ref_stats = GramStats(traj.timesteps, device=device)
+        ref_stats = GramStats(traj.timesteps, prediction_type="epsilon", device=device)
         ref_stats.update(raw[: T + 1], raw[T + 1 :])
     with threads(1):
         agreement = compare_fits(direct._cache, ref_stats)

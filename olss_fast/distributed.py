@@ -310,7 +310,7 @@ def broadcast_stats(stats: GramStats | None, ctx: DistContext, src: int = 0) -> 
     shape = header["sample_shape"]
     channels = shape[0] if shape and len(shape) >= 2 else 1
     out = GramStats(header["timesteps"], teacher=header["teacher"], model=header["model"],
-                    prediction_type=header["prediction_type"])
+                    prediction_type=header["prediction_type"], context=header.get("context") or {})
     m = out.num_vectors
     buf = (stats.gram.to(ctx.comm_device).contiguous() if ctx.rank == src
            else torch.empty(channels, m, m, dtype=torch.float64, device=ctx.comm_device))

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .provenance import recording_context
 from .stats import GramStats
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -133,6 +134,19 @@ def describe_scheduler(scheduler: Any, steps: int) -> str:
     keys = ("timestep_spacing", "prediction_type", "beta_schedule", "algorithm_type", "solver_order", "shift")
     parts = [f"{k}={cfg[k]}" for k in keys if k in cfg]
     return f"{type(scheduler).__name__}({steps} steps; {', '.join(parts)})"
+
+
+def call_default_guidance(pipe: Any) -> float | None:
+    """The default ``guidance_scale`` of ``pipe.__call__``, or None when it takes none (unconditional pipelines)."""
+    import inspect
+
+    try:
+        param = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
+    except (TypeError, ValueError):
+        param = None
+    if param is None or not isinstance(param.default, (int, float)) or isinstance(param.default, bool):
+        return None
+    return float(param.default)
 
 
 def describe_model(pipe: Any) -> str:
@@ -310,9 +324,15 @@ def record_trajectories(
     teacher_desc = describe_scheduler(teacher, config.teacher_steps)
     model_desc = describe_model(pipe)
 
+    context = recording_context(
+        pipe=pipe, teacher=teacher, teacher_steps=config.teacher_steps,
+        guidance_scale=config.guidance_scale if config.guidance_scale is not None else call_default_guidance(pipe),
+        latent_shape=shape, prompts=[it.prompt for it in items], call_kwargs=config.call_kwargs,
+    )
+
     def new_stats() -> GramStats:
         out = GramStats(timesteps, teacher=teacher_desc, model=model_desc,
-                        prediction_type=teacher_prediction_type(teacher))
+                        prediction_type=teacher_prediction_type(teacher), context=context)
         out.meta["scheduler_config"] = jsonable_config(getattr(pipe.scheduler, "config", {}))
         return out
 

@@ -107,7 +107,7 @@ def sequential_refit(
     return OLSSSchedule(
         timesteps=schedule.timesteps, indices=schedule.indices, coeffs=out, errors=errors,
         teacher_steps=schedule.teacher_steps, prediction_type=schedule.prediction_type, path=schedule.path,
-        refined=True, teacher=schedule.teacher, meta=meta,
+        refined=True, teacher=schedule.teacher, fitted_for=schedule.fitted_for, meta=meta,
     )
 
 

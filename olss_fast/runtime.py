@@ -947,15 +947,10 @@ def check_call_args(
 
 def default_guidance(pipe: Any) -> float:
     """The default ``guidance_scale`` of ``pipe.__call__`` (7.5 when it has none)."""
-    import inspect
+    from olss_fast.recording import call_default_guidance
 
-    try:
-        param = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
-    except (TypeError, ValueError):
-        param = None
-    if param is None or not isinstance(param.default, (int, float)) or isinstance(param.default, bool):
-        return 7.5
-    return float(param.default)
+    g = call_default_guidance(pipe)
+    return 7.5 if g is None else g
 
 
 def _check_guidance(g: Any) -> float:

@@ -21,9 +21,11 @@ from typing import Any, Sequence
 import torch
 
 from ._io import atomic_write_text
+from .step import PREDICTION_TYPES
 
 SCHEDULE_FORMAT = "olss_fast.schedule"
-SCHEDULE_VERSION = 1
+SCHEDULE_VERSION = 2  # 2 added ``fitted_for``; version 1 files are read with an empty one
+READ_VERSIONS = (1, 2)
 GRANULARITIES = ("global", "channel")
 
 
@@ -41,6 +43,8 @@ class OLSSSchedule:
         path: how the path was chosen ("uniform", "minimax", "ddim", ...).
         refined: whether the coefficients come from the student-in-the-loop re-fit.
         teacher: a short description of the teacher sampler.
+        fitted_for: what the coefficients were fitted for (model, noise schedule, guidance scale, latent shape,
+            teacher, prompt set; see :mod:`olss_fast.provenance`), checked wherever the schedule is used.
         meta: free-form JSON-serialisable extra information (sample counts, library version, ...).
     """
 
@@ -53,6 +57,7 @@ class OLSSSchedule:
     path: str = "uniform"
     refined: bool = False
     teacher: str = ""
+    fitted_for: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -115,6 +120,8 @@ class OLSSSchedule:
             raise ValueError(f"errors must have one entry per step ({n}), got {len(self.errors)}")
         if any(not math.isfinite(e) for e in self.errors):
             raise ValueError("errors contain NaN or Inf")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction_type {self.prediction_type!r}; expected one of {PREDICTION_TYPES}")
         if self.granularity not in GRANULARITIES:  # pragma: no cover - derived from shape
             raise ValueError(f"unknown granularity {self.granularity}")
 
@@ -134,6 +141,7 @@ class OLSSSchedule:
             "path": self.path,
             "refined": bool(self.refined),
             "teacher": self.teacher,
+            "fitted_for": self.fitted_for,
             "meta": self.meta,
         }
 
@@ -145,9 +153,9 @@ class OLSSSchedule:
         if data.get("format", SCHEDULE_FORMAT) != SCHEDULE_FORMAT:
             raise ValueError(f"not an OLSS schedule (format = {data.get('format')!r})")
         version = data.get("version")
-        if version != SCHEDULE_VERSION:
+        if version not in READ_VERSIONS or isinstance(version, bool):
             raise ValueError(
-                f"unsupported OLSS schedule version {version!r}; this olss_fast reads version {SCHEDULE_VERSION}"
+                f"unsupported OLSS schedule version {version!r}; this olss_fast reads versions {READ_VERSIONS}"
             )
         missing = [k for k in ("timesteps", "indices", "coeffs") if k not in data]
         if missing:
@@ -165,6 +173,9 @@ class OLSSSchedule:
         meta = data.get("meta", {})
         if not isinstance(meta, dict):
             raise ValueError("OLSS schedule field 'meta' must be an object")
+        fitted_for = data.get("fitted_for", {})
+        if not isinstance(fitted_for, dict):
+            raise ValueError("OLSS schedule field 'fitted_for' must be an object")
         sched = cls(
             timesteps=data["timesteps"],
             indices=data["indices"],
@@ -175,6 +186,7 @@ class OLSSSchedule:
             path=str(data.get("path", "uniform")),
             refined=bool(data.get("refined", False)),
             teacher=str(data.get("teacher", "")),
+            fitted_for=fitted_for,
             meta=meta,
         )
         if "num_steps" in data and data["num_steps"] != sched.num_steps:

@@ -1,40 +1,143 @@
-"""`OLSSScheduler`: a diffusers scheduler that runs searched OLSS schedules.
+"""`OLSSScheduler`: a diffusers scheduler that runs searched OLSS schedules, and is DDIM (or FlowMatchEuler) otherwise.
 
-It holds one or several :class:`~olss_fast.schedule.OLSSSchedule` keyed by step count; ``set_timesteps(n)`` picks the
-n-step one. Built without schedules, it runs DDIM's own coefficients (written in OLSS form) and reproduces
-``DDIMScheduler`` with ``eta=0``. The schedules live in the scheduler config, so ``save_pretrained`` writes plain JSON.
+It holds searched :class:`~olss_fast.schedule.OLSSSchedule` objects keyed by step count. ``set_timesteps(n)`` with a
+searched n-step schedule runs it (OLSS, Duan et al. 2023, Eq. 8); any other n runs the scheduler it extends, built by
+diffusers itself from the same config: ``DDIMScheduler`` for VP models, ``FlowMatchEulerDiscreteScheduler`` for flow
+matching (``prediction_type="flow"``). In that mode every call — ``step`` at any timestep with ``eta``, clipping,
+thresholding, a generator, img2img's ``set_begin_index`` — is the extended scheduler's own, so
+``OLSSScheduler(**DDIMScheduler(...).config)`` is a drop-in replacement for that ``DDIMScheduler``.
+
+A searched schedule computes every latent from the initial noise and the model outputs, so it cannot honour what DDIM
+does on the side: ``eta > 0``, a start after the first timestep, latents edited between steps (callbacks,
+inpainting blends) raise ``ValueError``; ``clip_sample``/``thresholding`` in the config are not applied (one
+warning); custom ``timesteps``/``sigmas`` must be the schedule's own (``ValueError`` otherwise). The schedules live in
+the scheduler config, so ``save_pretrained`` writes plain JSON (atomically).
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any, Sequence
+import math
+import numbers
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
+from . import provenance
 from .schedule import OLSSSchedule, stack_schedules_by_steps
-from .step import ddim_coefficients, olss_combine
+from .step import PREDICTION_TYPES, ddim_coefficients, olss_combine
 
 logger = logging.getLogger(__name__)
 
+#: DDIMScheduler's config keys (the VP fallback is built from these)
+DDIM_KEYS = (
+    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "clip_sample",
+    "set_alpha_to_one", "steps_offset", "prediction_type", "thresholding", "dynamic_thresholding_ratio",
+    "clip_sample_range", "sample_max_value", "timestep_spacing", "rescale_betas_zero_snr",
+)
+#: FlowMatchEulerDiscreteScheduler's config keys (the flow-matching fallback is built from these)
+FLOW_KEYS = (
+    "num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
+    "max_image_seq_len", "invert_sigmas", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
+    "use_beta_sigmas", "time_shift_type", "stochastic_sampling",
+)
+_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+_SPACINGS = ("leading", "trailing", "linspace")
+MAX_TRAIN_TIMESTEPS = 100_000
+
+
+def _finite(name: str, value: Any, lo: float | None = None, hi: float | None = None, *, open_lo: bool = False,
+            allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise ValueError(f"OLSSScheduler config {name} must be a finite number, got {value!r}")
+    v = float(value)
+    if lo is not None and (v < lo or (open_lo and v == lo)):
+        raise ValueError(f"OLSSScheduler config {name} must be {'>' if open_lo else '>='} {lo}, got {value!r}")
+    if hi is not None and v > hi:
+        raise ValueError(f"OLSSScheduler config {name} must be <= {hi}, got {value!r}")
+
+
+def _flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"OLSSScheduler config {name} must be true or false, got {value!r}")
+
+
+def _choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"OLSSScheduler config {name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def _int_in(name: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= int(value) <= hi:
+        raise ValueError(f"OLSSScheduler config {name} must be an integer in [{lo}, {hi}], got {value!r}")
+
+
+def validate_config(cfg: dict[str, Any]) -> None:
+    """``ValueError`` for config values diffusers would choke on later (or silently misuse)."""
+    _int_in("num_train_timesteps", cfg["num_train_timesteps"], 1, MAX_TRAIN_TIMESTEPS)
+    _choice("prediction_type", cfg["prediction_type"], PREDICTION_TYPES)
+    _finite("beta_start", cfg["beta_start"], 0.0, 1.0, open_lo=True)
+    _finite("beta_end", cfg["beta_end"], 0.0, 1.0, open_lo=True)
+    _choice("beta_schedule", cfg["beta_schedule"], _BETA_SCHEDULES)
+    tb = cfg["trained_betas"]
+    if tb is not None:
+        arr = np.asarray(tb, dtype=object)
+        if arr.ndim != 1 or len(arr) != int(cfg["num_train_timesteps"]):
+            raise ValueError(f"OLSSScheduler config trained_betas must be a list of num_train_timesteps = "
+                             f"{cfg['num_train_timesteps']} numbers")
+        for b in arr:
+            _finite("trained_betas entries", b, 0.0, 1.0, open_lo=True)
+    for key in ("clip_sample", "set_alpha_to_one", "thresholding", "rescale_betas_zero_snr", "use_dynamic_shifting",
+                "invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                "stochastic_sampling"):
+        _flag(key, cfg[key])
+    _int_in("steps_offset", cfg["steps_offset"], 0, int(cfg["num_train_timesteps"]) - 1)
+    _finite("dynamic_thresholding_ratio", cfg["dynamic_thresholding_ratio"], 0.0, 1.0, open_lo=True)
+    _finite("clip_sample_range", cfg["clip_sample_range"], 0.0, open_lo=True)
+    _finite("sample_max_value", cfg["sample_max_value"], 0.0, open_lo=True)
+    _choice("timestep_spacing", cfg["timestep_spacing"], _SPACINGS)
+    _finite("shift", cfg["shift"], 0.0, open_lo=True)
+    _finite("base_shift", cfg["base_shift"], allow_none=True)
+    _finite("max_shift", cfg["max_shift"], allow_none=True)
+    _int_in("base_image_seq_len", cfg["base_image_seq_len"], 1, 2**31)
+    _int_in("max_image_seq_len", cfg["max_image_seq_len"], 1, 2**31)
+    _finite("shift_terminal", cfg["shift_terminal"], 0.0, 1.0, allow_none=True)
+    _choice("time_shift_type", cfg["time_shift_type"], ("exponential", "linear"))
+
+
+def _as_step_count(value: Any, what: str = "num_inference_steps") -> int:
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)) or int(value) < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)
+
 
 class OLSSScheduler(SchedulerMixin, ConfigMixin):
-    """A diffusers scheduler for OLSS few-step sampling (Duan et al., CIKM 2023).
+    """A diffusers scheduler for OLSS few-step sampling (Duan et al., CIKM 2023); DDIM / FlowMatchEuler otherwise.
 
-    The noise-schedule arguments are DDIM's (so ``OLSSScheduler.from_config(pipe.scheduler.config)`` works); they set
-    ``alphas_cumprod`` for ``add_noise`` and for the DDIM default used when no schedule was searched.
+    Args: every ``DDIMScheduler`` config key (the VP noise schedule, clipping, thresholding, spacing, ...) and every
+    ``FlowMatchEulerDiscreteScheduler`` config key (``shift``, dynamic shifting, ...; used when
+    ``prediction_type="flow"``), plus
 
-    Args:
         schedules: searched schedules as dicts (``OLSSSchedule.to_dict()``); use :meth:`from_schedules` to build
             from ``OLSSSchedule`` objects.
+
+    Defaults differ from ``DDIMScheduler``'s in two places, chosen for OLSS: ``clip_sample=False`` and
+    ``timestep_spacing="trailing"``. ``OLSSScheduler.from_config(config)`` of a ``FlowMatch*`` scheduler's config
+    sets ``prediction_type="flow"`` (see :func:`olss_fast.provenance.is_flow_config`).
     """
 
     _compatibles = [
         "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
         "DEISMultistepScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler",
+        "FlowMatchEulerDiscreteScheduler",
     ]
     order = 1
 
@@ -46,59 +149,120 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         beta_end: float = 0.02,
         beta_schedule: str = "linear",
         trained_betas: Sequence[float] | None = None,
+        clip_sample: bool = False,
         set_alpha_to_one: bool = True,
         steps_offset: int = 0,
         prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        clip_sample_range: float = 1.0,
+        sample_max_value: float = 1.0,
         timestep_spacing: str = "trailing",
         rescale_betas_zero_snr: bool = False,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float | None = 0.5,
+        max_shift: float | None = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        invert_sigmas: bool = False,
+        shift_terminal: float | None = None,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        time_shift_type: str = "exponential",
+        stochastic_sampling: bool = False,
         schedules: list[dict] | None = None,
     ) -> None:
-        # DDIM's noise schedule, built by diffusers itself (no re-implementation of the beta schedules)
-        self._ddim = DDIMScheduler(
-            num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-            beta_schedule=beta_schedule, trained_betas=trained_betas, clip_sample=False,
-            set_alpha_to_one=set_alpha_to_one, steps_offset=steps_offset, prediction_type=prediction_type,
-            timestep_spacing=timestep_spacing, rescale_betas_zero_snr=rescale_betas_zero_snr,
-        )
-        self.alphas_cumprod = self._ddim.alphas_cumprod
-        self.final_alpha_cumprod = self._ddim.final_alpha_cumprod
+        cfg = dict(self.config)
+        if isinstance(trained_betas, (torch.Tensor, np.ndarray)):
+            cfg["trained_betas"] = trained_betas = [float(b) for b in trained_betas.tolist()]
+        validate_config(cfg)
+        self.is_flow = prediction_type == "flow"
+        # the extended scheduler, built by diffusers itself from the same config (no re-implemented beta schedules)
+        base = FlowMatchEulerDiscreteScheduler if self.is_flow else DDIMScheduler
+        known = set(base._get_init_keys(base))  # keys this diffusers version's class takes
+        self._fallback: Any = base(**{k: cfg[k] for k in (FLOW_KEYS if self.is_flow else DDIM_KEYS) if k in known})
+        if not self.is_flow:
+            for name in ("betas", "alphas", "alphas_cumprod", "final_alpha_cumprod"):
+                setattr(self, name, getattr(self._fallback, name))
+        if not isinstance(schedules, (list, tuple)) and schedules is not None:
+            raise ValueError(f"OLSSScheduler config schedules must be a list of schedules, got {type(schedules).__name__}")
         self._schedules: dict[int, OLSSSchedule] = stack_schedules_by_steps(
             [s if isinstance(s, OLSSSchedule) else OLSSSchedule.from_dict(s) for s in (schedules or [])]
         )
+        noise_schedule = provenance.noise_schedule_id(cfg)
         for s in self._schedules.values():
-            if s.prediction_type != prediction_type:
-                logger.warning(
-                    "the %d-step schedule was fitted for prediction_type=%r but the scheduler says %r",
-                    s.num_steps, s.prediction_type, prediction_type,
-                )
+            self._check_schedule_fits(s, noise_schedule)
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps = torch.zeros(0, dtype=torch.long)
+        self.sigmas: torch.Tensor | None = None
         self.schedule: OLSSSchedule | None = None
+        self._mode: str | None = None  # "olss" | "fallback"
         self._coeffs = torch.zeros(0, 0, dtype=torch.float64)
         self._coeffs_cache: dict[tuple, torch.Tensor] = {}
         self._step_index: int | None = None
         self._begin_index: int | None = None
         self._x0: torch.Tensor | None = None
         self._history: list[torch.Tensor] = []
+        self._last_out: torch.Tensor | None = None
+        self._last_version = 0
+
+    def _check_schedule_fits(self, s: OLSSSchedule, noise_schedule: dict[str, Any]) -> None:
+        """The schedule's prediction type and noise schedule against this config (``ValueError`` on a mismatch
+        that was not accepted explicitly, see :meth:`from_schedules`)."""
+        accepted = tuple(s.fitted_for.get("accepted_mismatch", ()))
+        fitted = {"prediction_type": s.prediction_type, "noise_schedule": s.fitted_for.get("noise_schedule")}
+        provenance.check_fitted_for(
+            fitted, {"prediction_type": self.config.prediction_type, "noise_schedule": noise_schedule},
+            allow=[a for a in accepted if a in ("prediction_type", "noise_schedule")],
+            what=f"the {s.num_steps}-step schedule", where="this scheduler's config",
+        )
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
+    def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
+        """diffusers' ``from_config``; a ``FlowMatch*`` scheduler's config gives ``prediction_type="flow"``."""
+        if isinstance(config, dict) and "prediction_type" not in kwargs and "prediction_type" not in config \
+                and provenance.is_flow_config(config):
+            kwargs["prediction_type"] = "flow"
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @classmethod
     def from_schedules(
-        cls, schedules: OLSSSchedule | Sequence[OLSSSchedule], config: dict | None = None, **kwargs: Any
+        cls, schedules: OLSSSchedule | Sequence[OLSSSchedule], config: dict | None = None, *,
+        allow_mismatch: Iterable[str] = (), **kwargs: Any,
     ) -> "OLSSScheduler":
-        """Build from searched schedules; ``config`` (e.g. ``pipe.scheduler.config``) supplies the noise schedule."""
+        """Build from searched schedules; ``config`` (e.g. ``pipe.scheduler.config``) supplies the noise schedule.
+
+        Each schedule's prediction type and noise schedule must be this config's; ``allow_mismatch`` (names from
+        ``("noise_schedule", "prediction_type")``) accepts a difference explicitly, and the acceptance is recorded in
+        the schedule (so that saving and loading the scheduler keeps it).
+        """
+        allow = provenance.check_allow(allow_mismatch)
         if isinstance(schedules, OLSSSchedule):
             schedules = [schedules]
         schedules = list(schedules)
         stack_schedules_by_steps(schedules)  # duplicate / type check with a clear message
         base = dict(config or {})
+        flow_source = provenance.is_flow_config(base)
         base.update(kwargs)
         accepted = set(cls._get_init_keys(cls)) - {"self", "schedules"}
         init = {k: v for k, v in base.items() if k in accepted}
-        if schedules and "prediction_type" not in init:
-            init["prediction_type"] = schedules[0].prediction_type
-        return cls(schedules=[s.to_dict() for s in schedules], **init)
+        if "prediction_type" not in init:
+            if schedules:
+                init["prediction_type"] = schedules[0].prediction_type
+            elif flow_source:
+                init["prediction_type"] = "flow"
+        dicts = []
+        for s in schedules:
+            d = s.to_dict()
+            if allow:
+                d["fitted_for"] = dict(d["fitted_for"], accepted_mismatch=sorted(
+                    set(d["fitted_for"].get("accepted_mismatch", ())) | set(allow)))
+            dicts.append(d)
+        return cls(schedules=dicts, **init)
 
     @property
     def schedules(self) -> dict[int, OLSSSchedule]:
@@ -109,22 +273,40 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
     def available_steps(self) -> list[int]:
         return sorted(self._schedules)
 
+    @property
+    def running_searched_schedule(self) -> bool:
+        """Whether the current ``set_timesteps`` selected a searched schedule (False: DDIM / FlowMatchEuler)."""
+        return self._mode == "olss"
+
+    def noise_schedule_id(self) -> dict[str, Any]:
+        """This config's noise schedule (see :func:`olss_fast.provenance.noise_schedule_id`)."""
+        return provenance.noise_schedule_id(dict(self.config))
+
     # ------------------------------------------------------------------ diffusers API
     @property
     def step_index(self) -> int | None:
+        if self._mode == "fallback":
+            return getattr(self._fallback, "step_index", None)
         return self._step_index
 
     @property
     def begin_index(self) -> int | None:
+        if self._mode == "fallback":
+            return getattr(self._fallback, "begin_index", self._begin_index)
         return self._begin_index
 
     def set_begin_index(self, begin_index: int = 0) -> None:
-        if begin_index != 0:
+        """img2img starts after the first timestep: fine for DDIM / FlowMatchEuler, refused by a searched schedule."""
+        if self._mode == "olss" and begin_index != 0:
             raise ValueError(
-                "OLSS schedules start from pure noise (x0 is the initial noise); starting at a later step "
-                "(img2img with strength < 1) is not supported"
+                f"the searched {self.num_inference_steps}-step OLSS schedule starts from pure noise (each latent is "
+                f"a combination of the initial noise and the model outputs), so it cannot start at step {begin_index} "
+                "(img2img / inpainting with strength < 1); use a step count without a searched schedule (DDIM) for "
+                "such pipelines, or strength=1.0"
             )
         self._begin_index = begin_index
+        if self._mode == "fallback" and hasattr(self._fallback, "set_begin_index"):
+            self._fallback.set_begin_index(begin_index)
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
         return sample
@@ -133,48 +315,118 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         self,
         num_inference_steps: int | None = None,
         device: str | torch.device | None = None,
-        timesteps: Sequence[int] | None = None,
+        timesteps: Sequence[int | float] | None = None,
         sigmas: Sequence[float] | None = None,
-        **_: Any,
+        mu: float | None = None,
     ) -> None:
-        """Pick the schedule with ``num_inference_steps`` steps (or the one whose timesteps equal ``timesteps``)."""
-        if timesteps is not None:
-            wanted = [float(t) for t in timesteps]
-            match = [s for s in self._schedules.values() if [float(t) for t in s.timesteps] == wanted]
-            if not match:
-                raise ValueError(
-                    f"no OLSS schedule has timesteps {list(timesteps)}; available: "
-                    f"{ {n: s.timesteps for n, s in self._schedules.items()} }"
-                )
-            num_inference_steps = match[0].num_steps
-        if sigmas is not None:
-            logger.warning("OLSSScheduler ignores custom sigmas; it uses the searched schedule's timesteps")
-        if num_inference_steps is None or isinstance(num_inference_steps, bool) or int(num_inference_steps) < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        n = int(num_inference_steps)
-        if self._schedules:
-            if n not in self._schedules:
-                raise ValueError(
-                    f"this OLSSScheduler holds schedules for {self.available_steps} steps, not {n}: pass "
-                    f"num_inference_steps={self.available_steps[0] if len(self._schedules) == 1 else self.available_steps}"
-                    " or search a schedule for that count"
-                )
-            sched = self._schedules[n]
-        else:
-            sched = self.ddim_schedule(n)
-        self.schedule = sched
+        """Select the searched schedule with ``num_inference_steps`` steps, or run DDIM / FlowMatchEuler for it.
+
+        ``timesteps`` (or flow pipelines' ``sigmas``) may replace ``num_inference_steps``: their length is the step
+        count. With a searched schedule they must be its own (or, for ``sigmas``, the pipeline's default grid
+        ``linspace(1, 1/n, n)``); ``mu`` (flow resolution shift) is compared with the one the schedule was fitted
+        at (a warning when it differs).
+        """
+        n = None if num_inference_steps is None else _as_step_count(num_inference_steps)
+        for name, custom in (("timesteps", timesteps), ("sigmas", sigmas)):
+            if custom is None:
+                continue
+            length = len(custom)
+            if n is not None and length != n:
+                raise ValueError(f"{name} has {length} entries but num_inference_steps={n}; they must agree")
+            n = _as_step_count(length, f"the length of {name}")
+        if n is None:
+            raise ValueError("set_timesteps needs num_inference_steps (or timesteps / sigmas)")
+        if n > self.config.num_train_timesteps:
+            raise ValueError(f"num_inference_steps={n} exceeds num_train_timesteps={self.config.num_train_timesteps}")
+        if sigmas is not None and not self.is_flow:
+            raise ValueError("sigmas are for flow-matching schedulers; this OLSSScheduler has a VP noise schedule "
+                             f"(prediction_type={self.config.prediction_type!r})")
+        if mu is not None and not self.is_flow:
+            raise ValueError("mu is for flow-matching schedulers with dynamic shifting; this OLSSScheduler has a VP "
+                             "noise schedule")
+        self._reset()
         self.num_inference_steps = n
+        if n in self._schedules:
+            self._select_searched(self._schedules[n], device, timesteps, sigmas, mu)
+        else:
+            self._select_fallback(n, device, timesteps, sigmas, mu)
+
+    def _select_searched(self, sched: OLSSSchedule, device: Any, timesteps: Any, sigmas: Any, mu: Any) -> None:
+        n = sched.num_steps
+        own = [float(t) for t in sched.timesteps]
+        if timesteps is not None and [float(t) for t in timesteps] != own:
+            raise ValueError(
+                f"custom timesteps {list(timesteps)} cannot be honoured: the searched {n}-step schedule runs its "
+                f"fitted timesteps {sched.timesteps}; pass no timesteps (or those)"
+            )
+        if sigmas is not None:
+            given = np.asarray(sigmas, dtype=np.float64)
+            default = np.linspace(1.0, 1.0 / n, n)
+            own_sigmas = np.asarray(own) / self.config.num_train_timesteps
+            if not (np.allclose(given, default, rtol=1e-5, atol=1e-6) or
+                    np.allclose(given, own_sigmas, rtol=1e-5, atol=1e-6)):
+                raise ValueError(
+                    f"custom sigmas {given.round(4).tolist()} cannot be honoured: the searched {n}-step schedule runs "
+                    f"its fitted sigmas {(own_sigmas).round(4).tolist()}; pass no sigmas (or the pipeline's default)"
+                )
+        fitted_mu = sched.fitted_for.get("mu")
+        if mu is not None and fitted_mu is not None:
+            provenance.check_fitted_for({"mu": fitted_mu}, {"mu": float(mu)}, what=f"the {n}-step schedule",
+                                        where="(the image size's resolution shift)")
+        if self.config.clip_sample or self.config.thresholding:
+            what = "thresholding" if self.config.thresholding else "clip_sample"
+            provenance.warn_once(
+                ("olss-clip", what, n),
+                "%s=True in the scheduler config is not applied by the searched %d-step OLSS schedule: it runs the "
+                "unclipped linear combination it was fitted on (step counts without a searched schedule run DDIM, "
+                "which applies it)", what, n,
+            )
+        self.schedule = sched
+        self._mode = "olss"
         is_int = all(isinstance(t, int) for t in sched.timesteps)
         self.timesteps = torch.tensor(sched.timesteps, dtype=torch.long if is_int else torch.float32, device=device)
+        if self.is_flow:
+            s = torch.tensor(own, dtype=torch.float32) / self.config.num_train_timesteps
+            self.sigmas = torch.cat([s, torch.zeros(1)]).to(device)
         self._coeffs = sched.coeffs
         self._coeffs_cache = {}
-        self._reset()
+
+    def _select_fallback(self, n: int, device: Any, timesteps: Any, sigmas: Any, mu: Any) -> None:
+        name = type(self._fallback).__name__
+        if self._schedules:
+            provenance.warn_once(
+                ("olss-fallback", id(self), n),
+                "OLSSScheduler holds searched schedules for %s steps, not %d: running %s for %d steps",
+                self.available_steps, n, name, n,
+            )
+        if self.is_flow:
+            if self.config.use_dynamic_shifting and mu is None:
+                raise ValueError("this flow-matching scheduler uses dynamic shifting: pass mu to set_timesteps (as "
+                                 "diffusers' flow pipelines do)")
+            self._fallback.set_timesteps(num_inference_steps=n, device=device, sigmas=sigmas, mu=mu,
+                                         timesteps=timesteps)
+            self.sigmas = self._fallback.sigmas
+        else:
+            if timesteps is not None:
+                raise ValueError(
+                    f"custom timesteps need a searched schedule with exactly these timesteps (searched: "
+                    f"{ {k: s.timesteps for k, s in self._schedules.items()} }); DDIMScheduler takes no custom "
+                    "timesteps"
+                )
+            self._fallback.set_timesteps(n, device=device)
+        self.timesteps = self._fallback.timesteps
+        self.schedule = None
+        self._mode = "fallback"
 
     def ddim_schedule(self, num_inference_steps: int) -> OLSSSchedule:
-        """DDIM's update at its own timesteps for n steps, written as an OLSS schedule (no search)."""
-        self._ddim.set_timesteps(num_inference_steps)
-        ts = [int(t) for t in self._ddim.timesteps]
-        ratio = self.config.num_train_timesteps // num_inference_steps
+        """DDIM's update at its own timesteps for n steps, written as an OLSS schedule (VP configs)."""
+        if self.is_flow:
+            raise ValueError("ddim_schedule is for VP noise schedules; this scheduler is flow matching")
+        n = _as_step_count(num_inference_steps)
+        ddim = DDIMScheduler.from_config(self._fallback.config)
+        ddim.set_timesteps(n)
+        ts = [int(t) for t in ddim.timesteps]
+        ratio = self.config.num_train_timesteps // n
         prev = [t - ratio for t in ts]
         coeffs = ddim_coefficients(
             self.alphas_cumprod, ts, prev, float(self.final_alpha_cumprod), self.config.prediction_type
@@ -182,12 +434,14 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         return OLSSSchedule(
             timesteps=ts, indices=list(range(len(ts))), coeffs=coeffs, teacher_steps=len(ts),
             prediction_type=self.config.prediction_type, path="ddim", teacher="DDIMScheduler (own coefficients)",
+            fitted_for={"noise_schedule": self.noise_schedule_id()},
         )
 
     def _reset(self) -> None:
         self._step_index = None
         self._x0 = None
         self._history = []
+        self._last_out = None
 
     def _device_coeffs(self, device: torch.device) -> torch.Tensor:
         key = (device.type, device.index)
@@ -209,25 +463,61 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         model_output: torch.Tensor,
         timestep: int | float | torch.Tensor,
         sample: torch.Tensor,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
+        generator: torch.Generator | None = None,
+        variance_noise: torch.Tensor | None = None,
         return_dict: bool = True,
-        **_: Any,
-    ) -> SchedulerOutput | tuple:
-        """Advance one student step: ``x_{j+1} = w_j x_0 + Σ_{l≤j} v_{j,l} e_l`` (OLSS Eq. 8), computed in float32.
+    ) -> Any:
+        """One step, with ``DDIMScheduler.step``'s signature.
 
-        ``sample`` at the first step is taken as the initial noise x_0; ``model_output`` is e_j (after guidance).
+        Without a searched schedule for the current step count this *is* the extended scheduler's ``step``
+        (DDIM: every argument honoured; FlowMatchEuler: ``generator`` and ``return_dict``). With one it is the OLSS
+        step ``x_{j+1} = w_j x_0 + Σ_{l≤j} v_{j,l} e_l`` (OLSS Eq. 8) in float32, cast back to the sample's dtype:
+        ``sample`` at the first step is taken as the initial noise x_0, ``model_output`` is e_j (after guidance).
         """
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps(num_inference_steps) before step()")
-        if self._step_index is None or self._step_index >= self.num_inference_steps:
+        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not math.isfinite(float(eta)) or eta < 0:
+            raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+        if self._mode == "fallback":
+            if not self.is_flow:
+                return self._fallback.step(model_output, timestep, sample, eta, use_clipped_model_output, generator,
+                                           variance_noise, return_dict)
+            if eta != 0 or variance_noise is not None:
+                raise ValueError("eta / variance_noise are DDIM options; FlowMatchEulerDiscreteScheduler takes neither")
+            return self._fallback.step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+        return self._olss_step(model_output, timestep, sample, eta, return_dict)
+
+    def _olss_step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, eta: float,
+                   return_dict: bool) -> Any:
+        n = self.num_inference_steps
+        if eta > 0:
+            raise ValueError(
+                f"eta={eta} asks for DDIM's stochastic sampling, which the searched {n}-step OLSS schedule (a "
+                "deterministic linear combination) cannot do; use eta=0, or a step count without a searched schedule"
+            )
+        if self._step_index is None or self._step_index >= n:
             j = self._index_for_timestep(timestep)
             if j != 0:
                 raise ValueError(
                     f"OLSS sampling must start at the first timestep {self.timesteps[0].item()}, got {timestep} "
-                    "(the scheduler needs the initial noise to combine the model outputs)"
+                    "(the scheduler needs the initial noise to combine the model outputs; img2img with strength < 1 "
+                    "needs a step count without a searched schedule)"
                 )
             self._reset()
             self._step_index = 0
         j = self._step_index
+        t = float(timestep.item() if isinstance(timestep, torch.Tensor) else timestep)
+        if t != float(self.timesteps[j]):
+            if j > 0 and t == float(self.timesteps[0]):  # a new trajectory before the last one finished
+                self._reset()
+                self._step_index = j = 0
+            else:
+                raise ValueError(
+                    f"step {j} of the searched {n}-step OLSS schedule runs at timestep {self.timesteps[j].item()}, "
+                    f"got {timestep}: the steps must follow scheduler.timesteps in order"
+                )
         if model_output.shape != sample.shape:
             raise ValueError(
                 f"model_output shape {list(model_output.shape)} differs from sample shape {list(sample.shape)} "
@@ -235,23 +525,86 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
             )
         if j == 0:
             self._x0 = sample.detach().to(torch.float32)
-        elif self._x0.shape != sample.shape:
-            raise ValueError(f"sample shape changed mid-sampling: {list(self._x0.shape)} -> {list(sample.shape)}")
+        else:
+            if self._x0.shape != sample.shape:
+                raise ValueError(f"sample shape changed mid-sampling: {list(self._x0.shape)} -> {list(sample.shape)}")
+            self._check_unedited(sample, j)
         self._history.append(model_output.detach().to(torch.float32))
         prev = olss_combine(self._device_coeffs(sample.device), j, self._x0, self._history)
         prev = prev.to(sample.dtype)
         self._step_index = j + 1
-        if self._step_index == self.num_inference_steps:
+        if self._step_index == n:
             self._history = []  # free memory; the next call starts a new trajectory
+            self._last_out = None
+        else:
+            self._last_out = prev
+            self._last_version = prev._version
         if not return_dict:
             return (prev,)
         return SchedulerOutput(prev_sample=prev)
 
+    def _check_unedited(self, sample: torch.Tensor, j: int) -> None:
+        """``ValueError`` when the latents passed to step j are not the ones step j−1 returned.
+
+        Cheap: the same tensor object with an unchanged version counter needs no comparison; a different object
+        (a cast, a copy) is compared by value.
+        """
+        last = self._last_out
+        if last is None:
+            return
+        if sample is last and sample._version == self._last_version:
+            return
+        edited = last._version != self._last_version
+        if not edited:
+            try:
+                edited = not torch.equal(sample, last.to(dtype=sample.dtype, device=sample.device))
+            except RuntimeError:
+                edited = True
+        if edited:
+            raise ValueError(
+                f"the latents passed to step {j} differ from those step {j - 1} returned (edited by a callback, an "
+                "inpainting mask blend or another hook): the searched OLSS schedule computes each latent from the "
+                "initial noise and the model outputs and cannot take such edits into account. Use a step count "
+                "without a searched schedule (DDIM) for this pipeline, or leave the latents unchanged"
+            )
+
     def add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:
-        """VP forward process ``√ᾱ_t x + √(1−ᾱ_t) ε`` (the same as DDPM/DDIM's ``add_noise``)."""
-        return self._ddim.add_noise(original_samples, noise, timesteps)
+        """DDIM's ``add_noise`` (VP forward process ``√ᾱ_t x + √(1−ᾱ_t) ε``); flow matching uses :meth:`scale_noise`."""
+        if self.is_flow:
+            raise ValueError("add_noise is the VP forward process; a flow-matching scheduler uses scale_noise")
+        return self._fallback.add_noise(original_samples, noise, timesteps)
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """DDIM's ``get_velocity`` (the v-prediction target)."""
+        if self.is_flow:
+            raise ValueError("get_velocity is defined for VP noise schedules")
+        return self._fallback.get_velocity(sample, noise, timesteps)
+
+    def scale_noise(self, sample: torch.Tensor, timestep: Any, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """FlowMatchEuler's forward process ``σ ε + (1 − σ) x`` (flow-matching img2img, without a searched schedule)."""
+        if not self.is_flow:
+            raise ValueError("scale_noise is the flow-matching forward process; a VP scheduler uses add_noise")
+        if self._mode == "olss":
+            raise ValueError("the searched OLSS schedule starts from pure noise: img2img (scale_noise) needs a step "
+                             "count without a searched schedule")
+        return self._fallback.scale_noise(sample, timestep, noise)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """diffusers' ``save_pretrained``, but the config file is replaced atomically (never left half-written)."""
+        from ._io import atomic_path
+
+        if push_to_hub:
+            raise ValueError("push_to_hub is not supported by OLSSScheduler.save_pretrained; save, then upload")
+        folder = Path(save_directory)
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"cannot save the scheduler to {folder}: it exists and is not a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".olss_scheduler.", dir=folder) as tmp:
+            super().save_pretrained(tmp, **kwargs)
+            with atomic_path(folder / self.config_name) as target:
+                os.replace(Path(tmp) / self.config_name, target)
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps

@@ -251,6 +251,7 @@ def search_schedule(
         path=chosen,
         refined=False,
         teacher=stats.teacher,
+        fitted_for=dict(stats.context, num_samples=stats.num_samples) if stats.context else {},
         meta={"num_samples": stats.num_samples, "model": stats.model},
     )
 

@@ -31,9 +31,14 @@ class GramStats:
 
     Args:
         timesteps: the teacher's T model timesteps, in sampling order (descending).
-        teacher: a description of the teacher sampler (must match to merge).
+        teacher: the teacher scheduler (its class and config describe it, and give the prediction type), or a
+            description string (must match to merge).
         model: a description of the model/pipeline (must match to merge).
-        prediction_type: the model's output parametrisation (informational; must match to merge).
+        prediction_type: the output parametrisation of the recorded model outputs ("epsilon", "v_prediction",
+            "sample" or "flow"); required unless ``teacher`` is a scheduler to take it from. Schedules searched on
+            these statistics are labelled with it, and refused where it does not match.
+        context: what the recording was made for (:func:`olss_fast.provenance.recording_context`); copied into
+            every schedule's ``fitted_for`` (must match to merge).
         device: where the statistics live (default CPU). Updates compute on the data's device.
     """
 
@@ -41,11 +46,28 @@ class GramStats:
         self,
         timesteps: Sequence[int | float],
         *,
-        teacher: str = "",
+        teacher: Any = "",
         model: str = "",
-        prediction_type: str = "epsilon",
+        prediction_type: str | None = None,
+        context: dict[str, Any] | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
+        from .step import PREDICTION_TYPES
+
+        if not isinstance(teacher, str):  # a scheduler object
+            from .recording import describe_scheduler, teacher_prediction_type
+
+            if prediction_type is None:
+                prediction_type = teacher_prediction_type(teacher)
+            teacher = describe_scheduler(teacher, len(timesteps))
+        if prediction_type is None:
+            raise ValueError(
+                "GramStats needs the parametrisation of the model outputs you record: pass prediction_type= "
+                f"(one of {PREDICTION_TYPES}, e.g. pipe.scheduler.config.prediction_type; 'flow' for flow matching) "
+                "or teacher=<the teacher scheduler> to take it from"
+            )
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
         ts = [t.item() if isinstance(t, torch.Tensor) else t for t in timesteps]
         if len(ts) < 1:
             raise ValueError("GramStats needs the teacher's timesteps (got an empty list)")
@@ -60,6 +82,9 @@ class GramStats:
         self.teacher = str(teacher)
         self.model = str(model)
         self.prediction_type = str(prediction_type)
+        if context is not None and not isinstance(context, dict):
+            raise ValueError(f"context must be a dict, got {type(context).__name__}")
+        self.context: dict[str, Any] = dict(context or {})
         self.device = torch.device(device)
         self.gram: torch.Tensor | None = None  # [C, M, M] float64, created on the first update
         self.num_samples = 0
@@ -173,6 +198,9 @@ class GramStats:
             raise differ("models", self.model, other.model)
         if self.prediction_type != other.prediction_type:
             raise differ("prediction types", self.prediction_type, other.prediction_type)
+        if self.context != other.context:
+            keys = sorted(k for k in set(self.context) | set(other.context) if self.context.get(k) != other.context.get(k))
+            raise ValueError(f"cannot merge statistics recorded for different settings (context differs in {keys})")
         if self.sample_shape is not None and other.sample_shape is not None and self.sample_shape != other.sample_shape:
             raise differ("sample shapes", self.sample_shape, other.sample_shape)
 
@@ -203,7 +231,7 @@ class GramStats:
     def copy(self) -> "GramStats":
         out = GramStats(
             self.timesteps, teacher=self.teacher, model=self.model, prediction_type=self.prediction_type,
-            device=self.device,
+            context=json.loads(json.dumps(self.context)), device=self.device,
         )
         out.gram = None if self.gram is None else self.gram.clone()
         out.num_samples = self.num_samples
@@ -221,6 +249,7 @@ class GramStats:
             "teacher": self.teacher,
             "model": self.model,
             "prediction_type": self.prediction_type,
+            "context": self.context,
             "num_samples": self.num_samples,
             "sample_shape": list(self.sample_shape) if self.sample_shape is not None else None,
             "dtype": self.dtype,
@@ -262,7 +291,8 @@ class GramStats:
             )
         stats = cls(
             header["timesteps"], teacher=header.get("teacher", ""), model=header.get("model", ""),
-            prediction_type=header.get("prediction_type", "epsilon"), device=device,
+            prediction_type=header.get("prediction_type", "epsilon"), context=header.get("context") or {},
+            device=device,
         )
         M = stats.num_vectors
         if gram.dim() != 3 or tuple(gram.shape[1:]) != (M, M) or gram.dtype != torch.float64:

@@ -162,7 +162,8 @@ def perturbed(schedule: Any, seed: int, channels: int | None = None, scale: floa
     mask = torch.ones(c.shape[-2:], dtype=torch.float64).tril(1)
     noise = torch.randn(c.shape, generator=gen, dtype=torch.float64) * scale * c.abs().clamp(min=0.1)
     return OLSSSchedule(timesteps=schedule.timesteps, indices=schedule.indices, coeffs=c + noise * mask,
-                        teacher_steps=schedule.teacher_steps, prediction_type=schedule.prediction_type, path="test")
+                        teacher_steps=schedule.teacher_steps, prediction_type=schedule.prediction_type, path="test",
+                        fitted_for=schedule.fitted_for)
 
 
 

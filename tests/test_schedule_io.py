@@ -23,7 +23,7 @@ def test_schedule_round_trip_is_exact(tmp_path, channels):
     t = OLSSSchedule.load(tmp_path / "s.json")
     assert torch.equal(t.coeffs, s.coeffs) and t.timesteps == s.timesteps and t.indices == s.indices
     assert t.granularity == ("channel" if channels else "global") and t.errors == s.errors
-    assert json.loads((tmp_path / "s.json").read_text())["version"] == 1
+    assert json.loads((tmp_path / "s.json").read_text())["version"] == 2
 
 
 def test_float_timesteps_round_trip(tmp_path):
@@ -78,7 +78,7 @@ def test_constructing_invalid_schedule_raises():
 
 def _stats(seed=0, teacher="DDIM-5"):
     g = torch.Generator().manual_seed(seed)
-    s = GramStats([900, 700, 500, 300, 100], teacher=teacher, model="m")
+    s = GramStats([900, 700, 500, 300, 100], teacher=teacher, model="m", prediction_type="epsilon")
     s.update(torch.randn(6, 3, 2, 4, generator=g), torch.randn(5, 3, 2, 4, generator=g))
     return s
 
@@ -114,7 +114,7 @@ def test_corrupted_stats_files_are_refused(tmp_path):
 def test_merging_different_teachers_is_refused():
     with pytest.raises(ValueError, match="different teachers"):
         _stats(teacher="DDIM-5") + _stats(teacher="DPM-5")
-    other = GramStats([901, 700, 500, 300, 100], teacher="DDIM-5", model="m")
+    other = GramStats([901, 700, 500, 300, 100], teacher="DDIM-5", model="m", prediction_type="epsilon")
     with pytest.raises(ValueError, match="timesteps"):
         _stats() + other
 
@@ -141,3 +141,12 @@ def test_saves_are_atomic(tmp_path, monkeypatch):
     make_schedule(3).save(s)
     with pytest.raises(ValueError, match="does not exist"):
         make_schedule(3).save(tmp_path / "no" / "dir" / "s.json")
+
+
+def test_version_1_schedule_files_are_read_without_provenance(tmp_path):
+    d = make_schedule(3).to_dict()
+    d["version"] = 1
+    d.pop("fitted_for")
+    (tmp_path / "v1.json").write_text(json.dumps(d))
+    s = OLSSSchedule.load(tmp_path / "v1.json")
+    assert s.fitted_for == {} and s.num_steps == 3

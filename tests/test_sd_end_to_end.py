@@ -1,9 +1,11 @@
 """A tiny random StableDiffusionPipeline: search on its own trajectories, run, save/load, CLI."""
 import json
+import logging
 
 import numpy as np
 import pytest
 import torch
+from diffusers import DDIMScheduler
 
 from olss_fast import OLSSScheduler, fit_olss_scheduler
 from olss_fast.cli import main
@@ -20,7 +22,7 @@ def fitted():
     return pipe, res
 
 
-def test_pipeline_runs_with_searched_scheduler_and_from_saved_folder(fitted, tmp_path):
+def test_pipeline_runs_with_searched_scheduler_and_from_saved_folder(fitted, tmp_path, caplog):
     pipe, res = fitted
     assert sorted(res.schedules) == [3, 4] and all(s.refined for s in res.schedules.values())
     assert res.stats.num_samples == 4 and res.stats.sample_shape == (4, 8, 8)
@@ -34,8 +36,13 @@ def test_pipeline_runs_with_searched_scheduler_and_from_saved_folder(fitted, tmp
     pipe.scheduler = OLSSScheduler.from_pretrained(tmp_path / "sched")
     b = pipe("a bird", **kw).images
     np.testing.assert_array_equal(a, b)
-    with pytest.raises(ValueError, match="holds schedules for"):
-        pipe("a bird", num_inference_steps=7)
+    # a step count without a searched schedule runs DDIM on the same noise schedule, and says so once
+    with caplog.at_level(logging.WARNING):
+        c = pipe("a bird", **dict(kw, num_inference_steps=7)).images
+    assert sum("not 7: running DDIMScheduler" in r.message for r in caplog.records) == 1
+    ddim = pipe.scheduler._fallback
+    pipe.scheduler = DDIMScheduler.from_config(ddim.config)
+    np.testing.assert_array_equal(c, pipe("a bird", **dict(kw, num_inference_steps=7)).images)
 
 
 def test_refined_student_is_closer_to_teacher_than_ddim_on_training_prompts(fitted):

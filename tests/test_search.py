@@ -95,11 +95,11 @@ def test_bad_requests_raise_value_error():
     with pytest.raises(ValueError, match="unknown granularity"):
         search_schedule(stats, 3, granularity="pixel")
     with pytest.raises(ValueError, match="no samples"):
-        search_schedule(GramStats([3, 2, 1]), 2)
+        search_schedule(GramStats([3, 2, 1], prediction_type="epsilon"), 2)
 
 
 def test_too_few_samples_for_the_unknowns_is_a_clear_error():
-    stats = GramStats(list(range(20))[::-1])
+    stats = GramStats(list(range(20))[::-1], prediction_type="epsilon")
     g = torch.Generator().manual_seed(0)
     stats.update(torch.randn(21, 1, 1, 4, generator=g), torch.randn(20, 1, 1, 4, generator=g))  # 4 equations
     search_schedule(stats, 3)  # 4 unknowns: fine
@@ -108,7 +108,7 @@ def test_too_few_samples_for_the_unknowns_is_a_clear_error():
 
 
 def test_update_rejects_bad_trajectories():
-    stats = GramStats([3, 2, 1])
+    stats = GramStats([3, 2, 1], prediction_type="epsilon")
     with pytest.raises(ValueError, match="3-step teacher"):
         stats.update(torch.randn(3, 2, 4, 1), torch.randn(3, 2, 4, 1))
     with pytest.raises(ValueError, match="disagree"):
@@ -121,7 +121,7 @@ def test_update_rejects_bad_trajectories():
     with pytest.raises(ValueError, match="sample shape"):
         stats.update(torch.randn(4, 2, 4, 2), torch.randn(3, 2, 4, 2))
     with pytest.raises(ValueError, match="duplicates"):
-        GramStats([5, 5, 3])
+        GramStats([5, 5, 3], prediction_type="epsilon")
 
 
 def test_comparison_helpers_catch_a_different_fit():

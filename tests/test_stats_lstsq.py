@@ -50,7 +50,7 @@ def rel(a, b):
 def test_gram_fit_equals_lstsq_on_random_trajectories(granularity):
     T, B, shape = 12, 5, (3, 4, 5)
     x, e = random_paths(T, B, shape, seed=1)
-    stats = GramStats(list(range(990, 990 - 10 * T, -10)))
+    stats = GramStats(list(range(990, 990 - 10 * T, -10)), prediction_type="epsilon")
     stats.update(x, e)
     for n in (1, 3, 6):
         sched = search_schedule(stats, n, path="uniform", granularity=granularity)
@@ -82,7 +82,7 @@ def test_merge_equals_concatenation():
     ts = list(range(900, 900 - 100 * T, -100))
     x1, e1 = random_paths(T, 3, (2, 3), seed=4)
     x2, e2 = random_paths(T, 4, (2, 3), seed=5)
-    a, b, both = GramStats(ts), GramStats(ts), GramStats(ts)
+    a, b, both = (GramStats(ts, prediction_type="epsilon") for _ in range(3))
     a.update(x1, e1)
     b.update(x2, e2)
     both.update(torch.cat([x1, x2], 1), torch.cat([e1, e2], 1))
@@ -99,7 +99,7 @@ def test_merge_equals_concatenation():
 
 def test_update_memory_does_not_keep_trajectories():
     ts = list(range(10))[::-1]
-    stats = GramStats(ts)
+    stats = GramStats(ts, prediction_type="epsilon")
     x, e = random_paths(10, 2, (3, 2), seed=6)
     for _ in range(5):
         stats.update(x, e)
