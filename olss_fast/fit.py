@@ -9,6 +9,8 @@ refinement sample for an n-step schedule.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -17,16 +19,19 @@ import torch
 from tqdm.auto import tqdm
 
 from .recording import (
-    RecordConfig, StopSampling, WorkItem, _quiet_progress, item_noise, latent_shape,
-    make_work_items, pipeline_device, pipeline_dtype, record_trajectories, run_pipeline, swapped_scheduler,
+    MAX_TEACHER_STEPS, RecordConfig, StopSampling, WorkItem, _quiet_progress, as_prompt_list, call_default_guidance,
+    call_kwargs_for, check_int, check_recordable, default_teacher, item_noise, latent_shape, make_work_items,
+    pipeline_device, pipeline_dtype, record_trajectories, run_pipeline, swapped_scheduler, teacher_prediction_type,
 )
+from .provenance import recording_context
 from .checkpoint import checkpoint_info
 from .distributed import LOCAL, DistContext, all_gather_object, broadcast_object, gather_by_sum, resolve_context
 from .refine import sequential_refit
 from .schedule import OLSSSchedule
 from .step import olss_combine
 from .scheduler import OLSSScheduler
-from .search import DEFAULT_PATH, search_schedule, uniform_path
+from .schedule import GRANULARITIES
+from .search import DEFAULT_PATH, PATHS, search_schedule, uniform_path
 from .stats import GramStats
 
 logger = logging.getLogger(__name__)
@@ -37,7 +42,7 @@ class FitConfig:
     """Options of :func:`fit_olss_scheduler` beyond recording.
 
     Attributes:
-        num_steps: student step counts to search (one schedule each).
+        num_steps: student step counts to search (one schedule each): an int or a list of ints.
         path: "uniform" (default, best held-out quality) or "minimax" (the paper's).
         granularity: "global" or "channel".
         refine: run the student-in-the-loop re-fit after the search (recommended).
@@ -51,13 +56,24 @@ class FitConfig:
     refine_samples: int | None = None
 
     def __post_init__(self) -> None:
-        steps = list(self.num_steps)
-        if not steps or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in steps):
-            raise ValueError(f"num_steps must be positive integers, got {self.num_steps!r}")
+        if isinstance(self.num_steps, numbers.Integral) and not isinstance(self.num_steps, bool):
+            self.num_steps = (int(self.num_steps),)  # one step count
+        if isinstance(self.num_steps, (str, bytes)) or not isinstance(self.num_steps, Sequence):
+            raise ValueError(f"num_steps must be a positive integer or a list of them, got {self.num_steps!r}")
+        steps = [check_int("num_steps", n, 1, MAX_TEACHER_STEPS) for n in self.num_steps]
+        if not steps:
+            raise ValueError("num_steps is empty: give at least one student step count")
         if len(set(steps)) != len(steps):
             raise ValueError(f"num_steps has duplicates: {steps}")
-        if self.refine_samples is not None and self.refine_samples < 1:
-            raise ValueError("refine_samples must be >= 1")
+        self.num_steps = tuple(steps)
+        if self.path not in PATHS:
+            raise ValueError(f"unknown path {self.path!r}; choose one of {PATHS}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"unknown granularity {self.granularity!r}; choose one of {GRANULARITIES}")
+        if not isinstance(self.refine, bool):
+            raise ValueError(f"refine must be True or False, got {self.refine!r}")
+        if self.refine_samples is not None:
+            check_int("refine_samples", self.refine_samples, 1, 2**31)
 
 
 @dataclass
@@ -242,12 +258,18 @@ def fit_olss_scheduler(
 ) -> FitResult:
     """Record a teacher through ``pipe``, search OLSS schedules for several step counts, refine them.
 
-    Keyword arguments not given as configs are split between :class:`RecordConfig` (``teacher_steps``,
-    ``batch_size``, ``seeds_per_prompt``, ``base_seed``, ``guidance_scale``, ``height``, ``width``,
-    ``call_kwargs``) and :class:`FitConfig` (``num_steps``, ``path``, ``granularity``, ``refine``,
-    ``refine_samples``). Pass ``stats`` to skip recording (re-search a finished recording; ``teacher_steps``
-    defaults to the statistics'); with ``refine=False`` the pipeline is then never run, otherwise the refinement
-    re-runs the teacher on the (whole batches holding the) refinement samples to get their latents.
+    ``prompts`` is one prompt (a string, or one class label) or a list of them. Keyword arguments not given as
+    configs are split between :class:`RecordConfig` (``teacher_steps``, ``batch_size``, ``seeds_per_prompt``,
+    ``base_seed``, ``guidance_scale``, ``height``, ``width``, ``call_kwargs``) and :class:`FitConfig`
+    (``num_steps``, ``path``, ``granularity``, ``refine``, ``refine_samples``); any other keyword must be an argument
+    of ``pipe.__call__`` (``negative_prompt``, ``cross_attention_kwargs``, ...) and is passed to every pipeline
+    call. Pass ``stats`` to skip recording (re-search a finished recording; ``teacher_steps`` and
+    ``guidance_scale`` default to the statistics'); with ``refine=False`` the pipeline is then never run, otherwise
+    the refinement re-runs the teacher on the (whole batches holding the) refinement samples to get their latents,
+    and refuses (``ValueError``) a pipeline, guidance scale or size other than the recorded ones.
+
+    The pipeline must take ``prompt`` and ``latents`` (unconditional pipelines that draw their own noise are refused
+    up front).
 
     ``checkpoint``/``checkpoint_every``/``resume`` make the recording resumable (see :func:`record_trajectories`
     and :mod:`olss_fast.checkpoint`). Under torchrun (``distributed``, default auto) recording and refinement are
@@ -255,16 +277,37 @@ def fit_olss_scheduler(
     should write files.
     """
     ctx = resolve_context(distributed)
+    prompts = as_prompt_list(prompts)
     rec_keys = set(RecordConfig.__dataclass_fields__)
     fit_keys = set(FitConfig.__dataclass_fields__)
-    unknown = set(kwargs) - rec_keys - fit_keys
-    if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)}; see RecordConfig and FitConfig")
-    if stats is not None and record is None and "teacher_steps" not in kwargs:
-        kwargs = dict(kwargs, teacher_steps=stats.num_teacher_steps)
-    record = record or RecordConfig(**{k: v for k, v in kwargs.items() if k in rec_keys})
-    fit = fit or FitConfig(**{k: v for k, v in kwargs.items() if k in fit_keys})
+    rec_kw = {k: v for k, v in kwargs.items() if k in rec_keys}
+    fit_kw = {k: v for k, v in kwargs.items() if k in fit_keys}
+    extra = {k: v for k, v in kwargs.items() if k not in rec_keys and k not in fit_keys}
+    for given, loose, name in ((record, rec_kw, "record=RecordConfig"), (fit, fit_kw, "fit=FitConfig")):
+        if given is not None and loose:
+            raise ValueError(f"pass these options in {name}(...) or as keywords, not both: {sorted(loose)}")
+    if extra:  # the pipeline's own call arguments (negative_prompt, ...) pass through to every pipeline call
+        if pipe is None:
+            raise ValueError(f"unknown option(s) {sorted(extra)}; see RecordConfig and FitConfig")
+        extra = call_kwargs_for(pipe, extra)
+        if record is not None:
+            raise ValueError(f"pass pipeline call arguments {sorted(extra)} in record.call_kwargs when giving record=")
+        both = sorted(set(extra) & set(rec_kw.get("call_kwargs", {})))
+        if both:
+            raise ValueError(f"{both} given both as keywords and in call_kwargs; pass each once")
+        rec_kw["call_kwargs"] = dict(rec_kw.get("call_kwargs", {}), **extra)
+    if stats is not None and record is None:
+        rec_kw.setdefault("teacher_steps", stats.num_teacher_steps)
+        fitted_g = stats.context.get("guidance_scale")
+        if "guidance_scale" not in rec_kw and fitted_g is not None:
+            rec_kw["guidance_scale"] = fitted_g  # re-fit at the guidance the statistics were recorded at
+    record = record or RecordConfig(**rec_kw)
+    fit = fit or FitConfig(**fit_kw)
+    if pipe is not None:
+        check_recordable(pipe)
     if stats is not None:
+        if not isinstance(stats, GramStats):
+            raise ValueError(f"stats must be GramStats, got {type(stats).__name__}")
         stats._require_data()
         if stats.num_teacher_steps != record.teacher_steps:
             raise ValueError(
@@ -274,6 +317,7 @@ def fit_olss_scheduler(
         info = checkpoint_info(stats)
         if info is not None and not info.get("complete", False):
             logger.warning("searching on an unfinished recording checkpoint (%d samples)", stats.num_samples)
+        _check_stats_match(stats, pipe, teacher, record, fit, prompts)
     # (no work items needed when searching given statistics without refinement: the pipeline is never run)
     need_items = stats is None or fit.refine
     items = make_work_items(prompts, record.seeds_per_prompt, record.base_seed) if need_items else []
@@ -315,6 +359,50 @@ def fit_olss_scheduler(
         final = {n: paper[n] for n in sorted(fit.num_steps)}
     scheduler = OLSSScheduler.from_schedules(list(final.values()), config=_scheduler_config(pipe, stats))
     return FitResult(scheduler=scheduler, stats=stats, schedules=final, paper_schedules=paper)
+
+
+def _check_stats_match(stats: GramStats, pipe: Any, teacher: Any, record: RecordConfig, fit: FitConfig,
+                       prompts: Sequence[Any]) -> None:
+    """Given statistics must be of this job: ``ValueError`` for what would silently mix two settings.
+
+    A search alone uses only the statistics (options that would change a recording are refused as having no
+    effect); a re-fit also runs ``pipe``, which must be the recorded model, noise schedule, guidance and size.
+    """
+    fitted = stats.context
+    if not fit.refine:
+        if record.guidance_scale is not None and fitted.get("guidance_scale") is not None and not math.isclose(
+                record.guidance_scale, fitted["guidance_scale"], rel_tol=1e-6):
+            raise ValueError(
+                f"guidance_scale={record.guidance_scale} has no effect on a search of finished statistics (recorded "
+                f"at guidance {fitted['guidance_scale']}) without the re-fit; leave it out, or record again"
+            )
+        return
+    if not fitted:
+        logger.warning("the statistics record nothing about the recording (an older olss_fast): the re-fit cannot "
+                       "check that the pipeline, guidance and size are the recorded ones")
+        return
+    teacher = teacher if teacher is not None else default_teacher(pipe.scheduler)
+    actual = recording_context(
+        pipe=pipe, teacher=teacher, teacher_steps=record.teacher_steps,
+        guidance_scale=record.guidance_scale if record.guidance_scale is not None else call_default_guidance(pipe),
+        latent_shape=latent_shape(pipe, record.height, record.width), prompts=list(prompts),
+        call_kwargs=record.call_kwargs,
+    )
+    diffs = []
+    for key, what in (("model", "model"), ("noise_schedule", "noise schedule"), ("teacher", "teacher"),
+                      ("guidance_scale", "guidance scale"), ("latent_shape", "latent shape (image size)"),
+                      ("call_kwargs_sha256", "pipeline call arguments")):
+        a, b = fitted.get(key), actual.get(key)
+        if a is not None and b is not None and a != b:
+            diffs.append(f"{what}: {a!r} when recorded vs {b!r} now")
+    if stats.prediction_type != teacher_prediction_type(teacher):
+        diffs.append(f"prediction type: {stats.prediction_type!r} vs {teacher_prediction_type(teacher)!r}")
+    if diffs:
+        raise ValueError(
+            "the re-fit runs the pipeline, which must be the one the statistics were recorded with, but "
+            + "; ".join(diffs) + ". Pass the recorded settings (guidance_scale / height / width / teacher), re-search "
+            "without the re-fit (refine=False, CLI --no-refine), or record again"
+        )
 
 
 def _search_on_rank0(stats: GramStats, n: int, fit: FitConfig, ctx: DistContext) -> OLSSSchedule:

@@ -165,6 +165,7 @@ class WorkItem:
 
 def make_work_items(prompts: Sequence[Any], seeds_per_prompt: int = 1, base_seed: int = 0) -> list[WorkItem]:
     """prompts × seeds, in a fixed order; item i's noise depends only on (base_seed, prompt index, seed index)."""
+    prompts = as_prompt_list(prompts)
     if len(prompts) == 0:
         raise ValueError("no prompts given: pass at least one prompt (or class label)")
     if seeds_per_prompt < 1:
@@ -221,8 +222,89 @@ def run_pipeline(pipe: Any, items: Sequence[WorkItem], latents: torch.Tensor, nu
     """Call the pipeline once for a batch of work items, keeping only what the scheduler wrapper recorded."""
     kwargs = dict(call_kwargs)
     kwargs.setdefault("output_type", "latent")
+    for key in NEGATIVE_PROMPT_KWARGS:  # one negative prompt for all items, as a list like the prompts
+        if isinstance(kwargs.get(key), str):
+            kwargs[key] = [kwargs[key]] * len(items)
     with torch.no_grad():
         pipe(prompt=[it.prompt for it in items], latents=latents, num_inference_steps=num_inference_steps, **kwargs)
+
+
+#: pipeline call arguments the recording sets itself
+MANAGED_CALL_KWARGS = ("prompt", "latents", "num_inference_steps", "output_type", "generator", "num_images_per_prompt",
+                       "return_dict", "timesteps", "sigmas")
+MAX_TEACHER_STEPS = 10_000
+NEGATIVE_PROMPT_KWARGS = ("negative_prompt", "negative_prompt_2", "negative_prompt_3")
+
+
+def check_int(name: str, value: Any, lo: int, hi: int) -> int:
+    """``value`` as an int in ``[lo, hi]``; ``ValueError`` for bools, floats (3.9 is not 3) and out-of-range values."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= int(value) <= hi:
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+    return int(value)
+
+
+def check_finite(name: str, value: Any) -> float:
+    """``value`` as a finite float; ``ValueError`` for NaN, infinities, bools and non-numbers."""
+    import math
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def as_prompt_list(prompts: Any) -> list[Any]:
+    """Prompts as a list: a string (or a single label / None) is ONE prompt, a list or tuple is many."""
+    if isinstance(prompts, (str, bytes)) or prompts is None or not isinstance(prompts, (list, tuple)):
+        if isinstance(prompts, (dict, set)) or hasattr(prompts, "__next__"):
+            raise ValueError(f"prompts must be a string, a label or a list of them, got {type(prompts).__name__}")
+        return [prompts]
+    return list(prompts)
+
+
+def check_recordable(pipe: Any) -> None:
+    """``ValueError`` up front unless ``pipe``'s ``__call__`` takes ``prompt`` and ``latents`` (recording and the
+    re-fit drive the pipeline's own loop with chosen prompts and noise)."""
+    import inspect
+
+    try:
+        params = inspect.signature(type(pipe).__call__).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return  # a wrapper passing everything on: cannot tell
+    missing = [name for name in ("prompt", "latents") if name not in params]
+    if missing:
+        raise ValueError(
+            f"{type(pipe).__name__}.__call__ takes no {' and no '.join(f'`{m}`' for m in missing)}: olss_fast records "
+            "the teacher and re-fits the student through the pipeline's own loop, with its prompts (or class labels) "
+            "and chosen initial noise. Unconditional pipelines that draw their own noise (DDPMPipeline-style) are not "
+            "supported; record the trajectories yourself and use GramStats.update + search_schedule (README, "
+            "'lower-level API')"
+        )
+
+
+def call_kwargs_for(pipe: Any, extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` keyword arguments checked against ``pipe.__call__`` (``ValueError`` naming unknown ones)."""
+    import inspect
+
+    if not extra:
+        return {}
+    try:
+        params = inspect.signature(type(pipe).__call__).parameters
+    except (TypeError, ValueError):
+        return dict(extra)
+    named = {k for k, p in params.items() if k != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    if not named:
+        return dict(extra)  # a wrapper passing everything on: cannot tell
+    # only named parameters: diffusers pipelines swallow **kwargs (deprecated arguments), which would hide typos
+    unknown = sorted(k for k in extra if k not in named)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}: neither fit options (RecordConfig, FitConfig) nor arguments of "
+                         f"{type(pipe).__name__}.__call__")
+    return dict(extra)
 
 
 @dataclass
@@ -249,10 +331,28 @@ class RecordConfig:
     call_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.teacher_steps < 1:
-            raise ValueError(f"teacher_steps must be >= 1, got {self.teacher_steps}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_int("teacher_steps", self.teacher_steps, 1, MAX_TEACHER_STEPS)
+        check_int("batch_size", self.batch_size, 1, 2**20)
+        check_int("seeds_per_prompt", self.seeds_per_prompt, 1, 2**20)
+        check_int("base_seed", self.base_seed, -(2**63), 2**63 - 1)
+        if self.guidance_scale is not None:
+            self.guidance_scale = check_finite("guidance_scale", self.guidance_scale)
+        for name in ("height", "width"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 1, 2**16)
+        if not isinstance(self.call_kwargs, dict) or not all(isinstance(k, str) for k in self.call_kwargs):
+            raise ValueError(f"call_kwargs must be a dict of keyword arguments, got {self.call_kwargs!r}")
+        managed = sorted(set(self.call_kwargs) & set(MANAGED_CALL_KWARGS))
+        if managed:
+            raise ValueError(f"call_kwargs {managed} are set by the recording itself (prompts, noise, teacher steps); "
+                             "remove them")
+        moved = sorted(set(self.call_kwargs) & {"guidance_scale", "height", "width"})
+        if moved:
+            raise ValueError(f"pass {moved} as RecordConfig fields / fit options, not in call_kwargs")
+        for key in NEGATIVE_PROMPT_KWARGS:
+            if key in self.call_kwargs and not isinstance(self.call_kwargs[key], str):
+                raise ValueError(f"{key} must be one string used for every prompt (per-prompt negatives are not "
+                                 f"supported by the recording), got {type(self.call_kwargs[key]).__name__}")
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         kw = dict(self.call_kwargs)
@@ -310,7 +410,12 @@ def record_trajectories(
     from .checkpoint import RecordCheckpointer, job_fingerprint, model_fingerprint
     from .distributed import all_reduce_stats, resolve_context, shard_batches
 
+    if config is not None and config_kwargs:
+        raise ValueError(f"pass recording options as config=RecordConfig(...) or as keywords, not both "
+                         f"({sorted(config_kwargs)})")
     config = config or RecordConfig(**config_kwargs)
+    prompts = as_prompt_list(prompts)
+    check_recordable(pipe)
     if teacher is None:
         teacher = default_teacher(pipe.scheduler)
     check_teacher(teacher)

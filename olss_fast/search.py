@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -97,11 +98,12 @@ def uniform_path(num_teacher_steps: int, num_steps: int) -> list[int]:
     return [int(math.floor(j * num_teacher_steps / num_steps + 0.5)) for j in range(num_steps)]
 
 
-def _check_steps(T: int, n: int) -> None:
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+def _check_steps(T: int, n: int) -> int:
+    if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1:
         raise ValueError(f"num_steps must be a positive integer, got {n!r}")
     if n > T:
         raise ValueError(f"cannot search {n} steps on a {T}-step teacher: num_steps must be <= teacher steps")
+    return int(n)
 
 
 def _greedy(fitter: _Fitter, n: int, bound: float) -> list[int] | None:
@@ -185,8 +187,8 @@ def minimax_path(fitter: _Fitter, n: int, iters: int = 60) -> list[int]:
 def search_schedule(
     stats: GramStats,
     num_steps: int,
-    path: str | Sequence[int] = DEFAULT_PATH,
-    granularity: str = "global",
+    path: str | Sequence[int] | None = None,
+    granularity: str | None = None,
     *,
     config: SearchConfig | None = None,
 ) -> OLSSSchedule:
@@ -195,19 +197,30 @@ def search_schedule(
     Args:
         stats: teacher statistics (:class:`GramStats`).
         num_steps: n, the number of student steps (model evaluations).
-        path: "uniform", "minimax" (the paper's search; falls back to uniform when uniform is better on the
-            search's own criterion, the largest per-step error), or an explicit list of teacher indices.
-        granularity: "global" (the paper's single coefficient set) or "channel" (per latent channel).
-        config: a :class:`SearchConfig` overriding ``path``/``granularity``.
+        path: "uniform" (default), "minimax" (the paper's search; falls back to uniform when uniform is better on
+            the search's own criterion, the largest per-step error), or an explicit list of teacher indices.
+        granularity: "global" (default, the paper's single coefficient set) or "channel" (per latent channel).
+        config: a :class:`SearchConfig` instead of ``path``/``granularity`` (giving both is refused).
 
     Raises:
         ValueError: empty statistics, n > T, too few samples for the number of unknowns, bad options.
     """
-    if config is None:
-        config = SearchConfig(path=path if isinstance(path, str) else "uniform", granularity=granularity)
+    if config is not None:
+        given = [name for name, v in (("path", path), ("granularity", granularity)) if v is not None]
+        if given:
+            raise ValueError(f"pass {given} in config=SearchConfig(...) or as arguments, not both")
+        if not isinstance(config, SearchConfig):
+            raise ValueError(f"config must be a SearchConfig, got {type(config).__name__}")
+        path = config.path
+    else:
+        path = DEFAULT_PATH if path is None else path
+        config = SearchConfig(path=path if isinstance(path, str) else "uniform",
+                              granularity="global" if granularity is None else granularity)
+    if not isinstance(stats, GramStats):
+        raise ValueError(f"stats must be GramStats, got {type(stats).__name__}")
+    num_steps = _check_steps(stats.num_teacher_steps, num_steps)
     stats._require_data()
     T = stats.num_teacher_steps
-    _check_steps(T, num_steps)
     fitter = _Fitter(stats, config.granularity)
     unknowns = num_steps + 1
     if fitter.equations < unknowns:
@@ -217,6 +230,8 @@ def search_schedule(
             f"or use granularity='global'"
         )
     if not isinstance(path, str):
+        if any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in path):
+            raise ValueError(f"an explicit path is a list of integer teacher indices, got {list(path)}")
         indices = [int(i) for i in path]
         if len(indices) != num_steps:
             raise ValueError(f"explicit path has {len(indices)} indices but num_steps = {num_steps}")
