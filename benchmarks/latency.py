@@ -209,7 +209,7 @@ def _free() -> None:
 # ============================================================================================== sections
 def bench_floor(b: Bench, pipe: Any, lat: torch.Tensor) -> None:
     """UNet (batch 2), text encoder (batch 2) and VAE decode (batch 1), each captured alone in a CUDA graph."""
-    from olss_fast.export.cuda_graph import capture_cuda_graph
+    from olss_fast.cuda_graph import capture_cuda_graph
 
     dev, dtype = b.device, pipe.unet.dtype
     x = torch.cat([lat, lat])

@@ -3,14 +3,14 @@
 Kept light: importing ``olss_fast.export`` loads no torch, onnx, onnxruntime or tensorrt by itself; the names below
 are resolved on first use.
 
-* :mod:`olss_fast.export.cuda_graph` — CUDA-graph capture machinery of ``compile_olss_pipeline``;
 * :mod:`olss_fast.export.onnx_export` — :func:`export_onnx`: text encoder, the n-step loop (one ONNX ``Loop``, the
   schedule baked in, UNet weights stored once) and VAE decoder as static-shape ONNX;
 * :mod:`olss_fast.export.onnx_runner` — :class:`OnnxOLSSRunner`, numpy + onnxruntime only (a copy ships in every
   export folder);
 * :mod:`olss_fast.export.tensorrt` — fp16 TensorRT engines built from those files, cached on disk, run in the fixed
   loop (CUDA graph when possible);
-* :mod:`olss_fast.export.compiled` — ``compile_olss_pipeline(..., backend="onnxruntime" | "tensorrt")``;
+* :mod:`olss_fast.export.backends` — the ``"onnxruntime"`` and ``"tensorrt"`` program backends of
+  ``compile_olss_pipeline``;
 * :mod:`olss_fast.export.cli` — ``olss-fast export``.
 """
 from __future__ import annotations
@@ -28,7 +28,8 @@ _LAZY = {
     "export_tensorrt": "tensorrt",
     "build_engines": "tensorrt",
     "engine_cache_key": "tensorrt",
-    "ExportedOLSSRunner": "compiled",
+    "OnnxRuntimeBackend": "backends",
+    "TensorRTBackend": "backends",
 }
 
 __all__ = sorted(_LAZY)

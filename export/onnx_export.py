@@ -86,7 +86,6 @@ EXTERNAL_DATA_THRESHOLD = 1536 * 2**20
 EXPORTER_TORCHSCRIPT = "torch.onnx.export(dynamo=False)"
 EXPORTER_DYNAMO = "torch.onnx.export(dynamo=True)"
 CACHE_ENV = "OLSS_FAST_CACHE"
-SUPPORTED_EXPORT_PIPELINES = "diffusers.StableDiffusionPipeline and olss_fast.models.digits.DigitsPipeline"
 _DTYPES = ("float32", "float16")
 _PREFIX = "olss/"  # names of every value and node the loop construction adds (never used by the exporters)
 
@@ -128,7 +127,6 @@ class OnnxExport:
 class ExportPlan:
     """Everything an export needs, resolved and validated before any file is written (see :func:`plan_export`)."""
 
-    kind: str  # "sd" | "digits"
     pipeline: str
     schedule: Any  # OLSSSchedule
     batch_size: int
@@ -138,11 +136,7 @@ class ExportPlan:
     guidance_scale: float
     opset: int
     latent_shape: tuple[int, ...]
-    cond_input: str
-    cond_shape: tuple[int, ...]
-    uncond_ids: Any  # int (class label) or list[int] (token ids)
-    id_limit: int = 0  # token ids / class labels must lie in [0, id_limit)
-    modules: dict[str, Any] = field(default_factory=dict)  # name -> torch module (text_encoder, unet, vae)
+    spec: Any  # olss_fast.pipelines.ExportSpec: the family's modules with fixed signatures, conditioning shapes
     key: str = ""
 
     @property
@@ -153,25 +147,28 @@ class ExportPlan:
     def model_batch(self) -> int:
         return 2 * self.batch_size if self.guided else self.batch_size
 
+    @property
+    def cond_input(self) -> str:
+        return self.spec.cond_input
+
+    @property
+    def cond_shape(self) -> tuple[int, ...]:
+        return tuple(self.spec.cond_shape)
+
+    @property
+    def uncond_ids(self) -> Any:
+        return self.spec.uncond
+
+    @property
+    def id_limit(self) -> int:
+        return int(self.spec.id_limit)
+
+    @property
+    def modules(self) -> dict[str, Any]:
+        return self.spec.modules
+
 
 # ==================================================================================================== planning
-def _pipeline_kind(pipe: Any) -> str:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    from olss_fast.models.digits import DigitsPipeline
-
-    if isinstance(pipe, StableDiffusionXLPipeline):
-        raise ValueError(
-            "the ONNX/TensorRT export does not support StableDiffusionXLPipeline yet (two text encoders and added "
-            f"time conditioning); supported: {SUPPORTED_EXPORT_PIPELINES}. Use backend='cuda_graph' for SDXL"
-        )
-    if isinstance(pipe, StableDiffusionPipeline):
-        return "sd"
-    if isinstance(pipe, DigitsPipeline):
-        return "digits"
-    raise ValueError(f"the ONNX export does not support {type(pipe).__name__}; supported: {SUPPORTED_EXPORT_PIPELINES}")
-
-
 def _dtype_name(dtype: Any) -> str:
     import torch
 
@@ -220,17 +217,20 @@ def plan_export(
     guidance_scale: Optional[float] = None,
     dtype: Any = None,
     opset: int = DEFAULT_OPSET,
+    allow_mismatch: Any = (),
 ) -> ExportPlan:
-    """Resolve and validate an export (``ValueError`` for an unsupported pipeline, a schedule that does not fit,
-    bad sizes), and compute its cache key. Nothing is written."""
+    """Resolve and validate an export (``ValueError`` for an unsupported pipeline, a schedule that does not fit or was
+    fitted for another model / noise schedule / prediction type, bad sizes), and compute its cache key. Nothing is
+    written."""
     import torch
 
-    from olss_fast import __version__
-    from olss_fast.runtime import _check_guidance, _make_adapter, _resolve_schedule
+    from olss_fast import __version__, provenance
+    from olss_fast.pipelines import adapter_for
+    from olss_fast.runtime import check_guidance, default_guidance, resolve_schedule
 
-    kind = _pipeline_kind(pipe)
-    adapter = _make_adapter(pipe)
-    sched = _resolve_schedule(schedule, num_inference_steps, pipe)
+    adapter = adapter_for(pipe)
+    adapter.check_exportable()
+    sched = resolve_schedule(schedule, num_inference_steps, pipe)
     c = sched.num_channels
     if c is not None and c != adapter.latent_channels:
         raise ValueError(
@@ -244,96 +244,38 @@ def plan_export(
     h = _positive_int(height, "height") if height is not None else dh
     w = _positive_int(width, "width") if width is not None else dw
     adapter.check_size(h, w)
-    dt = _dtype_name(dtype) or _dtype_name(adapter.unet.dtype)
-    if guidance_scale is None:
-        from olss_fast.models.digits import DEFAULT_GUIDANCE_SCALE
-
-        guidance_scale = DEFAULT_GUIDANCE_SCALE if kind == "digits" else 7.5
-    g = _check_guidance(guidance_scale)
+    dt = _dtype_name(dtype) or _dtype_name(adapter.dtype)
+    g = check_guidance(default_guidance(pipe) if guidance_scale is None else guidance_scale)
     latent_shape = tuple(int(v) for v in adapter.latent_shape(batch, h, w))
-    m = 2 * batch if g > 1.0 else batch
-    modules: dict[str, Any] = {"unet": pipe.unet}
-    if kind == "sd":
-        te, tok = pipe.text_encoder, pipe.tokenizer
-        if te is None or tok is None:
-            raise ValueError("exporting a StableDiffusionPipeline needs its text_encoder and tokenizer")
-        if bool(getattr(te.config, "use_attention_mask", False)):
-            raise ValueError("text encoders that take an attention mask are not supported by the ONNX export")
-        if getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None:
-            raise ValueError("UNets with a guidance embedding (time_cond_proj_dim, e.g. LCM) are not supported")
-        length = int(tok.model_max_length)
-        # the empty prompt's ids, tokenised exactly as the runner's host side does (the default negative)
-        uncond: Any = [int(v) for v in adapter._encode_text(tok, [""]).input_ids[0].tolist()]  # type: ignore[attr-defined]
-        cond_input = "encoder_hidden_states"
-        cond_shape: tuple[int, ...] = (m, length, int(te.config.hidden_size))
-        id_limit = int(te.config.vocab_size)
-        modules.update(text_encoder=te, vae=pipe.vae)
-    else:
-        from olss_fast.models.digits import NULL_CLASS
-
-        uncond = int(NULL_CLASS)
-        cond_input, cond_shape = "class_labels", (m,)
-        id_limit = int(pipe.unet.config.num_class_embeds or NULL_CLASS + 1)
+    spec = adapter.export_spec(batch, h, w, g > 1.0)
+    if sched.fitted_for:
+        actual = {"model": provenance.model_id(adapter.denoiser),
+                  "guidance_scale": g if g > 1.0 else None, "latent_shape": list(latent_shape[1:])}
+        sched_cfg = provenance.config_dict(getattr(getattr(pipe, "scheduler", None), "config", None))
+        if sched_cfg:
+            actual["noise_schedule"] = provenance.noise_schedule_id(
+                dict(sched_cfg, _class_name=type(pipe.scheduler).__name__))
+            actual["prediction_type"] = "flow" if provenance.is_flow_config(
+                dict(sched_cfg, _class_name=type(pipe.scheduler).__name__)) else sched_cfg.get("prediction_type")
+        provenance.check_fitted_for(
+            dict(sched.fitted_for, prediction_type=sched.prediction_type), actual,
+            allow=tuple(provenance.check_allow(allow_mismatch)) + tuple(sched.fitted_for.get("accepted_mismatch", ())),
+            what=f"the {sched.num_steps}-step schedule", where=f"this {adapter.name} export",
+        )
     plan = ExportPlan(
-        kind=kind, pipeline=type(pipe).__name__, schedule=sched, batch_size=batch, height=h, width=w, dtype=dt,
-        guidance_scale=g, opset=int(opset), latent_shape=latent_shape, cond_input=cond_input,
-        cond_shape=tuple(int(v) for v in cond_shape), uncond_ids=uncond, id_limit=id_limit, modules=modules,
+        pipeline=type(pipe).__name__, schedule=sched, batch_size=batch, height=h, width=w, dtype=dt,
+        guidance_scale=g, opset=int(opset), latent_shape=latent_shape, spec=spec,
     )
     import onnx
 
     payload = {
         "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "olss_fast": __version__, "torch": torch.__version__,
         "onnx": onnx.__version__, "opset": plan.opset, "pipeline": plan.pipeline, "schedule": sched.to_dict(),
-        "guidance_scale": g, "batch_size": batch, "height": h, "width": w, "dtype": dt, "uncond_ids": uncond,
-        "modules": {name: _module_digest(mod) for name, mod in sorted(modules.items())},
+        "guidance_scale": g, "batch_size": batch, "height": h, "width": w, "dtype": dt, "uncond_ids": spec.uncond,
+        "modules": {name: _module_digest(mod) for name, mod in sorted(spec.modules.items())},
     }
     plan.key = hashlib.sha256(json.dumps(payload, sort_keys=True, allow_nan=False).encode()).hexdigest()
     return plan
-
-
-# ==================================================================================================== torch modules
-def _torch_wrappers() -> dict[str, Any]:
-    """The small ``nn.Module`` wrappers that fix each component's call signature for the exporter."""
-    import torch
-
-    class TextEncoder(torch.nn.Module):
-        def __init__(self, text_encoder: Any) -> None:
-            super().__init__()
-            self.text_encoder = text_encoder
-
-        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # as OLSSRunner's _SDAdapter.encode
-            return self.text_encoder(input_ids)[0].to(self.text_encoder.dtype)
-
-    class SDUNet(torch.nn.Module):
-        def __init__(self, unet: Any) -> None:
-            super().__init__()
-            self.unet = unet
-
-        def forward(self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-            return self.unet(sample, timestep, encoder_hidden_states=cond, return_dict=False)[0]
-
-    class DigitsUNet(torch.nn.Module):
-        def __init__(self, unet: Any) -> None:
-            super().__init__()
-            self.unet = unet
-
-        def forward(self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-            return self.unet(sample, timestep, class_labels=cond, return_dict=False)[0]
-
-    class VAEDecoder(torch.nn.Module):
-        def __init__(self, vae: Any) -> None:
-            super().__init__()
-            self.vae = vae
-
-        def forward(self, latents: torch.Tensor) -> torch.Tensor:  # as _SDAdapter.decode
-            return self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
-
-    class DigitsDecoder(torch.nn.Module):
-        def forward(self, latents: torch.Tensor) -> torch.Tensor:  # as _DigitsAdapter.decode
-            return (latents.float() / 2 + 0.5).clamp(0, 1)
-
-    return {"TextEncoder": TextEncoder, "SDUNet": SDUNet, "DigitsUNet": DigitsUNet, "VAEDecoder": VAEDecoder,
-            "DigitsDecoder": DigitsDecoder}
 
 
 def _torch_export(module: Any, args: tuple, path: Path, input_names: list[str], output_names: list[str],
@@ -697,7 +639,8 @@ def _module_as(module: Any, dtype: str) -> Iterator[Any]:
     import torch
 
     want = {"float32": torch.float32, "float16": torch.float16}[dtype]
-    if module.dtype == want:
+    params = list(module.parameters())
+    if not params or all(p.dtype == want for p in params):
         was_training = module.training
         module.eval()
         try:
@@ -717,7 +660,7 @@ def _write_export(plan: ExportPlan, folder: Path) -> dict:
 
     from olss_fast import __version__
 
-    wrappers = _torch_wrappers()
+    spec = plan.spec
     scratch = folder / ".scratch"
     scratch.mkdir()
     tdt = {"float32": torch.float32, "float16": torch.float16}[plan.dtype]
@@ -725,11 +668,12 @@ def _write_export(plan: ExportPlan, folder: Path) -> dict:
     is_int_t = all(isinstance(t, int) for t in sched.timesteps)
     components: dict[str, Any] = {}
     exporters: dict[str, str] = {}
-    device = plan.modules["unet"].device
+    device = next(spec.denoiser.parameters()).device
 
     def run_export(name: str, module: Any, args: tuple, inputs: list[str], outputs: list[str]) -> Any:
         path = scratch / f"{name}.onnx"
-        exporters[name] = _torch_export(module, args, path, inputs, outputs, plan.opset)
+        with _module_as(module, plan.dtype) as mod:
+            exporters[name] = _torch_export(mod, args, path, inputs, outputs, plan.opset)
         model = onnx.load(str(path))
         shutil.rmtree(scratch)
         scratch.mkdir()
@@ -746,27 +690,23 @@ def _write_export(plan: ExportPlan, folder: Path) -> dict:
         logger.info("wrote %s (%.1f MB, %s)", path.name, entry["bytes"] / 1e6, exporters[name])
 
     m = plan.model_batch
-    if plan.kind == "sd":
-        with _module_as(plan.modules["text_encoder"], plan.dtype) as te:
-            ids = torch.tensor([plan.uncond_ids] * m, dtype=torch.long, device=device)
-            model = run_export("text_encoder", wrappers["TextEncoder"](te), (ids,), ["input_ids"],
-                               ["encoder_hidden_states"])
-        finish("text_encoder", model, {"input_ids": [m, len(plan.uncond_ids)]})
+    if spec.text_encoder is not None:
+        ids = torch.tensor([spec.uncond] * m, dtype=torch.long, device=device)
+        model = run_export("text_encoder", spec.text_encoder, (ids,), ["input_ids"], ["encoder_hidden_states"])
+        finish("text_encoder", model, {"input_ids": [m, len(spec.uncond)]})
 
-    # ---- the UNet, once, then the loop around it
+    # ---- the denoiser, once, then the loop around it
     sample = torch.zeros((m,) + plan.latent_shape[1:], dtype=tdt, device=device)
     t0 = torch.tensor(sched.timesteps[0], dtype=torch.long if is_int_t else torch.float32, device=device)
-    if plan.kind == "sd":
+    if spec.cond_is_int:
+        cond = torch.full(plan.cond_shape, int(spec.uncond), dtype=torch.long, device=device)
+        cond_elem = TensorProto.INT64
+    else:
         cond = torch.zeros(plan.cond_shape, dtype=tdt, device=device)
         cond_elem = _tensor_elem(plan.dtype)
-    else:
-        cond = torch.full(plan.cond_shape, int(plan.uncond_ids), dtype=torch.long, device=device)
-        cond_elem = TensorProto.INT64
-    with _module_as(plan.modules["unet"], plan.dtype) as unet:
-        wrapper = wrappers["SDUNet" if plan.kind == "sd" else "DigitsUNet"](unet)
-        unet_model = run_export("denoise", wrapper, (sample, t0, cond),
-                                [_PREFIX + "unet_sample", _PREFIX + "unet_timestep", plan.cond_input],
-                                [_PREFIX + "unet_out"])
+    unet_model = run_export("denoise", spec.denoiser, (sample, t0, cond),
+                            [_PREFIX + "unet_sample", _PREFIX + "unet_timestep", plan.cond_input],
+                            [_PREFIX + "unet_out"])
     denoise = build_denoise_model(
         unet_model, coeffs=sched.coeffs.numpy().astype(np.float32),
         timesteps=np.array(sched.timesteps, dtype=np.int64 if is_int_t else np.float32),
@@ -779,11 +719,7 @@ def _write_export(plan: ExportPlan, folder: Path) -> dict:
 
     # ---- decoder
     latents = torch.zeros(plan.latent_shape, dtype=tdt, device=device)
-    if plan.kind == "sd":
-        with _module_as(plan.modules["vae"], plan.dtype) as vae:
-            model = run_export("decoder", wrappers["VAEDecoder"](vae), (latents,), ["latents"], ["image"])
-    else:
-        model = run_export("decoder", wrappers["DigitsDecoder"](), (latents,), ["latents"], ["image"])
+    model = run_export("decoder", spec.decoder, (latents,), ["latents"], ["image"])
     image_shape = _static_dims(model.graph.output[0])
     finish("decoder", model, {"latents": list(plan.latent_shape)})
     shutil.rmtree(scratch)
@@ -798,8 +734,7 @@ def _write_export(plan: ExportPlan, folder: Path) -> dict:
         "height": plan.height, "width": plan.width, "dtype": plan.dtype, "guidance_scale": plan.guidance_scale,
         "guided": plan.guided, "latent_shape": list(plan.latent_shape), "cond_input": plan.cond_input,
         "cond_shape": list(plan.cond_shape), "image_shape": image_shape, "uncond_ids": plan.uncond_ids,
-        "id_limit": plan.id_limit,
-        "image_range": "[-1,1]" if plan.kind == "sd" else "[0,1]", "schedule": sched.to_dict(),
+        "id_limit": plan.id_limit, "image_range": spec.image_range, "schedule": sched.to_dict(),
         "components": components, "runner": RUNNER_COPY_NAME,
     }
 

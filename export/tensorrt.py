@@ -13,8 +13,8 @@ Engines are cached as ``<component>-<key>.engine`` where the key (:func:`engine_
 file's SHA-256, the schedule, the static shapes, the dtype, the fp16 flag, the TensorRT version and the GPU name, so
 an engine is never loaded on a GPU or TensorRT version it was not built for. Writes are atomic.
 
-:class:`TensorRTOLSSProgram` runs the sampler: [text encoder engine] → n × (UNet engine → fused OLSS step of
-:mod:`olss_fast.kernels.fused_step`, Triton on CUDA) → decoder engine, with every buffer static and shared between
+:class:`TensorRTOLSSProgram` runs the sampler: [text encoder engine] → the shared loop of :mod:`olss_fast.program`
+(n × (UNet engine → fused OLSS step, Triton on CUDA)) → decoder engine, with every buffer static and shared between
 engines (the text encoder writes straight into the UNet's conditioning input, the last step straight into the
 decoder's input). The whole program is captured in one CUDA graph (``execute_async_v3`` is capturable once each
 context has run once) and replayed; if capture fails it runs uncaptured, with a warning.
@@ -30,6 +30,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
+
+from olss_fast.program import ProgramBuffers, run_loop
 
 logger = logging.getLogger(__name__)
 
@@ -311,7 +313,7 @@ class TensorRTOLSSProgram:
     """The fixed OLSS loop on TensorRT engines (see the module docstring), CUDA-graphed when possible.
 
     ``run(mode, cond, latents, decode)`` has the interface of the ONNX Runtime program of
-    :mod:`olss_fast.export.compiled`: ``mode`` is ``"tokens"`` (``cond["ids"]``), ``"embeds"`` (``cond["embeds"]``)
+    :mod:`olss_fast.export.backends`: ``mode`` is ``"tokens"`` (``cond["ids"]``), ``"embeds"`` (``cond["embeds"]``)
     or ``"labels"`` (``cond["labels"]``).
     """
 
@@ -348,32 +350,29 @@ class TensorRTOLSSProgram:
                                     device=self.device) if self.guided else None)
         lat = tuple(int(v) for v in self.manifest["latent_shape"])
         self.noise = torch.empty(lat, dtype=self.final.dtype, device=self.device)
-        self.x0 = torch.empty(lat, dtype=torch.float32, device=self.device)
-        self.history = torch.empty((self.n,) + lat, dtype=torch.float32, device=self.device)
+        # the shared loop's buffers: the denoiser input is the UNet engine's input, the last step writes straight
+        # into the decoder engine's input
+        self.buffers = ProgramBuffers(
+            x0=torch.empty(lat, dtype=torch.float32, device=self.device),
+            history=torch.empty((self.n,) + lat, dtype=torch.float32, device=self.device),
+            x_in=self.sample, final=self.final,
+        )
         self.use_cuda_graph = use_cuda_graph
         self._graphs: dict[bool, Any] = {}
 
     def _program(self, encode: bool) -> None:
         import torch
 
-        from olss_fast.kernels.fused_step import fused_olss_step
-
         stream = torch.cuda.current_stream(self.device).cuda_stream
         if encode and self.te is not None:
             self.te.execute(stream)
-        b = self.batch
-        self.x0.copy_(self.noise)
-        if self.guided:
-            self.sample[:b].copy_(self.noise)
-            self.sample[b:].copy_(self.noise)
-        else:
-            self.sample.copy_(self.noise)
-        for j in range(self.n):
+
+        def denoise_step(j: int, x: Any) -> Any:  # x is self.sample, the engine's bound input
             self.t_buf.copy_(self.timesteps[j])
             self.unet.execute(stream)
-            target = self.sample if j < self.n - 1 else self.final
-            fused_olss_step(self.model_out, self.coeffs, j, self.x0, self.history, target, self.guidance,
-                            backend=self.step_backend)
+            return self.model_out
+
+        run_loop(denoise_step, self.noise, self.buffers, self.coeffs, self.guidance, step_backend=self.step_backend)
         self.dec.execute(stream)
 
     def _replay(self, encode: bool) -> None:

@@ -6,9 +6,9 @@ scale and latent size of the recording. Recording stores a ``fitted_for`` descri
 the statistics and every schedule searched from them; using a schedule compares it with what it is used for
 (:func:`check_fitted_for`):
 
-* a different **model** (denoiser class, config or weights), **noise schedule** (betas / flow shift) or **prediction
-  type** is refused with a ``ValueError`` that lists every difference and names the explicit override
-  (``allow_mismatch=("model", ...)``);
+* a different **model** architecture (denoiser class or config), **noise schedule** (betas / flow shift) or
+  **prediction type** is refused with a ``ValueError`` that lists every difference and names the explicit override
+  (``allow_mismatch=("model", ...)``); other weights of the same architecture (a fine-tune, a fused LoRA) warn once;
 * a different **guidance scale**, **latent shape** (image size) or flow **mu** (resolution shift) logs a one-time
   warning saying the schedule runs anyway, unchanged.
 
@@ -216,6 +216,13 @@ def check_fitted_for(fitted: Mapping[str, Any], actual: Mapping[str, Any], *, al
     for key in REFUSED:
         a, b = fitted.get(key), actual.get(key)
         if a is None or b is None or key in allow or _same(key, a, b):
+            continue
+        if key == "model" and isinstance(a, dict) and isinstance(b, dict) and all(
+                a.get(k) == b.get(k) for k in ("class", "config_sha256")):
+            # the same architecture with other weights: a fine-tune or a fused LoRA, most likely close enough
+            warn_once(("weights", what, repr(a), repr(b)),
+                      "%s was fitted on other weights of the same %s (a fine-tune or a fused LoRA?) than %s; it runs "
+                      "unchanged (re-fit on these weights for the best quality)", what, a.get("class"), where)
             continue
         refused.append(f"{key.replace('_', ' ')}: fitted for {_describe(key, a)}, used with {_describe(key, b)}")
     if refused:

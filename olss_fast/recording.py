@@ -189,7 +189,14 @@ def item_noise(items: Sequence[WorkItem], shape: Sequence[int], device: Any = "c
 
 
 def latent_shape(pipe: Any, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
-    """Per-sample latent shape ``(C, h, w)`` of a diffusers pipeline."""
+    """Per-sample latent shape of a pipeline: its family adapter's (:mod:`olss_fast.pipelines`), else ``(C, h, w)``
+    from the denoiser's config (or its ``sample_shape``, for the analytic test models)."""
+    from .pipelines import adapter_for
+
+    adapter = adapter_for(pipe, required=False)
+    if adapter is not None:
+        dh, dw = adapter.default_size()
+        return tuple(adapter.latent_shape(1, height or dh, width or dw)[1:])
     unet = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     if unet is None:
         raise ValueError(f"{type(pipe).__name__} has no unet/transformer; pass latent_shape explicitly")

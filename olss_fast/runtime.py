@@ -1,588 +1,267 @@
-"""`compile_olss_pipeline`: run a searched OLSS schedule as one static, fused (and optionally CUDA-graphed) loop.
+"""`compile_olss_pipeline`: run a searched OLSS schedule as one static, fused (and optionally captured) program.
 
 An OLSS schedule (Duan et al., CIKM 2023, Eq. 8) is a fixed list of timesteps plus a small coefficient matrix, so the
-whole sampler is a static program::
+whole sampler is a static program (:mod:`olss_fast.program`)::
 
-    [text encoder] → for j in 0..n-1: UNet(x_j, t_j) → fused step (CFG + x_{j+1} = w_j x_0 + Σ_l v_{j,l} e_l) → VAE
+    [text encoder] → n × (denoiser(x_j, t_j) → fused step: CFG + x_{j+1} = w_j x_0 + Σ_l v_{j,l} e_l) → [decoder]
 
-:class:`OLSSRunner` runs exactly that program with preallocated buffers and the one-launch fused step of
-:mod:`olss_fast.kernels.fused_step` (Triton on CUDA, the torch reference elsewhere):
+:class:`OLSSRunner` is the one front end: validate the call → ``adapter.prepare`` (the pipeline family's host side,
+:mod:`olss_fast.pipelines`) → ``backend.run`` (the program) → ``adapter.finish``. Program backends are
+interchangeable:
 
-* ``backend="eager"``: the fixed loop, uncaptured (any device, CPU included);
-* ``backend="cuda_graph"``: the text encoder, all n UNet calls, all n steps and the VAE decode captured in ONE CUDA
-  graph per input signature (batch, height, width, dtype, prompt mode), warmed up on a side stream and kept in a
-  small LRU cache (:mod:`olss_fast.export.cuda_graph`). Tokenisation, noise sampling and post-processing stay on the
-  host; token ids, labels and noise are copied into static buffers before each replay;
-* ``backend="auto"``: ``cuda_graph`` on CUDA, ``eager`` otherwise;
-* ``backend="onnxruntime"`` / ``"tensorrt"``: the same program exported to static-shape ONNX (and built into TensorRT
-  engines) by :mod:`olss_fast.export`, cached on disk; :func:`compile_olss_pipeline` returns an
-  :class:`olss_fast.export.compiled.ExportedOLSSRunner` with the same call signature and outputs;
-* ``compile_unet=True``: the UNet is ``torch.compile``-d (inductor, static shapes) inside the loop.
+* ``"eager"``: the fixed loop, uncaptured (any device, CPU included);
+* ``"cuda_graph"``: text encoder, all n denoiser calls, all n steps and the decoder captured in ONE CUDA graph per
+  input signature (:mod:`olss_fast.cuda_graph`), kept in a small LRU cache;
+* ``"onnxruntime"`` / ``"tensorrt"``: the same program exported to static ONNX (and TensorRT engines), registered by
+  :mod:`olss_fast.export` (:data:`BACKENDS` maps the names to their classes);
+* ``"auto"``: ``cuda_graph`` on CUDA, ``eager`` otherwise.
 
-The coefficients, timesteps and guidance scale live in device tensors read by the captured kernels, so
-:meth:`OLSSRunner.update_schedule` swaps in another schedule with the same number of steps without re-capturing.
+Options live in one :class:`RuntimeConfig` (hardware-derived defaults). The coefficients, timesteps and guidance scale
+are device tensors read by the captured kernels, so :meth:`OLSSRunner.update_schedule` swaps a schedule of the same
+length in without re-capturing.
 
-Supported pipelines: ``diffusers.StableDiffusionPipeline`` (epsilon or v-prediction: the coefficients absorb the
-parametrisation), ``diffusers.StableDiffusionXLPipeline`` (added conditioning ``text_embeds`` + ``time_ids``) and
-:class:`olss_fast.models.digits.DigitsPipeline` (class labels as ``prompt``). The runner mirrors their ``__call__``
-(classifier-free guidance with the unconditional half first, ``latents / vae.config.scaling_factor`` before
-``vae.decode``, the pipeline's ``image_processor.postprocess``) without the safety checker (``nsfw`` is ``None``).
+**The runner follows its pipeline.** Components are read from the pipeline at call time; a reassigned
+``pipe.unet``/``text_encoder``/``vae``, new parameter tensors or parameters changed in place by PyTorch ops are noticed
+before every call (module identities, parameter addresses and version counters) and the backend re-captures
+(cuda_graph), re-compiles (``compile_unet``) or re-exports (onnxruntime, tensorrt; these also compare a sampled
+digest of the weight values, which sees ``.data`` edits such as a fused LoRA). A schedule is checked against the
+pipeline it runs on (:mod:`olss_fast.provenance`): another model architecture, noise schedule or prediction type is
+refused unless ``allow_mismatch`` names it; another guidance scale or image size warns once.
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
+import importlib
 import logging
 import math
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, Union
+import numbers
+import os
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from olss_fast.export.cuda_graph import CapturedGraph, GraphCache, StaticBuffers
-from olss_fast.kernels.fused_step import fused_olss_step
+from olss_fast import provenance
+from olss_fast.cuda_graph import CapturedGraph, GraphCache, StaticBuffers, tensor_signature
+from olss_fast.pipelines import CallOptions, PipelineAdapter, adapter_for, supported_pipelines
+from olss_fast.program import ProgramBuffers, allocate_buffers, run_loop
 from olss_fast.schedule import OLSSSchedule
-
-if TYPE_CHECKING:  # pragma: no cover
-    from olss_fast.export.compiled import ExportedOLSSRunner
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "OLSSRunner", "SUPPORTED_PIPELINES", "compile_olss_pipeline"]
+__all__ = ["BACKENDS", "OLSSRunner", "ProgramRequest", "RuntimeConfig", "TorchBackend", "compile_olss_pipeline",
+           "resolve_schedule"]
 
-BACKENDS = ("auto", "eager", "cuda_graph")
-SUPPORTED_PIPELINES = (
-    "diffusers.StableDiffusionPipeline (epsilon or v-prediction), diffusers.StableDiffusionXLPipeline and "
-    "olss_fast.models.digits.DigitsPipeline"
-)
+#: backend name → the class that runs the program (a "module:Class" path is imported on first use)
+BACKENDS: dict[str, Any] = {
+    "eager": "olss_fast.runtime:TorchBackend",
+    "cuda_graph": "olss_fast.runtime:TorchBackend",
+    "onnxruntime": "olss_fast.export.backends:OnnxRuntimeBackend",
+    "tensorrt": "olss_fast.export.backends:TensorRTBackend",
+}
 _OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-
-PromptType = Union[str, Sequence[str], None]
-
-
-# ==================================================================================================== adapters
-class _Adapter:
-    """How one pipeline family encodes its conditioning, calls its UNet and decodes (host side + program side)."""
-
-    name = "pipeline"
-    extra_kwargs: tuple[str, ...] = ()
-
-    def __init__(self, pipe: Any) -> None:
-        self.pipe = pipe
-        self.unet = pipe.unet
-
-    # ------------------------------------------------------------------ sizes
-    @property
-    def latent_channels(self) -> int:
-        return int(self.unet.config.in_channels)
-
-    def default_size(self) -> tuple[int, int]:
-        raise NotImplementedError
-
-    def check_size(self, height: int, width: int) -> None:
-        raise NotImplementedError
-
-    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
-        raise NotImplementedError
-
-    # ------------------------------------------------------------------ host side
-    def prepare(
-        self, args: dict[str, Any], guided: bool, num_images: int, text_in_graph: bool, height: int, width: int
-    ) -> tuple[int, str, dict[str, torch.Tensor]]:
-        """Turn the call's conditioning arguments into ``(batch, mode, static conditioning inputs on the device)``."""
-        raise NotImplementedError
-
-    def placeholder_args(self, batch: int) -> dict[str, Any]:
-        """Call arguments for a ``batch``-sized warm-up capture."""
-        raise NotImplementedError
-
-    def finish(self, image: torch.Tensor, output_type: str, return_dict: bool) -> Any:
-        raise NotImplementedError
-
-    # ------------------------------------------------------------------ program side (captured)
-    def encode(self, inputs: StaticBuffers, mode: str, guided: bool) -> dict[str, Any]:
-        """UNet keyword arguments for the whole (CFG-doubled) batch, computed from the static inputs."""
-        raise NotImplementedError
-
-    def unet_forward(self, unet: Callable, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
-        return unet(x, t, return_dict=False, **cond)[0]
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-
-def _as_prompt_list(prompt: PromptType, what: str) -> list[str]:
-    if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt) and len(prompt) > 0:
-        return list(prompt)
-    raise ValueError(f"`{what}` must be a string or a non-empty list of strings, got {type(prompt).__name__}")
-
-
-def _negatives(negative: PromptType, batch: int, what: str = "negative_prompt") -> list[str]:
-    if negative is None:
-        return [""] * batch
-    if isinstance(negative, str):
-        return [negative] * batch
-    neg = _as_prompt_list(negative, what)
-    if len(neg) != batch:
-        raise ValueError(
-            f"batch size mismatch: `{what}` has {len(neg)} entries but `prompt` has {batch}; pass one negative "
-            "prompt or one per prompt"
-        )
-    return neg
-
-
-def _repeat_each(items: list, k: int) -> list:
-    return [x for x in items for _ in range(k)]
-
-
-class _TextMixin:
-    """Shared tokenisation helpers for the CLIP-conditioned pipelines."""
-
-    pipe: Any
-
-    def _tokenize(self, tokenizer: Any, prompts: list[str], max_length: Optional[int] = None) -> torch.Tensor:
-        return self._encode_text(tokenizer, prompts, max_length).input_ids
-
-    def _encode_text(self, tokenizer: Any, prompts: list[str], max_length: Optional[int] = None) -> Any:
-        """Tokenise as the pipelines' ``encode_prompt`` does (host side, outside any graph)."""
-        from diffusers.loaders import TextualInversionLoaderMixin
-
-        if isinstance(self.pipe, TextualInversionLoaderMixin):
-            prompts = self.pipe.maybe_convert_prompt(prompts, tokenizer)
-        return tokenizer(
-            prompts, padding="max_length", max_length=max_length or tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        )
-
-    def _sd_size_default(self) -> tuple[int, int]:
-        ss = self.pipe.unet.config.sample_size
-        h, w = (ss, ss) if isinstance(ss, int) else (ss[0], ss[1])
-        f = self.pipe.vae_scale_factor
-        return int(h) * f, int(w) * f
-
-    def _check_multiple_of_8(self, height: int, width: int) -> None:
-        if height % 8 != 0 or width % 8 != 0:
-            raise ValueError(f"`height` and `width` have to be divisible by 8 but are {height} and {width}")
-
-
-class _SDAdapter(_TextMixin, _Adapter):
-    """``diffusers.StableDiffusionPipeline``: CLIP text encoder → UNet2DConditionModel → AutoencoderKL."""
-
-    name = "StableDiffusionPipeline"
-
-    def __init__(self, pipe: Any) -> None:
-        super().__init__(pipe)
-        if getattr(self.unet.config, "time_cond_proj_dim", None) is not None:
-            raise ValueError(
-                "UNets with a guidance embedding (time_cond_proj_dim, e.g. LCM) are not supported by the OLSS runner"
-            )
-        te = pipe.text_encoder
-        self.use_mask = bool(getattr(te.config, "use_attention_mask", False)) if te is not None else False
-
-    def default_size(self) -> tuple[int, int]:
-        return self._sd_size_default()
-
-    def check_size(self, height: int, width: int) -> None:
-        self._check_multiple_of_8(height, width)
-
-    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
-        f = self.pipe.vae_scale_factor
-        return (batch, self.latent_channels, int(height) // f, int(width) // f)
-
-    def prepare(self, args, guided, num_images, text_in_graph, height, width):  # type: ignore[override]
-        pipe = self.pipe
-        device = _pipe_device(pipe)
-        prompt, negative = args.get("prompt"), args.get("negative_prompt")
-        pe, npe = args.get("prompt_embeds"), args.get("negative_prompt_embeds")
-        if prompt is not None and pe is not None:
-            raise ValueError("pass either `prompt` or `prompt_embeds`, not both")
-        if prompt is None and pe is None:
-            raise ValueError("provide either `prompt` or `prompt_embeds`")
-        if negative is not None and npe is not None:
-            raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both")
-        if pe is not None and npe is not None and tuple(pe.shape) != tuple(npe.shape):
-            raise ValueError(
-                f"batch size mismatch: `prompt_embeds` {list(pe.shape)} and `negative_prompt_embeds` "
-                f"{list(npe.shape)} must have the same shape"
-            )
-        use_tokens = (
-            text_in_graph and pe is None and npe is None
-            and pipe.text_encoder is not None and pipe.tokenizer is not None
-        )
-        if use_tokens:
-            prompts = _as_prompt_list(prompt, "prompt")
-            negs = _negatives(negative, len(prompts))
-            prompts, negs = _repeat_each(prompts, num_images), _repeat_each(negs, num_images)
-            enc = self._encode_text(pipe.tokenizer, prompts)
-            ids, mask = enc.input_ids, enc.get("attention_mask")
-            if guided:
-                neg_enc = self._encode_text(pipe.tokenizer, negs, ids.shape[-1])
-                ids = torch.cat([neg_enc.input_ids, ids])
-                mask = torch.cat([neg_enc["attention_mask"], mask]) if self.use_mask else None
-            inputs = {"ids": ids.to(device)}
-            if self.use_mask:  # text encoders that take the padding mask (not CLIP's default)
-                inputs["mask"] = mask.to(device)
-            return len(prompts), "tokens", inputs
-        # eager encoding (embeddings given, or the text encoder runs outside the graph); lists normalised first so
-        # that the batch-size rules are the token path's
-        prompts = _as_prompt_list(prompt, "prompt") if prompt is not None else None
-        n_base = len(prompts) if prompts is not None else int(pe.shape[0])
-        negs = _negatives(negative, n_base) if (guided and npe is None) else None
-        pos, neg = pipe.encode_prompt(
-            prompts, device, num_images, guided, negs, prompt_embeds=pe, negative_prompt_embeds=npe
-        )
-        emb = torch.cat([neg, pos]) if guided else pos
-        return int(pos.shape[0]), "embeds", {"embeds": emb.to(device)}
-
-    def placeholder_args(self, batch: int) -> dict[str, Any]:
-        return {"prompt": [""] * batch}
-
-    def encode(self, inputs, mode, guided):  # type: ignore[override]
-        if mode == "embeds":
-            return {"encoder_hidden_states": inputs["embeds"]}
-        te = self.pipe.text_encoder
-        mask = inputs["mask"] if "mask" in inputs else None
-        emb = te(inputs["ids"], attention_mask=mask)[0]
-        return {"encoder_hidden_states": emb.to(dtype=te.dtype)}
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipe.vae
-        return vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
-
-    def finish(self, image: torch.Tensor, output_type: str, return_dict: bool) -> Any:
-        from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
-
-        images = self.pipe.image_processor.postprocess(
-            image, output_type=output_type, do_denormalize=[True] * image.shape[0]
-        )
-        if not return_dict:
-            return (images, None)
-        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
-
-
-class _SDXLAdapter(_TextMixin, _Adapter):
-    """``diffusers.StableDiffusionXLPipeline``: two CLIP encoders, pooled ``text_embeds`` + ``time_ids``."""
-
-    name = "StableDiffusionXLPipeline"
-    extra_kwargs = (
-        "prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
-        "original_size", "crops_coords_top_left", "target_size",
-    )
-
-    def __init__(self, pipe: Any) -> None:
-        super().__init__(pipe)
-        if getattr(self.unet.config, "time_cond_proj_dim", None) is not None:
-            raise ValueError(
-                "UNets with a guidance embedding (time_cond_proj_dim, e.g. LCM) are not supported by the OLSS runner"
-            )
-        vae = pipe.vae
-        self.needs_upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
-        # SDXL's VAE overflows in fp16; the pipeline upcasts it for the decode. Keep a float32 copy instead of
-        # converting the pipeline's VAE back and forth (which a CUDA graph could not capture).
-        self._vae32 = copy.deepcopy(vae).to(torch.float32) if self.needs_upcast else None
-
-    def default_size(self) -> tuple[int, int]:
-        return self._sd_size_default()
-
-    def check_size(self, height: int, width: int) -> None:
-        self._check_multiple_of_8(height, width)
-
-    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
-        f = self.pipe.vae_scale_factor
-        return (batch, self.latent_channels, int(height) // f, int(width) // f)
-
-    def _encoders(self) -> tuple[list, list]:
-        p = self.pipe
-        if p.tokenizer is not None:
-            return [p.tokenizer, p.tokenizer_2], [p.text_encoder, p.text_encoder_2]
-        return [p.tokenizer_2], [p.text_encoder_2]
-
-    def prepare(self, args, guided, num_images, text_in_graph, height, width):  # type: ignore[override]
-        pipe = self.pipe
-        device = _pipe_device(pipe)
-        prompt, prompt_2 = args.get("prompt"), args.get("prompt_2")
-        negative, negative_2 = args.get("negative_prompt"), args.get("negative_prompt_2")
-        pe, npe = args.get("prompt_embeds"), args.get("negative_prompt_embeds")
-        ppe, nppe = args.get("pooled_prompt_embeds"), args.get("negative_pooled_prompt_embeds")
-        if prompt is not None and pe is not None:
-            raise ValueError("pass either `prompt` or `prompt_embeds`, not both")
-        if prompt is None and pe is None:
-            raise ValueError("provide either `prompt` or `prompt_embeds`")
-        if pe is not None and ppe is None:
-            raise ValueError("`prompt_embeds` needs `pooled_prompt_embeds` too (SDXL conditions on both)")
-        if npe is not None and nppe is None:
-            raise ValueError("`negative_prompt_embeds` needs `negative_pooled_prompt_embeds` too")
-        if pe is not None and npe is not None and tuple(pe.shape) != tuple(npe.shape):
-            raise ValueError(
-                f"batch size mismatch: `prompt_embeds` {list(pe.shape)} and `negative_prompt_embeds` "
-                f"{list(npe.shape)} must have the same shape"
-            )
-        te2 = pipe.text_encoder_2
-        zero_negative = negative is None and bool(pipe.config.force_zeros_for_empty_prompt)
-        inputs: dict[str, torch.Tensor] = {}
-        use_tokens = text_in_graph and pe is None and npe is None and te2 is not None
-        if use_tokens:
-            prompts = _repeat_each(_as_prompt_list(prompt, "prompt"), num_images)
-            prompts_2 = _repeat_each(
-                _as_prompt_list(prompt_2, "prompt_2") if prompt_2 is not None else _as_prompt_list(prompt, "prompt"),
-                num_images,
-            )
-            if len(prompts_2) != len(prompts):
-                raise ValueError(
-                    f"batch size mismatch: `prompt_2` has {len(prompts_2)} entries, `prompt` {len(prompts)}"
-                )
-            batch = len(prompts)
-            n_base = batch // num_images
-            negs = _repeat_each(_negatives(negative, n_base), num_images)
-            negs_2 = _repeat_each(
-                _negatives(negative_2, n_base, "negative_prompt_2") if negative_2 is not None
-                else _negatives(negative, n_base), num_images,
-            )
-            tokenizers, _ = self._encoders()
-            # zip as the pipeline does: (prompt, tokenizer[_2]) first, then (prompt_2, tokenizer_2)
-            for k, (tok, pos_text, neg_text) in enumerate(zip(tokenizers, [prompts, prompts_2], [negs, negs_2])):
-                ids = self._tokenize(tok, pos_text)
-                if guided and not zero_negative:
-                    ids = torch.cat([self._tokenize(tok, neg_text, ids.shape[-1]), ids])
-                inputs[f"ids{k}"] = ids.to(device)
-            mode = "tokens_zero_negative" if (guided and zero_negative) else "tokens"
-            emb_dtype = te2.dtype
-        else:
-            prompts = _as_prompt_list(prompt, "prompt") if prompt is not None else None
-            prompts_2 = _as_prompt_list(prompt_2, "prompt_2") if prompt_2 is not None else None
-            n_base = len(prompts) if prompts is not None else int(pe.shape[0])
-            negs = _negatives(negative, n_base) if negative is not None else None  # None keeps the zeroed negative
-            negs_2 = _negatives(negative_2, n_base, "negative_prompt_2") if negative_2 is not None else None
-            pos, neg, pooled, neg_pooled = pipe.encode_prompt(
-                prompt=prompts, prompt_2=prompts_2, device=device, num_images_per_prompt=num_images,
-                do_classifier_free_guidance=guided, negative_prompt=negs, negative_prompt_2=negs_2,
-                prompt_embeds=pe, negative_prompt_embeds=npe, pooled_prompt_embeds=ppe,
-                negative_pooled_prompt_embeds=nppe,
-            )
-            inputs["embeds"] = (torch.cat([neg, pos]) if guided else pos).to(device)
-            inputs["pooled"] = (torch.cat([neg_pooled, pooled]) if guided else pooled).to(device)
-            batch, mode, emb_dtype = int(pos.shape[0]), "embeds", pos.dtype
-        # add_time_ids exactly as the pipeline builds them (cat([negative, positive]).repeat(batch, 1))
-        original_size = tuple(args.get("original_size") or (height, width))
-        target_size = tuple(args.get("target_size") or (height, width))
-        crops = tuple(args.get("crops_coords_top_left") or (0, 0))
-        proj_dim = int(te2.config.projection_dim) if te2 is not None else int(inputs["pooled"].shape[-1])
-        time_ids = pipe._get_add_time_ids(original_size, crops, target_size, dtype=emb_dtype,
-                                          text_encoder_projection_dim=proj_dim)
-        if guided:
-            time_ids = torch.cat([time_ids, time_ids], dim=0)
-        inputs["time_ids"] = time_ids.to(device).repeat(batch, 1)
-        return batch, mode, inputs
-
-    def placeholder_args(self, batch: int) -> dict[str, Any]:
-        return {"prompt": [""] * batch}
-
-    def encode(self, inputs, mode, guided):  # type: ignore[override]
-        if mode == "embeds":
-            emb, pooled = inputs["embeds"], inputs["pooled"]
-        else:
-            _, encoders = self._encoders()
-            hidden, pooled = [], None
-            for k, te in enumerate(encoders):
-                out = te(inputs[f"ids{k}"], output_hidden_states=True)
-                if out[0].ndim == 2:
-                    pooled = out[0]
-                hidden.append(out.hidden_states[-2])
-            emb = torch.cat(hidden, dim=-1).to(dtype=self.pipe.text_encoder_2.dtype)
-            if mode == "tokens_zero_negative":
-                emb = torch.cat([torch.zeros_like(emb), emb])
-                pooled = torch.cat([torch.zeros_like(pooled), pooled])
-        return {
-            "encoder_hidden_states": emb,
-            "added_cond_kwargs": {"text_embeds": pooled, "time_ids": inputs["time_ids"]},
-        }
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self._vae32 if self._vae32 is not None else self.pipe.vae
-        cfg = vae.config
-        latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
-        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-        if mean is not None and std is not None:
-            c = latents.shape[1]
-            mean_t = torch.tensor(mean, dtype=latents.dtype).view(1, c, 1, 1).to(latents.device)
-            std_t = torch.tensor(std, dtype=latents.dtype).view(1, c, 1, 1).to(latents.device)
-            latents = latents * std_t / cfg.scaling_factor + mean_t
-        else:
-            latents = latents / cfg.scaling_factor
-        return vae.decode(latents, return_dict=False)[0]
-
-    def finish(self, image: torch.Tensor, output_type: str, return_dict: bool) -> Any:
-        from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
-
-        if output_type != "latent" and getattr(self.pipe, "watermark", None) is not None:
-            image = self.pipe.watermark.apply_watermark(image)
-        images = self.pipe.image_processor.postprocess(image, output_type=output_type)
-        if not return_dict:
-            return (images,)
-        return StableDiffusionXLPipelineOutput(images=images)
-
-
-class _DigitsAdapter(_Adapter):
-    """:class:`olss_fast.models.digits.DigitsPipeline`: class-conditional pixel-space UNet2DModel, null class 10."""
-
-    name = "DigitsPipeline"
-    extra_kwargs = ("class_labels",)
-
-    def __init__(self, pipe: Any) -> None:
-        super().__init__(pipe)
-        from olss_fast.models import digits
-
-        self._digits = digits
-
-    def _size(self) -> int:
-        return int(self.unet.config.sample_size)
-
-    def default_size(self) -> tuple[int, int]:
-        return self._size(), self._size()
-
-    def check_size(self, height: int, width: int) -> None:
-        if (height, width) != self.default_size():
-            raise ValueError(f"the digits model samples {self._size()}x{self._size()} images, got {height}x{width}")
-
-    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
-        return (batch, self.latent_channels, self._size(), self._size())
-
-    def prepare(self, args, guided, num_images, text_in_graph, height, width):  # type: ignore[override]
-        d = self._digits
-        prompt, labels_kw = args.get("prompt"), args.get("class_labels")
-        if args.get("prompt_embeds") is not None or args.get("negative_prompt_embeds") is not None:
-            raise ValueError("the digits pipeline is class-conditional: pass class labels as `prompt`, not embeddings")
-        if prompt is not None and labels_kw is not None:
-            raise ValueError("pass the digits as `prompt` or as `class_labels`, not both")
-        prompt = prompt if prompt is not None else labels_kw
-        labels = list(range(d.NUM_DIGITS)) if prompt is None else d.parse_class_labels(prompt, "prompt")
-        labels = _repeat_each(labels, num_images)
-        batch = len(labels)
-        negative = args.get("negative_prompt")
-        if negative is None:
-            neg = [d.NULL_CLASS] * batch
-        else:
-            neg = d.parse_class_labels(negative, "negative_prompt")
-            if len(neg) == 1:
-                neg = neg * batch
-            elif len(neg) * num_images == batch:
-                neg = _repeat_each(neg, num_images)
-            else:
-                raise ValueError(
-                    f"batch size mismatch: negative_prompt has {len(neg)} labels but prompt has {batch // num_images}"
-                )
-        device = _pipe_device(self.pipe)
-        ids = torch.tensor((neg + labels) if guided else labels, dtype=torch.long, device=device)
-        return batch, "labels", {"labels": ids}
-
-    def placeholder_args(self, batch: int) -> dict[str, Any]:
-        return {"prompt": [0] * batch}
-
-    def encode(self, inputs, mode, guided):  # type: ignore[override]
-        return {"class_labels": inputs["labels"]}
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return (latents.float() / 2 + 0.5).clamp(0, 1)
-
-    def finish(self, image: torch.Tensor, output_type: str, return_dict: bool) -> Any:
-        from diffusers import ImagePipelineOutput
-
-        if output_type in ("latent", "pt"):
-            images: Any = image
-        else:
-            arr = image.cpu().permute(0, 2, 3, 1).numpy()
-            images = arr if output_type == "np" else self.pipe.numpy_to_pil_gray(arr)
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
-
-
-def _make_adapter(pipe: Any) -> _Adapter:
-    """Pick the adapter for ``pipe``; ``ValueError`` naming the supported pipelines otherwise."""
-    try:
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    except Exception:  # pragma: no cover - diffusers is a hard dependency
-        StableDiffusionPipeline = StableDiffusionXLPipeline = ()  # type: ignore[assignment,misc]
-    try:
-        from olss_fast.models.digits import DigitsPipeline
-    except Exception:  # pragma: no cover - optional module
-        DigitsPipeline = ()  # type: ignore[assignment,misc]
-    if StableDiffusionXLPipeline and isinstance(pipe, StableDiffusionXLPipeline):
-        return _SDXLAdapter(pipe)
-    if StableDiffusionPipeline and isinstance(pipe, StableDiffusionPipeline):
-        return _SDAdapter(pipe)
-    if DigitsPipeline and isinstance(pipe, DigitsPipeline):
-        return _DigitsAdapter(pipe)
-    raise ValueError(
-        f"compile_olss_pipeline does not support {type(pipe).__name__}; supported pipelines: {SUPPORTED_PIPELINES}"
-    )
-
-
-def _pipe_device(pipe: Any) -> torch.device:
-    try:
-        return torch.device(pipe._execution_device)
-    except Exception:  # pragma: no cover - non-DiffusionPipeline stand-ins
-        return next(pipe.unet.parameters()).device
+_COMMON_KWARGS = ("prompt", "negative_prompt", "prompt_embeds", "negative_prompt_embeds", "latents", "generator",
+                  "output_type", "return_dict", "height", "width", "num_images_per_prompt", "guidance_scale",
+                  "num_inference_steps", "callback_on_step_end", "callback_on_step_end_tensor_inputs",
+                  "cross_attention_kwargs", "guidance_rescale", "clip_skip")
+
+
+# ==================================================================================================== configuration
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Options of :func:`compile_olss_pipeline` (one object instead of loose keyword arguments).
+
+    Attributes:
+        backend: ``"auto"`` (``cuda_graph`` on CUDA, else ``eager``), ``"eager"``, ``"cuda_graph"``,
+            ``"onnxruntime"`` or ``"tensorrt"``.
+        height, width: default image size (the pipeline's default when None); calls may override.
+        batch_size: the batch :meth:`OLSSRunner.warmup` prepares (calls may use other batches: each new input
+            signature gets its own program instance, kept in an LRU cache of ``cache_size``).
+        guidance_scale: classifier-free guidance scale (> 1 enables CFG); None: the default of the pipeline's
+            ``__call__``; calls may override.
+        dtype: convert the pipeline's modules to this dtype first (in place); None keeps the denoiser's.
+        compile_unet: ``torch.compile`` the denoiser (inductor, static shapes; ``compile_mode`` is passed on).
+        cache_size: program instances (captured graphs, exports) kept per runner.
+        warmup_iters: eager iterations on a side stream before each CUDA-graph capture.
+        step_backend: fused-step backend (``"auto"``, ``"triton"``, ``"reference"``).
+        cache_dir: where the onnxruntime / tensorrt backends keep exports and engines (default ``$OLSS_FAST_CACHE``
+            or ``~/.cache/olss_fast``).
+        allow_mismatch: accept a schedule fitted for another ``"model"``, ``"noise_schedule"`` or
+            ``"prediction_type"`` (see :mod:`olss_fast.provenance`).
+        providers, session_options: onnxruntime execution providers and session options (default: CUDA when the
+            pipeline is on CUDA and onnxruntime has it, then CPU).
+        use_cuda_graph: tensorrt: capture the engine loop in a CUDA graph.
+    """
+
+    backend: str = "auto"
+    height: Optional[int] = None
+    width: Optional[int] = None
+    batch_size: int = 1
+    guidance_scale: Optional[float] = None
+    dtype: Optional[torch.dtype] = None
+    compile_unet: bool = False
+    compile_mode: Optional[str] = None
+    cache_size: int = 4
+    warmup_iters: int = 2
+    step_backend: str = "auto"
+    cache_dir: Optional[Union[str, os.PathLike]] = None
+    allow_mismatch: tuple[str, ...] = ()
+    providers: Optional[tuple] = None
+    session_options: Any = None
+    use_cuda_graph: bool = True
+
+    def __post_init__(self) -> None:
+        if self.backend != "auto" and self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {('auto', *BACKENDS)}")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        for name, lo in (("batch_size", 1), ("cache_size", 1), ("warmup_iters", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if self.guidance_scale is not None:
+            object.__setattr__(self, "guidance_scale", check_guidance(self.guidance_scale))
+        if self.dtype is not None and not isinstance(self.dtype, torch.dtype):
+            raise ValueError(f"dtype must be a torch.dtype (e.g. torch.float16), got {self.dtype!r}")
+        if self.step_backend not in ("auto", "triton", "reference"):
+            raise ValueError(f"step_backend must be 'auto', 'triton' or 'reference', got {self.step_backend!r}")
+        for name in ("compile_unet", "use_cuda_graph"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        object.__setattr__(self, "allow_mismatch", provenance.check_allow(self.allow_mismatch))
+        if self.providers is not None:
+            object.__setattr__(self, "providers", tuple(self.providers))
+
+    def resolve_backend(self, device: torch.device) -> str:
+        """``"auto"`` → ``"cuda_graph"`` on a CUDA device, ``"eager"`` elsewhere."""
+        if self.backend == "auto":
+            return "cuda_graph" if device.type == "cuda" else "eager"
+        return self.backend
+
+
+def check_guidance(g: Any) -> float:
+    if isinstance(g, bool) or not isinstance(g, numbers.Real) or not math.isfinite(float(g)):
+        raise ValueError(f"guidance_scale must be a finite number, got {g!r}")
+    return float(g)
+
+
+def default_guidance(pipe: Any) -> float:
+    """The default ``guidance_scale`` of ``pipe.__call__`` (7.5 when it has none)."""
+    from olss_fast.recording import call_default_guidance
+
+    g = call_default_guidance(pipe)
+    return 7.5 if g is None else g
 
 
 # ==================================================================================================== schedules
-def _resolve_schedule(schedule: Any, num_inference_steps: Optional[int], pipe: Any) -> OLSSSchedule:
-    """An :class:`OLSSSchedule` from a schedule, an ``OLSSScheduler`` (or anything with a ``schedules`` mapping)."""
+def resolve_schedule(schedule: Any, num_inference_steps: Optional[int], pipe: Any) -> OLSSSchedule:
+    """The :class:`OLSSSchedule` to compile, from a schedule, an ``OLSSScheduler`` (or anything with a ``schedules``
+    mapping), a scheduler folder / schedule JSON path, or ``None`` (``pipe.scheduler``).
+
+    A scheduler holding one schedule needs no ``num_inference_steps``; with several it must name one (the choice
+    never depends on what the pipeline ran last). A scheduler without searched schedules gives DDIM's coefficients.
+    """
+    n = None
+    if num_inference_steps is not None:
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral) \
+                or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        n = int(num_inference_steps)
     if schedule is None:
         schedule = getattr(pipe, "scheduler", None)
         if not hasattr(schedule, "schedules"):
             raise ValueError(
-                "pass an OLSSSchedule (or an OLSSScheduler) as `schedule`, or set pipe.scheduler to an OLSSScheduler"
+                "pass a schedule: an OLSSSchedule, an OLSSScheduler, or the path of a scheduler folder / schedule "
+                f"JSON (or set pipe.scheduler to an OLSSScheduler); pipe.scheduler is a {type(schedule).__name__}"
             )
+    if isinstance(schedule, (str, os.PathLike)):
+        from olss_fast.scheduler import load_schedule_source
+
+        schedule = load_schedule_source(schedule)
     if isinstance(schedule, OLSSSchedule):
-        if num_inference_steps is not None and int(num_inference_steps) != schedule.num_steps:
-            raise ValueError(
-                f"num_inference_steps={num_inference_steps} but the schedule has {schedule.num_steps} steps"
-            )
+        if n is not None and n != schedule.num_steps:
+            raise ValueError(f"num_inference_steps={n} but the schedule has {schedule.num_steps} steps")
         return schedule
     schedules = getattr(schedule, "schedules", None)
     if not isinstance(schedules, Mapping):
         raise ValueError(
-            f"`schedule` must be an OLSSSchedule or an OLSSScheduler (an object with a `schedules` mapping), "
+            "`schedule` must be an OLSSSchedule, an OLSSScheduler (an object with a `schedules` mapping) or a path, "
             f"got {type(schedule).__name__}"
         )
     available = sorted(int(k) for k in schedules)
-    if num_inference_steps is None:
+    if not available:
+        if n is None:
+            raise ValueError("the OLSSScheduler holds no searched schedule: pass num_inference_steps to compile DDIM's "
+                             "coefficients for that many steps, or a searched schedule")
+        if getattr(schedule, "is_flow", False) or not hasattr(schedule, "ddim_schedule"):
+            raise ValueError("the scheduler holds no searched schedule; compile a searched schedule")
+        cfg = dict(getattr(schedule, "config", {}) or {})
+        if cfg.get("clip_sample") or cfg.get("thresholding"):
+            raise ValueError("DDIM with clip_sample/thresholding is not a linear sampler and cannot be compiled; "
+                             "compile a searched schedule")
+        logger.info("the OLSSScheduler holds no searched schedule; compiling DDIM's coefficients for %d steps", n)
+        return schedule.ddim_schedule(n)
+    if n is None:
         if len(available) == 1:
             return schedules[available[0]]
-        current = getattr(schedule, "schedule", None)
-        if isinstance(current, OLSSSchedule):
-            return current
         raise ValueError(
-            f"the scheduler holds schedules for {available} steps; choose one with num_inference_steps="
+            f"the scheduler holds searched schedules for {available} steps; choose one with num_inference_steps="
+            f"{available[0]} (or another of {available})"
         )
-    n = int(num_inference_steps)
-    if n in schedules:
-        return schedules[n]
-    if not schedules and hasattr(schedule, "ddim_schedule"):
-        logger.info("the OLSSScheduler holds no searched schedule; using DDIM's coefficients for %d steps", n)
-        return schedule.ddim_schedule(n)
-    raise ValueError(f"the scheduler holds schedules for {available} steps, not {n}")
+    if n not in schedules:
+        raise ValueError(f"the scheduler holds searched schedules for {available} steps, not {n}; pass one of "
+                         f"{available} or search a schedule for {n} steps")
+    return schedules[n]
 
 
-# ==================================================================================================== runner
+def _timesteps_tensor(schedule: OLSSSchedule, device: torch.device) -> torch.Tensor:
+    """The schedule's timesteps as the OLSSScheduler stores them (int64 for integer timesteps, else float32)."""
+    is_int = all(isinstance(t, int) for t in schedule.timesteps)
+    return torch.tensor(schedule.timesteps, dtype=torch.long if is_int else torch.float32, device=device)
+
+
+def _scheduler_prediction_type(pipe: Any) -> Optional[str]:
+    sched = getattr(pipe, "scheduler", None)
+    cfg = provenance.config_dict(getattr(sched, "config", None))
+    if not cfg:
+        return None
+    if provenance.is_flow_config(dict(cfg, _class_name=type(sched).__name__)):
+        return "flow"
+    return cfg.get("prediction_type")
+
+
+# ==================================================================================================== requests
 @dataclass
-class _Entry:
-    """One program instance: its static inputs, work buffers and (for cuda_graph) the captured graph."""
+class ProgramRequest:
+    """One call of the program, as the front end hands it to a backend.
 
-    key: tuple
+    Attributes:
+        mode: the conditioning mode (the adapter's: "tokens", "embeds", "labels", ...).
+        guided: classifier-free guidance on (the denoiser sees the doubled batch).
+        decode: run the decoder (False for ``output_type="latent"``).
+        inputs: static inputs (the adapter's conditioning tensors and ``"latents"``), on the device.
+        guidance: the guidance scale.
+        height, width: the image size.
+        options: call options that change the program (clip_skip, LoRA scale, guidance_rescale).
+        on_step: ``(j, latents)`` after each step (eager only: ``callback_on_step_end``).
+    """
+
     mode: str
     guided: bool
     decode: bool
-    inputs: StaticBuffers
-    x0: torch.Tensor  # float32 [B, ...]
-    history: torch.Tensor  # float32 [n, B, ...]
-    x_in: torch.Tensor  # model dtype [2B or B, ...]
-    final: torch.Tensor  # model dtype [B, ...]
-    graph: Optional[CapturedGraph] = None
-    runs: int = 0
-    meta: dict = field(default_factory=dict)
+    inputs: dict[str, torch.Tensor]
+    guidance: float
+    height: int
+    width: int
+    options: CallOptions = CallOptions()
+    on_step: Optional[Callable[[int, torch.Tensor], None]] = None
+
+    @property
+    def batch(self) -> int:
+        return int(self.inputs["latents"].shape[0])
 
 
 class _CaptureFailed(RuntimeError):
@@ -592,6 +271,143 @@ class _CaptureFailed(RuntimeError):
         self.error = error
 
 
+def _capture_error(exc: _CaptureFailed) -> RuntimeError:
+    return RuntimeError(f"capturing the OLSS loop in a CUDA graph failed: {exc.error!r}; use backend='eager'")
+
+
+# ==================================================================================================== torch backends
+@dataclass
+class _Entry:
+    """One program instance: its static inputs, work buffers and (cuda_graph) the captured graph."""
+
+    key: tuple
+    mode: str
+    guided: bool
+    decode: bool
+    options: CallOptions
+    inputs: StaticBuffers
+    buffers: ProgramBuffers
+    graph: Optional[CapturedGraph] = None
+    runs: int = 0
+    on_step: Optional[Callable[[int, torch.Tensor], None]] = None
+
+
+class TorchBackend:
+    """The program in PyTorch: eager (``runner.backend == "eager"``) or captured in one CUDA graph per input
+    signature (``"cuda_graph"``). Program instances (buffers, graphs) live in an LRU cache of ``cache_size``."""
+
+    #: whether a change of weight *values* (not only tensors) requires rebuilding the program
+    needs_weight_values = False
+
+    def __init__(self, runner: "OLSSRunner") -> None:
+        self.runner = runner
+        self.cache: GraphCache[_Entry] = GraphCache(runner.config.cache_size)
+        self.num_captures = 0
+        self._denoiser: Any = None
+
+    @property
+    def capturing(self) -> bool:
+        return self.runner.backend == "cuda_graph"
+
+    def invalidate(self) -> None:
+        """The pipeline's modules changed: drop every captured program and compiled wrapper."""
+        self.cache.clear()
+        self._denoiser = None
+
+    def denoiser(self) -> Any:
+        r = self.runner
+        if self._denoiser is None:
+            module = r.adapter.denoiser
+            self._denoiser = torch.compile(module, mode=r.config.compile_mode, dynamic=False) \
+                if r.config.compile_unet else module
+        return self._denoiser
+
+    def _key(self, req: ProgramRequest) -> tuple:
+        return (self.runner.backend, req.mode, req.guided, req.decode, str(self.runner.dtype), req.options,
+                tensor_signature(req.inputs))
+
+    def _program(self, entry: _Entry) -> torch.Tensor:
+        """The static program: [text encoder] → run_loop → [decode]. Capturable."""
+        r = self.runner
+        with torch.no_grad():
+            cond = r.adapter.encode(entry.inputs, entry.mode, entry.guided, entry.options)
+            denoiser = self.denoiser()
+            timesteps = r._timesteps
+
+            def step(j: int, x: torch.Tensor) -> torch.Tensor:
+                return r.adapter.denoise(denoiser, x, timesteps[j], cond, entry.options)
+
+            final = run_loop(step, entry.inputs["latents"], entry.buffers, r._coeffs,
+                             r._guidance if entry.guided else None, step_backend=r.config.step_backend,
+                             guidance_rescale=entry.options.guidance_rescale, on_step=entry.on_step)
+            return r.adapter.decode(final) if entry.decode else final
+
+    def run(self, req: ProgramRequest) -> torch.Tensor:
+        r = self.runner
+        key = self._key(req)
+        entry = self.cache.get(key)
+        if entry is None:
+            lat = req.inputs["latents"]
+            entry = _Entry(key=key, mode=req.mode, guided=req.guided, decode=req.decode, options=req.options,
+                           inputs=StaticBuffers(req.inputs),
+                           buffers=allocate_buffers(tuple(lat.shape), r.num_inference_steps, r.dtype, req.guided,
+                                                    r.device))
+            if self.capturing:
+                if req.on_step is not None:
+                    raise ValueError("callback_on_step_end runs Python between steps, which a CUDA graph replay "
+                                     "cannot; use backend='eager' for callbacks")
+                entry.inputs.load(req.inputs)
+                logger.info("capturing the %d-step OLSS loop in a CUDA graph for latents %s (%s, %s mode)",
+                            r.num_inference_steps, list(lat.shape), r.dtype, req.mode)
+                try:
+                    entry.graph = CapturedGraph(key, lambda e=entry: self._program(e), entry.inputs, state=entry,
+                                                warmup_iters=r.config.warmup_iters, device=r.device)
+                except Exception as exc:  # noqa: BLE001 - re-raised with context by the front end
+                    raise _CaptureFailed(req.mode, exc) from exc
+            self.num_captures += 1
+            self.cache.put(key, entry)
+        entry.runs += 1
+        if entry.graph is not None:
+            return entry.graph.replay(req.inputs).clone()
+        entry.inputs.load(req.inputs)
+        entry.on_step = req.on_step
+        try:
+            return self._program(entry).clone()
+        finally:
+            entry.on_step = None
+
+    def cache_info(self) -> dict[str, Any]:
+        c = self.cache
+        return {"entries": c.keys(), "size": len(c), "max_size": c.max_size, "hits": c.hits,
+                "misses": c.misses, "evictions": c.evictions, "captures": self.num_captures}
+
+
+def _backend_class(name: str) -> Any:
+    target = BACKENDS[name]
+    if isinstance(target, str):
+        module, _, cls = target.partition(":")
+        target = getattr(importlib.import_module(module), cls)
+    return target
+
+
+# ==================================================================================================== following the pipeline
+def modules_token(modules: Mapping[str, torch.nn.Module], values: bool = False) -> int:
+    """A hash of the identity of a pipeline's modules and their tensors (addresses, version counters, shapes,
+    dtypes), and with ``values`` a sampled digest of the weight values (:func:`provenance.module_fingerprint`)."""
+    parts: list[Any] = []
+    for name in sorted(modules):
+        m = modules[name]
+        if m is None:
+            parts.append((name, None))
+            continue
+        parts.append((name, id(m), tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype)
+                                         for t in chain(m.parameters(), m.buffers()))))
+        if values:
+            parts.append(provenance.module_fingerprint(m))
+    return hash(tuple(parts))
+
+
+# ==================================================================================================== the runner
 class OLSSRunner:
     """A compiled fixed-step OLSS sampler for one pipeline; call it like the pipeline.
 
@@ -599,76 +415,71 @@ class OLSSRunner:
 
     Attributes:
         pipe: the wrapped pipeline.
+        adapter: its family's :class:`~olss_fast.pipelines.base.PipelineAdapter`.
         schedule: the :class:`OLSSSchedule` currently loaded (see :meth:`update_schedule`).
-        backend: ``"eager"`` or ``"cuda_graph"`` (``"auto"`` resolved).
-        device / dtype: where and in which dtype the loop runs (the UNet's).
-        num_captures: how many CUDA graphs (or eager buffer sets) were created so far.
-        text_encoder_in_graph: whether the text encoder runs inside the captured program (it falls back to running
-            before the graph if capturing it fails; a warning is logged).
+        config: the :class:`RuntimeConfig`.
+        backend: the program backend's name (``"auto"`` resolved).
+        device / dtype: where and in which dtype the loop runs (the denoiser's).
+        text_encoder_in_graph: whether the text encoder runs inside the program (for ``cuda_graph`` it falls back to
+            running before the graph if capturing it fails; a warning is logged).
     """
 
-    def __init__(
-        self,
-        pipe: Any,
-        schedule: OLSSSchedule,
-        *,
-        backend: str = "auto",
-        height: Optional[int] = None,
-        width: Optional[int] = None,
-        batch_size: int = 1,
-        guidance_scale: Optional[float] = None,
-        dtype: Optional[torch.dtype] = None,
-        compile_unet: bool = False,
-        compile_mode: Optional[str] = None,
-        cache_size: int = 4,
-        warmup_iters: int = 2,
-        step_backend: str = "auto",
-    ) -> None:
-        if backend not in BACKENDS:
-            raise ValueError(
-                f"unknown backend {backend!r}; the OLSS runner supports {BACKENDS} (compile_olss_pipeline also takes "
-                "'onnxruntime' and 'tensorrt', see olss_fast.export)"
-            )
+    def __init__(self, pipe: Any, schedule: OLSSSchedule, config: Optional[RuntimeConfig] = None) -> None:
+        config = config or RuntimeConfig()
         self.pipe = pipe
-        self.adapter = _make_adapter(pipe)
-        if dtype is not None and self.adapter.unet.dtype != dtype:
-            logger.info("converting the pipeline's modules to %s", dtype)
-            pipe.to(dtype=dtype)
-            self.adapter = _make_adapter(pipe)
-        self.device = _pipe_device(pipe)
-        self.dtype = self.adapter.unet.dtype
-        if backend == "auto":
-            backend = "cuda_graph" if self.device.type == "cuda" else "eager"
-        if backend == "cuda_graph" and (self.device.type != "cuda" or not torch.cuda.is_available()):
+        self.adapter: PipelineAdapter = adapter_for(pipe)
+        if config.dtype is not None and self.adapter.dtype != config.dtype:
+            if config.backend in ("onnxruntime", "tensorrt"):
+                pass  # the exported backends export a converted copy; the pipeline stays as it is
+            else:
+                logger.info("converting the pipeline's modules to %s", config.dtype)
+                pipe.to(dtype=config.dtype)
+        self.config = config
+        self.device = self.adapter.device
+        self.dtype = config.dtype if (config.dtype is not None and config.backend in ("onnxruntime", "tensorrt")) \
+            else self.adapter.dtype
+        self.backend = config.resolve_backend(self.device)
+        if self.backend == "cuda_graph" and (self.device.type != "cuda" or not torch.cuda.is_available()):
             raise ValueError(f"backend='cuda_graph' needs the pipeline on a CUDA device, it is on {self.device}")
-        self.backend = backend
-        self.batch_size, self.height, self.width, self.guidance_scale = check_init_args(
-            self.adapter, pipe, batch_size, height, width, guidance_scale
-        )
-        self.warmup_iters = int(warmup_iters)
-        self.step_backend = step_backend
+        dh, dw = self.adapter.default_size()
+        self.height, self.width = int(config.height or dh), int(config.width or dw)
+        self.adapter.check_size(self.height, self.width)
+        self.batch_size = int(config.batch_size)
+        self.guidance_scale = config.guidance_scale if config.guidance_scale is not None else \
+            check_guidance(default_guidance(pipe))
         self.text_encoder_in_graph = True
-        self.num_captures = 0
-
-        self._check_schedule(schedule)
+        self._check_schedule(schedule, initial=True)
         self.schedule = schedule
         self._coeffs = schedule.coeffs.to(device=self.device, dtype=torch.float32).contiguous()
         self._timesteps = _timesteps_tensor(schedule, self.device)
         self._guidance = torch.full((1,), self.guidance_scale, dtype=torch.float32, device=self.device)
-
-        self.compile_unet = bool(compile_unet)
-        if self.compile_unet:
-            self._unet: Callable = torch.compile(self.adapter.unet, mode=compile_mode, dynamic=False)
-        else:
-            self._unet = self.adapter.unet
-        self._cache: GraphCache[_Entry] = GraphCache(cache_size)
+        self._program = _backend_class(self.backend)(self)
+        self._token = modules_token(self.adapter.modules(), self._program.needs_weight_values)
 
     # ------------------------------------------------------------------ schedule handling
     @property
     def num_inference_steps(self) -> int:
         return self.schedule.num_steps
 
-    def _check_schedule(self, schedule: OLSSSchedule) -> None:
+    @property
+    def compile_unet(self) -> bool:
+        return self.config.compile_unet
+
+    def _actual(self, guidance: float, height: int, width: int, model: bool) -> dict[str, Any]:
+        actual: dict[str, Any] = {
+            "prediction_type": _scheduler_prediction_type(self.pipe),
+            "guidance_scale": guidance,
+            "latent_shape": list(self.adapter.latent_shape(1, height, width)[1:]),
+        }
+        sched = getattr(self.pipe, "scheduler", None)
+        cfg = provenance.config_dict(getattr(sched, "config", None))
+        if cfg:
+            actual["noise_schedule"] = provenance.noise_schedule_id(dict(cfg, _class_name=type(sched).__name__))
+        if model:
+            actual["model"] = provenance.model_id(self.adapter.denoiser)
+        return actual
+
+    def _check_schedule(self, schedule: OLSSSchedule, initial: bool = False) -> None:
         if not isinstance(schedule, OLSSSchedule):
             raise ValueError(f"expected an OLSSSchedule, got {type(schedule).__name__}")
         c = schedule.num_channels
@@ -677,20 +488,19 @@ class OLSSRunner:
                 f"the schedule has per-channel coefficients for {c} channels but the latents have "
                 f"{self.adapter.latent_channels}"
             )
-        sched = getattr(self.pipe, "scheduler", None)
-        ptype = getattr(getattr(sched, "config", None), "prediction_type", None)
-        if ptype is not None and ptype != schedule.prediction_type:
-            logger.warning(
-                "the schedule was fitted for prediction_type=%r but the pipeline's scheduler says %r",
-                schedule.prediction_type, ptype,
-            )
+        fitted = dict(schedule.fitted_for, prediction_type=schedule.prediction_type)
+        provenance.check_fitted_for(
+            fitted, self._actual(self.guidance_scale, self.height, self.width, model=True),
+            allow=tuple(self.config.allow_mismatch) + tuple(schedule.fitted_for.get("accepted_mismatch", ())),
+            what=f"the {schedule.num_steps}-step schedule", where=f"this {self.adapter.name}",
+        )
 
     def update_schedule(self, schedule: OLSSSchedule) -> None:
         """Load another schedule with the same number of steps (and coefficient layout) into the static buffers.
 
         Captured graphs read coefficients and timesteps from device tensors, so they keep working without
-        re-capture. ``ValueError`` when the step count, the coefficient shape or the timestep type differs (build a
-        new runner for those).
+        re-capture (exported backends export it on their next call). ``ValueError`` when the step count, the
+        coefficient shape or the timestep type differs (build a new runner for those).
         """
         self._check_schedule(schedule)
         if schedule.num_steps != self.schedule.num_steps:
@@ -711,6 +521,26 @@ class OLSSRunner:
         self._coeffs.copy_(schedule.coeffs.to(torch.float32))
         self._timesteps.copy_(ts)
         self.schedule = schedule
+        if hasattr(self._program, "schedule_changed"):
+            self._program.schedule_changed()
+
+    # ------------------------------------------------------------------ following the pipeline
+    def _follow_pipeline(self) -> None:
+        """Notice reassigned modules or changed weights (see the module docstring) before a call."""
+        token = modules_token(self.adapter.modules(), self._program.needs_weight_values)
+        if token == self._token:
+            return
+        logger.info("the pipeline's modules or weights changed since the last call: rebuilding the %s program",
+                    self.backend)
+        self.adapter.refresh()
+        self._program.invalidate()
+        self._token = token
+        fitted = dict(self.schedule.fitted_for, prediction_type=self.schedule.prediction_type)
+        provenance.check_fitted_for(
+            fitted, self._actual(self.guidance_scale, self.height, self.width, model=True),
+            allow=tuple(self.config.allow_mismatch) + tuple(self.schedule.fitted_for.get("accepted_mismatch", ())),
+            what=f"the {self.num_inference_steps}-step schedule", where=f"this {self.adapter.name}",
+        )
 
     # ------------------------------------------------------------------ calling
     def __call__(
@@ -729,38 +559,67 @@ class OLSSRunner:
         num_images_per_prompt: int = 1,
         guidance_scale: Optional[float] = None,
         num_inference_steps: Optional[int] = None,
+        callback_on_step_end: Optional[Callable] = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        cross_attention_kwargs: Optional[dict[str, Any]] = None,
+        guidance_rescale: float = 0.0,
+        clip_skip: Optional[int] = None,
         **kwargs: Any,
     ) -> Any:
         """Sample like the pipeline's ``__call__`` (same keyword names; the step count is the schedule's).
 
         Returns what the pipeline returns: ``StableDiffusionPipelineOutput`` (``nsfw_content_detected=None``, no
         safety checker), ``StableDiffusionXLPipelineOutput``, ``ImagePipelineOutput``, or a tuple when
-        ``return_dict=False``.
+        ``return_dict=False``. ``callback_on_step_end`` runs with the eager backend only and may read the
+        ``latents`` but not change them (``ValueError``: the OLSS step could not honour the edit).
         """
         unknown = sorted(set(kwargs) - set(self.adapter.extra_kwargs))
         if unknown:
+            accepted = list(_COMMON_KWARGS) + list(self.adapter.extra_kwargs)
             raise ValueError(
-                f"unsupported argument(s) {unknown} for the OLSS runner of a {self.adapter.name}; it accepts prompt, "
-                "negative_prompt, prompt_embeds, negative_prompt_embeds, latents, generator, output_type, "
-                "return_dict, height, width, num_images_per_prompt, guidance_scale, num_inference_steps"
-                + (", " + ", ".join(self.adapter.extra_kwargs) if self.adapter.extra_kwargs else "")
+                f"unsupported argument(s) {unknown} for the OLSS runner of a {self.adapter.name}; it accepts "
+                + ", ".join(accepted)
             )
-        num_images, height, width, g = check_call_args(
-            self, num_inference_steps, output_type, num_images_per_prompt, height, width, guidance_scale
-        )
+        if num_inference_steps is not None and num_inference_steps != self.num_inference_steps:
+            raise ValueError(
+                f"this runner runs its {self.num_inference_steps}-step schedule; got num_inference_steps="
+                f"{num_inference_steps} (compile another runner for another step count)"
+            )
+        if output_type not in _OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {_OUTPUT_TYPES}, got {output_type!r}")
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, numbers.Integral) \
+                or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}")
+        for name, v in (("height", height), ("width", width)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        height, width = int(height or self.height), int(width or self.width)
+        self.adapter.check_size(height, width)
+        g = self.guidance_scale if guidance_scale is None else check_guidance(guidance_scale)
         guided = g > 1.0
+        options = self._options(cross_attention_kwargs, guidance_rescale, clip_skip)
+        on_step = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         args = dict(kwargs, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
                     negative_prompt_embeds=negative_prompt_embeds)
-
+        self._follow_pipeline()
+        if self.schedule.fitted_for:  # another guidance scale or size than fitted for: warn once each
+            provenance.check_fitted_for(
+                {k: self.schedule.fitted_for.get(k) for k in ("guidance_scale", "latent_shape")},
+                {"guidance_scale": g if guided else None,
+                 "latent_shape": list(self.adapter.latent_shape(1, height, width)[1:])},
+                what=f"the {self.num_inference_steps}-step schedule", where="in this call",
+            )
         with torch.no_grad():
-            batch, mode, cond = self.adapter.prepare(args, guided, num_images, self.text_encoder_in_graph,
-                                                     height, width)
-            lat = self._prepare_latents(batch, height, width, latents, generator)
+            prepared = self.adapter.prepare(args, guided, int(num_images_per_prompt), self.text_encoder_in_graph,
+                                            height, width, options)
+            lat = self._prepare_latents(prepared.batch, height, width, latents, generator)
             if guided:
                 self._guidance.fill_(g)
-            decode = output_type != "latent"
+            req = ProgramRequest(mode=prepared.mode, guided=guided, decode=output_type != "latent",
+                                 inputs={**prepared.inputs, "latents": lat}, guidance=g, height=height, width=width,
+                                 options=options, on_step=on_step)
             try:
-                out = self._execute(mode, guided, decode, {**cond, "latents": lat})
+                image = self._program.run(req)
             except _CaptureFailed as exc:
                 if not (exc.mode.startswith("tokens") and self.text_encoder_in_graph):
                     raise _capture_error(exc) from exc.error
@@ -769,17 +628,72 @@ class OLSSRunner:
                     exc.error,
                 )
                 self.text_encoder_in_graph = False
-                batch, mode, cond = self.adapter.prepare(args, guided, num_images, False, height, width)
+                prepared = self.adapter.prepare(args, guided, int(num_images_per_prompt), False, height, width,
+                                                options)
+                req.mode, req.inputs = prepared.mode, {**prepared.inputs, "latents": lat}
                 try:
-                    out = self._execute(mode, guided, decode, {**cond, "latents": lat})
+                    image = self._program.run(req)
                 except _CaptureFailed as exc2:
                     raise _capture_error(exc2) from exc2.error
-            image = out.clone()
         return self.adapter.finish(image, output_type, return_dict)
 
-    def _prepare_latents(
-        self, batch: int, height: int, width: int, latents: Optional[torch.Tensor], generator: Any
-    ) -> torch.Tensor:
+    def _options(self, cross_attention_kwargs: Any, guidance_rescale: Any, clip_skip: Any) -> CallOptions:
+        lora_scale = None
+        if cross_attention_kwargs is not None:
+            if not isinstance(cross_attention_kwargs, Mapping) or set(cross_attention_kwargs) - {"scale"}:
+                raise ValueError(
+                    "cross_attention_kwargs may only hold the LoRA scale ({'scale': s}) for the OLSS runner, got "
+                    f"{cross_attention_kwargs!r}"
+                )
+            if "scale" in cross_attention_kwargs:
+                lora_scale = check_finite_number("cross_attention_kwargs['scale']", cross_attention_kwargs["scale"])
+        rescale = check_finite_number("guidance_rescale", guidance_rescale)
+        if not 0.0 <= rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
+        if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, numbers.Integral)
+                                      or clip_skip < 0):
+            raise ValueError(f"clip_skip must be an integer >= 0, got {clip_skip!r}")
+        options = CallOptions(clip_skip=None if clip_skip is None else int(clip_skip), lora_scale=lora_scale,
+                              guidance_rescale=rescale)
+        self.adapter.check_options(options)
+        return options
+
+    def _callback(self, callback: Any, tensor_inputs: Sequence[str]) -> Optional[Callable[[int, torch.Tensor], None]]:
+        if callback is None:
+            return None
+        if not callable(callback):
+            raise ValueError(f"callback_on_step_end must be callable, got {type(callback).__name__}")
+        names = list(getattr(callback, "tensor_inputs", None) or tensor_inputs)
+        if set(names) - {"latents"}:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs {sorted(set(names) - {'latents'})} are not available in the "
+                "OLSS runner's fixed program; the callback may read 'latents'"
+            )
+        if self.backend != "eager":
+            raise ValueError(f"callback_on_step_end runs Python between steps, which the {self.backend} backend "
+                             "cannot; use backend='eager' for callbacks")
+        timesteps = self.schedule.timesteps
+
+        def on_step(j: int, latents: torch.Tensor) -> None:
+            given = latents.clone()  # the callback's copy: editing it in place is an edit too
+            out = callback(self.pipe, j, torch.tensor(timesteps[j]), {name: given for name in names})
+            if out is not None and not isinstance(out, Mapping):
+                raise ValueError(f"callback_on_step_end must return a dict, got {type(out).__name__}")
+            out = dict(out or {})
+            returned = out.pop("latents", given)
+            edited = sorted(out) + (["latents"] if not (torch.equal(given, latents)
+                                                        and torch.equal(returned, latents)) else [])
+            if edited:
+                raise ValueError(
+                    f"callback_on_step_end at step {j} changed {edited}: the OLSS program computes each latent from "
+                    "the initial noise and the model outputs and cannot take such edits into account; a callback "
+                    "may only read the latents"
+                )
+
+        return on_step
+
+    def _prepare_latents(self, batch: int, height: int, width: int, latents: Optional[torch.Tensor],
+                         generator: Any) -> torch.Tensor:
         """Initial noise like the pipelines' ``prepare_latents`` (``init_noise_sigma`` is 1 for OLSS)."""
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -800,173 +714,34 @@ class OLSSRunner:
             )
         return latents.to(device=self.device, dtype=self.dtype)
 
-    # ------------------------------------------------------------------ program
-    def _key(self, mode: str, guided: bool, decode: bool, inputs: Mapping[str, torch.Tensor]) -> tuple:
-        from olss_fast.export.cuda_graph import tensor_signature
-
-        return (self.backend, mode, guided, decode, str(self.dtype), tensor_signature(inputs))
-
-    def _new_entry(self, key: tuple, mode: str, guided: bool, decode: bool,
-                   inputs: Mapping[str, torch.Tensor]) -> _Entry:
-        lat = inputs["latents"]
-        b = int(lat.shape[0])
-        n = self.num_inference_steps
-        dev = self.device
-        entry = _Entry(
-            key=key, mode=mode, guided=guided, decode=decode, inputs=StaticBuffers(inputs),
-            x0=torch.empty(lat.shape, dtype=torch.float32, device=dev),
-            history=torch.empty((n, *lat.shape), dtype=torch.float32, device=dev),
-            x_in=torch.empty(((2 * b) if guided else b, *lat.shape[1:]), dtype=self.dtype, device=dev),
-            final=torch.empty(lat.shape, dtype=self.dtype, device=dev),
-        )
-        return entry
-
-    def _program(self, entry: _Entry) -> torch.Tensor:
-        """The static loop: [text encoder] → n × (UNet → fused OLSS step) → [decode]. Capturable."""
-        with torch.no_grad():
-            inputs = entry.inputs
-            cond = self.adapter.encode(inputs, entry.mode, entry.guided)
-            lat = inputs["latents"]
-            b = lat.shape[0]
-            entry.x0.copy_(lat)
-            if entry.guided:
-                entry.x_in[:b].copy_(lat)
-                entry.x_in[b:].copy_(lat)
-            else:
-                entry.x_in.copy_(lat)
-            g = self._guidance if entry.guided else None
-            n = self.num_inference_steps
-            for j in range(n):
-                out = self.adapter.unet_forward(self._unet, entry.x_in, self._timesteps[j], cond)
-                target = entry.x_in if j < n - 1 else entry.final
-                fused_olss_step(out, self._coeffs, j, entry.x0, entry.history, target, g, backend=self.step_backend)
-            if entry.decode:
-                return self.adapter.decode(entry.final)
-            return entry.final
-
-    def _execute(self, mode: str, guided: bool, decode: bool, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        key = self._key(mode, guided, decode, inputs)
-        entry = self._cache.get(key)
-        if entry is None:
-            entry = self._new_entry(key, mode, guided, decode, inputs)
-            if self.backend == "cuda_graph":
-                entry.inputs.load(inputs)
-                logger.info(
-                    "capturing the %d-step OLSS loop in a CUDA graph for latents %s (%s, %s mode)",
-                    self.num_inference_steps, list(inputs["latents"].shape), self.dtype, mode,
-                )
-                try:
-                    entry.graph = CapturedGraph(
-                        key, lambda e=entry: self._program(e), entry.inputs, state=entry,
-                        warmup_iters=self.warmup_iters, device=self.device,
-                    )
-                except Exception as exc:  # noqa: BLE001 - re-raised with context by the caller
-                    raise _CaptureFailed(mode, exc) from exc
-            self.num_captures += 1
-            self._cache.put(key, entry)
-        entry.runs += 1
-        if entry.graph is not None:
-            return entry.graph.replay(inputs)
-        entry.inputs.load(inputs)
-        return self._program(entry)
-
     # ------------------------------------------------------------------ utilities
     def warmup(self, batch_size: Optional[int] = None, height: Optional[int] = None, width: Optional[int] = None,
                output_type: str = "pil") -> None:
-        """Capture (or allocate) the program for ``batch_size`` × ``height`` × ``width`` ahead of the first call."""
+        """Build (capture, export) the program for ``batch_size`` × ``height`` × ``width`` ahead of the first call."""
         batch = int(batch_size or self.batch_size)
-        args = self.adapter.placeholder_args(batch)
-        self(**args, height=height, width=width, output_type=output_type,
-             latents=torch.zeros(self.adapter.latent_shape(batch, int(height or self.height), int(width or self.width)),
-                                 device=self.device, dtype=self.dtype))
+        h, w = int(height or self.height), int(width or self.width)
+        self(**self.adapter.placeholder_args(batch), height=h, width=w, output_type=output_type,
+             latents=torch.zeros(self.adapter.latent_shape(batch, h, w), device=self.device, dtype=self.dtype))
 
     def cache_info(self) -> dict[str, Any]:
-        """Cache statistics: entries (least recently used first), hits, misses, evictions, captures."""
-        return {
-            "entries": self._cache.keys(), "size": len(self._cache), "max_size": self._cache.max_size,
-            "hits": self._cache.hits, "misses": self._cache.misses, "evictions": self._cache.evictions,
-            "captures": self.num_captures,
-        }
+        """The backend's program cache: entries (least recently used first), hits, misses, evictions, captures."""
+        return self._program.cache_info()
+
+    @property
+    def num_captures(self) -> int:
+        return self.cache_info().get("captures", 0)
 
     def __repr__(self) -> str:
         return (
             f"OLSSRunner({self.adapter.name}, backend={self.backend!r}, steps={self.num_inference_steps}, "
-            f"dtype={self.dtype}, device={self.device}, compile_unet={self.compile_unet})"
+            f"dtype={self.dtype}, device={self.device}, compile_unet={self.config.compile_unet})"
         )
 
 
-def _capture_error(exc: _CaptureFailed) -> RuntimeError:
-    return RuntimeError(f"capturing the OLSS loop in a CUDA graph failed: {exc.error!r}; use backend='eager'")
-
-
-def check_init_args(
-    adapter: Any, pipe: Any, batch_size: Any, height: Optional[int], width: Optional[int],
-    guidance_scale: Optional[float],
-) -> tuple[int, int, int, float]:
-    """Validate a runner's construction arguments → ``(batch_size, height, width, guidance_scale)``.
-
-    Shared by :class:`OLSSRunner` and the exported runners; ``None`` size/guidance take the pipeline's defaults.
-    """
-    if isinstance(batch_size, bool) or int(batch_size) < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    dh, dw = adapter.default_size()
-    height, width = int(height or dh), int(width or dw)
-    adapter.check_size(height, width)
-    guidance = _check_guidance(default_guidance(pipe) if guidance_scale is None else guidance_scale)
-    return int(batch_size), height, width, guidance
-
-
-def check_call_args(
-    runner: Any,
-    num_inference_steps: Optional[int],
-    output_type: str,
-    num_images_per_prompt: Any,
-    height: Optional[int],
-    width: Optional[int],
-    guidance_scale: Optional[float],
-) -> tuple[int, int, int, float]:
-    """Validate a runner call's common arguments → ``(num_images, height, width, guidance_scale)``.
-
-    Shared by :class:`OLSSRunner` and the exported runners (``runner`` has ``num_inference_steps``, ``height``,
-    ``width``, ``guidance_scale`` and ``adapter``).
-    """
-    if num_inference_steps is not None and int(num_inference_steps) != runner.num_inference_steps:
-        raise ValueError(
-            f"this runner runs its {runner.num_inference_steps}-step schedule; got num_inference_steps="
-            f"{num_inference_steps} (compile another runner for another step count)"
-        )
-    if output_type not in _OUTPUT_TYPES:
-        raise ValueError(f"output_type must be one of {_OUTPUT_TYPES}, got {output_type!r}")
-    if isinstance(num_images_per_prompt, bool) or int(num_images_per_prompt) < 1:
-        raise ValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}")
-    height, width = int(height or runner.height), int(width or runner.width)
-    runner.adapter.check_size(height, width)
-    g = runner.guidance_scale if guidance_scale is None else _check_guidance(guidance_scale)
-    return int(num_images_per_prompt), height, width, g
-
-
-def default_guidance(pipe: Any) -> float:
-    """The default ``guidance_scale`` of ``pipe.__call__`` (7.5 when it has none)."""
-    from olss_fast.recording import call_default_guidance
-
-    g = call_default_guidance(pipe)
-    return 7.5 if g is None else g
-
-
-def _check_guidance(g: Any) -> float:
-    try:
-        value = float(g)
-    except (TypeError, ValueError):
-        raise ValueError(f"guidance_scale must be a number, got {g!r}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"guidance_scale must be finite, got {value}")
-    return value
-
-
-def _timesteps_tensor(schedule: OLSSSchedule, device: torch.device) -> torch.Tensor:
-    """The schedule's timesteps as the OLSSScheduler stores them (int64 for integer timesteps, else float32)."""
-    is_int = all(isinstance(t, int) for t in schedule.timesteps)
-    return torch.tensor(schedule.timesteps, dtype=torch.long if is_int else torch.float32, device=device)
+def check_finite_number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 # ==================================================================================================== entry point
@@ -974,67 +749,43 @@ def compile_olss_pipeline(
     pipe: Any,
     schedule: Any = None,
     *,
-    backend: str = "auto",
     num_inference_steps: Optional[int] = None,
-    height: Optional[int] = None,
-    width: Optional[int] = None,
-    batch_size: int = 1,
-    guidance_scale: Optional[float] = None,
-    dtype: Optional[torch.dtype] = None,
-    compile_unet: bool = False,
-    compile_mode: Optional[str] = None,
-    cache_size: int = 4,
-    warmup_iters: int = 2,
-    step_backend: str = "auto",
+    config: Optional[RuntimeConfig] = None,
     warmup: bool = False,
-    cache_dir: Optional[str] = None,
-) -> Union[OLSSRunner, "ExportedOLSSRunner"]:
-    """Build an :class:`OLSSRunner` that samples ``pipe`` with an OLSS schedule as one static loop.
+    **options: Any,
+) -> OLSSRunner:
+    """Build an :class:`OLSSRunner` that samples ``pipe`` with an OLSS schedule as one static program.
 
     Args:
-        pipe: a ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or ``DigitsPipeline``.
-        schedule: an :class:`OLSSSchedule`; or an ``OLSSScheduler`` (anything with a ``schedules`` mapping
-            ``{n: OLSSSchedule}``) with ``num_inference_steps`` choosing one; ``None`` uses ``pipe.scheduler``.
-        backend: ``"auto"`` (``cuda_graph`` on CUDA, else ``eager``), ``"eager"``, ``"cuda_graph"``, or
-            ``"onnxruntime"`` / ``"tensorrt"`` (ONNX export / TensorRT engines, see :mod:`olss_fast.export`; these
-            return an ``ExportedOLSSRunner`` and ignore ``compile_unet``, ``cache_size`` and ``warmup_iters``).
-        num_inference_steps: which schedule of an ``OLSSScheduler`` to run (must match an ``OLSSSchedule``).
-        height, width: default image size (the pipeline's default when ``None``); calls may override.
-        batch_size: the batch :meth:`OLSSRunner.warmup` prepares (calls may use other batches: each new input
-            signature gets its own capture, kept in an LRU cache of ``cache_size``).
-        guidance_scale: classifier-free guidance scale (> 1 enables CFG); ``None`` takes the default of the
-            pipeline's ``__call__`` (7.5 for Stable Diffusion, 1.5 for the digits model); calls may override (no
-            re-capture unless CFG is switched on or off).
-        dtype: convert the pipeline's modules to this dtype first (in place); ``None`` keeps the UNet's dtype.
-        compile_unet: ``torch.compile`` the UNet (inductor, static shapes; ``compile_mode`` is passed on — do not
-            use ``"reduce-overhead"`` with ``cuda_graph``, the whole loop is already captured).
-        warmup_iters: eager iterations on a side stream before each capture.
-        step_backend: fused-step backend (``"auto"``, ``"triton"``, ``"reference"``), see
-            :func:`olss_fast.kernels.fused_step.select_backend`.
-        warmup: capture for ``batch_size`` × ``height`` × ``width`` now instead of at the first call.
-        cache_dir: where the ``onnxruntime`` / ``tensorrt`` backends keep exports and engines (default
-            ``$OLSS_FAST_CACHE`` or ``~/.cache/olss_fast``).
+        pipe: a pipeline of a registered family (:func:`olss_fast.pipelines.supported_pipelines`).
+        schedule: an :class:`OLSSSchedule`; an ``OLSSScheduler`` (one schedule: used; several:
+            ``num_inference_steps`` chooses); a path to a scheduler folder or schedule JSON; ``None``:
+            ``pipe.scheduler``.
+        num_inference_steps: which schedule of a scheduler to run.
+        config: a :class:`RuntimeConfig`; or pass its fields as keywords (``backend="cuda_graph"``,
+            ``guidance_scale=5.0``, ...) — not both.
+        warmup: build (capture / export) the program for the configured batch and size now.
 
     Raises:
-        ValueError: unsupported pipeline or backend, a schedule that does not fit the pipeline, bad sizes.
+        ValueError: unsupported pipeline or backend, a schedule that does not fit the pipeline (or was fitted for
+            another model, noise schedule or prediction type, see ``allow_mismatch``), bad sizes.
         RuntimeError: ``backend="tensorrt"`` without the ``tensorrt`` package.
     """
-    resolved = _resolve_schedule(schedule, num_inference_steps, pipe)
-    if backend in ("onnxruntime", "tensorrt"):  # the exported program (olss_fast.export)
-        from olss_fast.export.compiled import ExportedOLSSRunner
-
-        exported = ExportedOLSSRunner(
-            pipe, resolved, backend=backend, height=height, width=width, batch_size=batch_size,
-            guidance_scale=guidance_scale, dtype=dtype, cache_dir=cache_dir, step_backend=step_backend,
-        )
-        if warmup:
-            exported.warmup()
-        return exported
-    runner = OLSSRunner(
-        pipe, resolved, backend=backend, height=height, width=width, batch_size=batch_size,
-        guidance_scale=guidance_scale, dtype=dtype, compile_unet=compile_unet, compile_mode=compile_mode,
-        cache_size=cache_size, warmup_iters=warmup_iters, step_backend=step_backend,
-    )
+    if config is not None and options:
+        raise ValueError(f"pass runtime options in config=RuntimeConfig(...) or as keywords, not both "
+                         f"({sorted(options)})")
+    if config is None:
+        known = {f.name for f in dataclasses.fields(RuntimeConfig)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown}; RuntimeConfig takes {sorted(known)}")
+        config = RuntimeConfig(**options)
+    elif not isinstance(config, RuntimeConfig):
+        raise ValueError(f"config must be a RuntimeConfig, got {type(config).__name__}")
+    adapter_for(pipe)  # ValueError for unsupported pipelines before anything else
+    resolved = resolve_schedule(schedule, num_inference_steps, pipe)
+    runner = OLSSRunner(pipe, resolved, config)
     if warmup:
         runner.warmup()
     return runner
+

@@ -608,3 +608,29 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
+
+
+def load_schedule_source(path: str | os.PathLike) -> "OLSSSchedule | OLSSScheduler":
+    """An ``OLSSScheduler`` (a ``save_pretrained`` folder or its ``scheduler_config.json``) or an ``OLSSSchedule``
+    (a schedule JSON) from ``path``; ``ValueError`` when it is missing, unreadable or something else."""
+    import json
+
+    p = Path(path)
+    if p.is_dir():
+        if not (p / OLSSScheduler.config_name).is_file():
+            raise ValueError(f"{p} is not an OLSSScheduler folder (no {OLSSScheduler.config_name})")
+        p = p / OLSSScheduler.config_name
+    if not p.is_file():
+        raise ValueError(f"schedule path {p} does not exist")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{p} is not a readable JSON file (truncated or corrupted?): {exc}") from None
+    if isinstance(data, dict) and "schedules" in data and "timesteps" not in data:
+        if data.get("_class_name", "OLSSScheduler") != "OLSSScheduler":
+            raise ValueError(f"{p} is a {data.get('_class_name')} config, not an OLSSScheduler's")
+        try:
+            return OLSSScheduler.from_config(data)
+        except (TypeError, KeyError) as exc:
+            raise ValueError(f"{p} is not a valid OLSSScheduler config: {exc}") from None
+    return OLSSSchedule.load(p)

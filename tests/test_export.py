@@ -390,7 +390,7 @@ def test_bad_inputs(sd_pipe: Any, digits_pipe: Any, digits_sched: OLSSSchedule, 
     with pytest.raises(ValueError, match="num_inference_steps=4 but the schedule has 5 steps"):
         export_onnx(digits_pipe, digits_sched, tmp_path / "a", num_inference_steps=4)
     two = OLSSScheduler.from_schedules([ddim(digits_pipe, 3), digits_sched], config=digits_pipe.scheduler.config)
-    with pytest.raises(ValueError, match=r"holds schedules for \[3, 5\] steps, not 4"):
+    with pytest.raises(ValueError, match=r"holds searched schedules for \[3, 5\] steps, not 4"):
         export_onnx(digits_pipe, two, tmp_path / "a", num_inference_steps=4)
     with pytest.raises(ValueError, match="choose one with num_inference_steps"):
         export_onnx(digits_pipe, two, tmp_path / "a")
@@ -408,7 +408,8 @@ def test_bad_inputs(sd_pipe: Any, digits_pipe: Any, digits_sched: OLSSSchedule, 
                                          down_block_types=("DownBlock2D", "DownBlock2D"),
                                          up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4),
                         scheduler=sd_pipe.scheduler)
-    with pytest.raises(ValueError, match="does not support DDPMPipeline; supported: diffusers.StableDiffusionPip"):
+    with pytest.raises(ValueError, match="DDPMPipeline is not supported by the OLSS runtime; supported pipelines: "
+                                         "StableDiffusionPipeline"):
         export_onnx(ddpm, digits_sched, tmp_path / "a")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk"]  # nothing was written
 
@@ -468,12 +469,12 @@ def test_failure_mid_export_leaves_nothing(sd_pipe: Any, sd_sched: OLSSSchedule,
 def test_compile_backend_onnxruntime(sd_pipe: Any, sd_sched: OLSSSchedule, digits_pipe: Any,
                                      digits_sched: OLSSSchedule, tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from olss_fast.export.compiled import ExportedOLSSRunner
+    from olss_fast.export.backends import OnnxRuntimeBackend
 
     cache = tmp_path / "cache"
     fast = compile_olss_pipeline(sd_pipe, sd_sched, backend="onnxruntime", guidance_scale=5.0, cache_dir=str(cache))
     eager = compile_olss_pipeline(sd_pipe, sd_sched, backend="eager", guidance_scale=5.0)
-    assert isinstance(fast, ExportedOLSSRunner) and fast.num_inference_steps == 4
+    assert isinstance(fast._program, OnnxRuntimeBackend) and fast.num_inference_steps == 4 and fast.backend == "onnxruntime"
     kw = dict(negative_prompt="7", generator=torch.Generator().manual_seed(4))
     a = fast(SD_PROMPTS, output_type="pt", **kw)
     b = eager(SD_PROMPTS, output_type="pt", negative_prompt="7", generator=torch.Generator().manual_seed(4))
@@ -490,13 +491,14 @@ def test_compile_backend_onnxruntime(sd_pipe: Any, sd_sched: OLSSSchedule, digit
     np.testing.assert_allclose(ea, eb, atol=ATOL_IMAGE, rtol=0)
     pil = fast(SD_PROMPTS, latents=lat).images
     assert len(pil) == 2 and pil[0].size == (16, 16)
-    assert fast.num_exports == 1 and len(fast.cache_info()["entries"]) == 1  # one program for this signature
+    info = fast.cache_info()
+    assert info["num_exports"] == 1 and len(info["entries"]) == 1  # one program for this signature
     # a new process (runner) with the same cache: no export at all
     calls: list[str] = []
     monkeypatch.setattr(onnx_export, "_torch_export", lambda *a, **k: calls.append("x"))  # type: ignore[func-returns-value]
     again = compile_olss_pipeline(sd_pipe, sd_sched, backend="onnxruntime", guidance_scale=5.0, cache_dir=str(cache))
     c = again(SD_PROMPTS, output_type="pt", **dict(kw, generator=torch.Generator().manual_seed(4)))
-    assert calls == [] and again.num_exports == 0
+    assert calls == [] and again.cache_info()["num_exports"] == 0
     torch.testing.assert_close(c.images, a.images, atol=0, rtol=0)
     monkeypatch.undo()
 

@@ -407,12 +407,13 @@ def test_errors(tokenizer_dir: Path) -> None:
         compile_olss_pipeline(make_digits_pipe(), ddim_schedule(_ddim().config, 3))(prompt=[12])
 
 
-def test_prediction_type_mismatch_warns(tokenizer_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_prediction_type_mismatch_is_refused_unless_allowed(tokenizer_dir: Path) -> None:
     pipe = make_sd_pipe(tokenizer_dir, "v_prediction")
     eps = ddim_schedule(_ddim("epsilon").config, 3)
-    with caplog.at_level(logging.WARNING, logger="olss_fast.runtime"):
+    with pytest.raises(ValueError, match="prediction type: fitted for 'epsilon', used with 'v_prediction'"):
         compile_olss_pipeline(pipe, eps, backend="eager")
-    assert any("prediction_type" in r.getMessage() for r in caplog.records)
+    runner = compile_olss_pipeline(pipe, eps, backend="eager", allow_mismatch=("prediction_type",))
+    assert runner.num_inference_steps == 3
 
 
 # ================================================================================================ graph plumbing (CPU)

@@ -1,0 +1,168 @@
+"""The exported program backends of :class:`olss_fast.runtime.OLSSRunner`: ``"onnxruntime"`` and ``"tensorrt"``.
+
+The runner's front end (validation, the adapter's host side, post-processing) is the same as for ``eager``; these
+backends run the program from an ONNX export (:func:`olss_fast.export.onnx_export.export_onnx`):
+
+* ``"onnxruntime"``: :class:`olss_fast.export.onnx_runner.OnnxOLSSRunner` (one ``session.run`` per component; the
+  denoising loop is a single ONNX ``Loop``);
+* ``"tensorrt"``: fp16 engines built from the same files (:mod:`olss_fast.export.tensorrt`), run in the shared loop
+  (:func:`olss_fast.program.run_loop`) with the fused step, captured in a CUDA graph.
+
+Everything an export bakes in is static, so every (batch, height, width, guidance scale) signature gets its own
+export, kept on disk under ``cache_dir`` (keyed by the hash of the weights, schedule, shapes and dtype: a second
+process reuses it without exporting) and in a size-bounded in-memory cache of loaded programs. When the pipeline's
+weights change (the runner compares a sampled digest of their values before every call) the programs are dropped and
+the next call exports the new weights.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from olss_fast.cuda_graph import GraphCache
+from olss_fast.pipelines import CallOptions
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["OnnxRuntimeBackend", "TensorRTBackend"]
+
+
+class _OrtProgram:
+    """The sampler program on onnxruntime (host numpy arrays in and out)."""
+
+    def __init__(self, runner: Any, device: Any) -> None:
+        self.runner = runner
+        self.device = device
+
+    def run(self, mode: str, cond: dict[str, Any], latents: Any, decode: bool) -> Any:
+        r = self.runner
+        noise = latents.detach().cpu().numpy()
+        if mode == "tokens":
+            if "mask" in cond:
+                raise ValueError("text encoders that take an attention mask are not supported by the ONNX export")
+            c = r.encode(cond["ids"].cpu().numpy())
+        elif mode == "embeds":
+            c = cond["embeds"].detach().cpu().numpy()
+        elif mode == "labels":
+            c = cond["labels"].cpu().numpy()
+        else:
+            raise ValueError(f"the exported program does not support the {mode!r} conditioning mode")
+        out = r.denoise(noise, c)
+        if decode:
+            out = r.decode(out)
+        return torch.from_numpy(out).to(self.device)
+
+
+class _ExportedBackend:
+    """Shared plumbing: one exported program per (batch, height, width, guidance) in a bounded cache."""
+
+    name = "exported"
+    #: the weights are baked into the export: a change of their values must rebuild it
+    needs_weight_values = True
+
+    def __init__(self, runner: Any) -> None:
+        from olss_fast.export.onnx_export import default_cache_dir
+
+        self.runner = runner
+        cfg = runner.config
+        if runner.dtype not in (torch.float32, torch.float16):
+            raise ValueError(f"the ONNX/TensorRT backends support float32 and float16, got {runner.dtype}")
+        runner.adapter.check_exportable()
+        self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir is not None else default_cache_dir()
+        self.cache: GraphCache[Any] = GraphCache(cfg.cache_size)
+        self.num_exports = 0
+        self.exports: dict[tuple, str] = {}
+
+    def invalidate(self) -> None:
+        self.cache.clear()
+
+    def schedule_changed(self) -> None:
+        self.cache.clear()
+
+    def _check(self, req: Any) -> None:
+        if req.options != CallOptions():
+            raise ValueError(f"clip_skip, cross_attention_kwargs and guidance_rescale are not supported by the "
+                             f"{self.name} backend (the exported program is fixed); use backend='eager' or "
+                             "'cuda_graph'")
+        if req.on_step is not None:
+            raise ValueError(f"callback_on_step_end is not supported by the {self.name} backend; use backend='eager'")
+
+    def _export(self, batch: int, height: int, width: int, guidance: float) -> Any:
+        from olss_fast.export.onnx_export import export_plan, plan_export
+
+        r = self.runner
+        plan = plan_export(r.pipe, r.schedule, batch_size=batch, height=height, width=width,
+                           guidance_scale=guidance, dtype=r.dtype, allow_mismatch=r.config.allow_mismatch)
+        export = export_plan(plan, self.cache_dir / "onnx" / plan.key[:24], overwrite=True)
+        if not export.reused:
+            self.num_exports += 1
+        self.exports[(batch, height, width, guidance)] = str(export.path)
+        return export
+
+    def run(self, req: Any) -> torch.Tensor:
+        self._check(req)
+        key = (req.batch, req.height, req.width, req.guidance if req.guided else 1.0)
+        prog = self.cache.get(key)
+        if prog is None:
+            prog = self._load(self._export(*key))
+            self.cache.put(key, prog)
+        cond = {k: v for k, v in req.inputs.items() if k != "latents"}
+        if req.mode == "embeds":
+            cond = {k: v.to(self.runner.dtype) for k, v in cond.items()}
+        return prog.run(req.mode, cond, req.inputs["latents"], req.decode)
+
+    def _load(self, export: Any) -> Any:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def cache_info(self) -> dict[str, Any]:
+        c = self.cache
+        return {"entries": c.keys(), "size": len(c), "max_size": c.max_size, "hits": c.hits, "misses": c.misses,
+                "evictions": c.evictions, "num_exports": self.num_exports, "exports": dict(self.exports),
+                "cache_dir": str(self.cache_dir)}
+
+
+class OnnxRuntimeBackend(_ExportedBackend):
+    name = "onnxruntime"
+
+    def _providers(self) -> Any:
+        """The configured providers; else CUDA (when the pipeline is on CUDA and onnxruntime has it), then CPU."""
+        cfg = self.runner.config
+        if cfg.providers is not None:
+            return list(cfg.providers)
+        import onnxruntime as ort
+
+        if self.runner.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return ["CPUExecutionProvider"]
+
+    def _load(self, export: Any) -> Any:
+        from olss_fast.export.onnx_runner import OnnxOLSSRunner
+
+        # export_plan has just written or digest-checked the files: check sizes only here
+        ort_runner = OnnxOLSSRunner(export.path, providers=self._providers(),
+                                    session_options=self.runner.config.session_options, verify=False)
+        return _OrtProgram(ort_runner, self.runner.device)
+
+
+class TensorRTBackend(_ExportedBackend):
+    name = "tensorrt"
+
+    def __init__(self, runner: Any) -> None:
+        from olss_fast.export.tensorrt import require_tensorrt
+
+        require_tensorrt()
+        if runner.device.type != "cuda":
+            raise ValueError(f"backend='tensorrt' needs the pipeline on a CUDA device, it is on {runner.device}")
+        super().__init__(runner)
+
+    def _load(self, export: Any) -> Any:
+        from olss_fast.export.tensorrt import TensorRTOLSSProgram, build_engines
+
+        engines = build_engines(export.path, self.cache_dir / "tensorrt")
+        return TensorRTOLSSProgram(engines, export.manifest, self.runner.device,
+                                   use_cuda_graph=self.runner.config.use_cuda_graph,
+                                   step_backend=self.runner.config.step_backend)
+
