@@ -30,21 +30,27 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
         "export", help="export a searched OLSS sampler to static-shape ONNX (or ONNX + TensorRT engines)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from olss_fast.cli import finite_float, positive_int
+
     p.add_argument("--pipeline", required=True, help="local folder or hub id of a diffusers pipeline, or 'digits'")
     p.add_argument("--scheduler", required=True, metavar="PATH",
                    help="an OLSSScheduler folder (save_pretrained) or a schedule JSON file")
-    p.add_argument("--steps", type=int, default=None, help="which of the scheduler's schedules to export")
-    p.add_argument("--format", default="onnx", choices=["onnx", "tensorrt"], dest="export_format")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="which of the scheduler's schedules to export (not needed when it holds one)")
+    p.add_argument("--format", default="onnx", choices=["onnx", "tensorrt"], dest="export_format",
+                   help="onnx (default) or tensorrt (ONNX + fp16 engines; needs the tensorrt package and a GPU)")
     p.add_argument("--out", required=True, help="export folder (new or empty; an identical export is reused)")
-    p.add_argument("--batch-size", type=int, default=1, help="static batch size (images per call)")
-    p.add_argument("--height", type=int, default=None, help="image height (default: the pipeline's)")
-    p.add_argument("--width", type=int, default=None, help="image width (default: the pipeline's)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
-    p.add_argument("--guidance-scale", type=float, default=None,
-                   help="baked-in classifier-free guidance scale (default 7.5; 2.0 for digits; <= 1 disables CFG)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="static batch size (images per call)")
+    p.add_argument("--height", type=positive_int, default=None, help="image height (default: the pipeline's)")
+    p.add_argument("--width", type=positive_int, default=None, help="image width (default: the pipeline's)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="export dtype")
+    p.add_argument("--guidance-scale", type=finite_float, default=None,
+                   help="baked-in classifier-free guidance scale (default: the pipeline's; <= 1 disables CFG)")
     p.add_argument("--device", default="cpu", help="where to trace the modules (cuda for --format tensorrt)")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=positive_int, default=17, help="ONNX opset of the TorchScript exporter")
     p.add_argument("--no-fp16", action="store_true", help="TensorRT: build without BuilderFlag.FP16")
+    p.add_argument("--allow-mismatch", nargs="+", default=[], choices=["model", "noise_schedule", "prediction_type"],
+                   help="export a schedule fitted for another model / noise schedule / prediction type anyway")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an olss_fast export of something else in --out (other content is never replaced)")
     p.set_defaults(func=cmd_export)
@@ -54,35 +60,15 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
 def load_schedule_source(path: "str | Path", steps: Optional[int] = None) -> Any:
     """An ``OLSSScheduler`` (folder or scheduler config JSON) or an ``OLSSSchedule`` (schedule JSON) from ``path``.
 
-    ``ValueError`` when the path is missing or unreadable, or when ``steps`` does not match a single schedule.
+    ``ValueError`` when the path is missing or unreadable, or when ``steps`` does not match a schedule file.
     """
     from olss_fast.schedule import OLSSSchedule
-    from olss_fast.scheduler import OLSSScheduler
+    from olss_fast.scheduler import load_schedule_source as load
 
-    p = Path(path)
-    if p.is_dir():
-        if not (p / "scheduler_config.json").is_file():
-            raise ValueError(f"{p} is not an OLSSScheduler folder (no scheduler_config.json)")
-        try:
-            return OLSSScheduler.from_pretrained(str(p))
-        except ValueError:
-            raise
-        except Exception as exc:  # diffusers raises OSError / EnvironmentError on unreadable configs
-            raise ValueError(f"cannot load the OLSSScheduler in {p}: {exc}") from None
-    if not p.is_file():
-        raise ValueError(f"--scheduler {p} does not exist")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{p} is not a readable JSON file (truncated?): {exc}") from None
-    if isinstance(data, dict) and "schedules" in data and "timesteps" not in data:
-        if data.get("_class_name", "OLSSScheduler") != "OLSSScheduler":
-            raise ValueError(f"{p} is a {data.get('_class_name')} config, not an OLSSScheduler's")
-        return OLSSScheduler.from_config(data)
-    sched = OLSSSchedule.load(p)
-    if steps is not None and int(steps) != sched.num_steps:
-        raise ValueError(f"--steps {steps} was requested but the schedule in {p} has {sched.num_steps} steps")
-    return sched
+    source = load(path)
+    if isinstance(source, OLSSSchedule) and steps is not None and int(steps) != source.num_steps:
+        raise ValueError(f"--steps {steps} was requested but the schedule in {path} has {source.num_steps} steps")
+    return source
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -90,7 +76,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         return _export(args)
     except (ValueError, RuntimeError) as exc:
-        print(f"olss-fast export: error: {exc}", file=sys.stderr)
+        from olss_fast.cli import cli_message
+
+        print(f"olss-fast export: error: {cli_message(str(exc))}", file=sys.stderr)
         return 2
 
 
@@ -105,7 +93,8 @@ def _export(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.pipeline, args.device, args.dtype)
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(num_inference_steps=args.steps, batch_size=args.batch_size, height=args.height, width=args.width,
-                  guidance_scale=args.guidance_scale, dtype=args.dtype, opset=args.opset)
+                  guidance_scale=args.guidance_scale, dtype=args.dtype, opset=args.opset,
+                  allow_mismatch=tuple(args.allow_mismatch))
     if args.export_format == "onnx":
         from olss_fast.export.onnx_export import export_onnx
 

@@ -61,6 +61,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from olss_fast._io import default_mode
 from olss_fast.export.onnx_runner import (
     EXPORT_FORMAT,
     EXPORT_VERSION,
@@ -799,6 +800,7 @@ def staging_folder(out: Path) -> Iterator[Path]:
     if not os.access(parent, os.W_OK):
         raise ValueError(f"cannot write to {parent}")
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=parent))
+    default_mode(staging)
     try:
         yield staging
     finally:
@@ -819,6 +821,7 @@ def export_onnx(
     dtype: Any = None,
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
+    allow_mismatch: Any = (),
 ) -> OnnxExport:
     """Export ``pipe`` sampled with an OLSS ``schedule`` to static-shape ONNX in ``out_dir``.
 
@@ -830,12 +833,14 @@ def export_onnx(
             exported; ``OnnxExport.reused`` is ``True``). ``None``: a folder named by the cache key under
             :func:`default_cache_dir`.
         batch_size, height, width: static sizes (default: batch 1, the pipeline's default size).
-        guidance_scale: baked-in classifier-free guidance scale (> 1 enables CFG; default 7.5, 2.0 for digits).
+        guidance_scale: baked-in classifier-free guidance scale (> 1 enables CFG; default: the pipeline's own default).
         dtype: ``"float32"`` / ``"float16"`` (or torch dtypes); default the UNet's. The pipeline is not modified
             (a converted copy is exported).
         opset: ONNX opset for the TorchScript exporter.
         overwrite: replace an *olss_fast export* of something else in ``out_dir`` (other content is never
             overwritten).
+        allow_mismatch: export a schedule fitted for another ``"model"``, ``"noise_schedule"`` or
+            ``"prediction_type"`` anyway (see :mod:`olss_fast.provenance`).
 
     Raises:
         ValueError: unsupported pipeline, a schedule that does not fit (step count, channels), bad sizes, an
@@ -843,7 +848,8 @@ def export_onnx(
         RuntimeError: both exporters failed on a module.
     """
     plan = plan_export(pipe, schedule, num_inference_steps=num_inference_steps, batch_size=batch_size,
-                       height=height, width=width, guidance_scale=guidance_scale, dtype=dtype, opset=opset)
+                       height=height, width=width, guidance_scale=guidance_scale, dtype=dtype, opset=opset,
+                       allow_mismatch=allow_mismatch)
     return export_plan(plan, out_dir, overwrite=overwrite)
 
 

@@ -11,6 +11,20 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(path: str | os.PathLike) -> None:
+    """Give a file we created the permissions an ordinary ``open()`` would (0666 & ~umask; folders 0777 & ~umask):
+    ``tempfile`` creates 0600 files and 0700 folders, which would make our outputs private to the writer."""
+    p = Path(path)
+    os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~current_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it onto ``path``, on failure delete it."""
@@ -27,6 +41,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        default_mode(tmp_path)
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

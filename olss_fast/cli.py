@@ -15,20 +15,113 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 
+MAX_PROMPTS_BYTES = 64 * 2**20
+
+#: Python argument names → the CLI flags that set them (library errors are reworded for the command line)
+FLAG_NAMES = {
+    "teacher_steps": "--teacher-steps", "num_steps": "--steps", "guidance_scale": "--guidance-scale",
+    "seeds_per_prompt": "--seeds-per-prompt", "base_seed": "--seed", "batch_size": "--batch-size",
+    "refine_samples": "--refine-samples", "refine=False": "--no-refine", "allow_mismatch": "--allow-mismatch",
+    "num_inference_steps": "--steps", "checkpoint_every": "--checkpoint-every", "resume=True": "--resume",
+}
+
+
+def cli_message(message: str) -> str:
+    """A library error message with Python argument names replaced by the CLI flags that set them."""
+    import re
+
+    for name, flag in FLAG_NAMES.items():
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w])", flag, message)
+    return message
+
+
+# ---------------------------------------------------------------------------------------------- argument types
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def any_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (no NaN or infinity)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def check_device(device: str) -> str:
+    """``ValueError`` (one line) when the requested device does not exist on this machine."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device name (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+            raise ValueError(f"--device {device}: no CUDA device is available on this machine (torch "
+                             f"{torch.__version__}, {build}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise ValueError(f"--device {device}: unsupported device type {dev.type!r}")
+    return device
+
+
 def _read_prompts(path: str) -> list[str]:
+    """Prompts from a text file (every non-empty line is one prompt, verbatim apart from surrounding whitespace) or
+    a JSON list of strings / class labels."""
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"prompts file {p} does not exist")
-    text = p.read_text(encoding="utf-8")
+        raise ValueError(f"prompts file {p} does not exist (or is not a file)")
+    if p.stat().st_size > MAX_PROMPTS_BYTES:
+        raise ValueError(f"prompts file {p} is larger than {MAX_PROMPTS_BYTES >> 20} MiB")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"prompts file {p} is not UTF-8 text") from None
     if p.suffix == ".json":
-        prompts = json.loads(text)
-        if not isinstance(prompts, list) or not all(isinstance(x, (str, int)) for x in prompts):
-            raise ValueError(f"{p}: a JSON prompts file must hold a list of strings (or class labels)")
+        try:
+            prompts = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise ValueError(f"{p}: not valid JSON: {exc}") from None
+        if not isinstance(prompts, list) or not all(
+                isinstance(x, str) or (isinstance(x, int) and not isinstance(x, bool)) for x in prompts):
+            raise ValueError(f"{p}: a JSON prompts file must hold a list of strings (or integer class labels)")
     else:
-        prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"prompts file {p} holds no prompts")
     return prompts
+
+
+def _dtype_keyword() -> str:
+    """diffusers' ``from_pretrained`` keyword for the dtype: ``dtype`` where it exists (``torch_dtype`` is deprecated
+    there), ``torch_dtype`` in older releases."""
+    try:
+        from diffusers.utils import deprecation_utils
+    except ImportError:  # pragma: no cover - older diffusers
+        return "torch_dtype"
+    return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
 
 
 def load_pipeline(name: str, device: str = "cpu", dtype: str = "float32"):
@@ -37,7 +130,8 @@ def load_pipeline(name: str, device: str = "cpu", dtype: str = "float32"):
 
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
     if torch_dtype is None:
-        raise ValueError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
+        raise ValueError(f"unknown --dtype {dtype!r}; use float32, float16 or bfloat16")
+    check_device(device)
     if name == "digits":
         from .models.digits import load_digits_pipeline
 
@@ -45,9 +139,9 @@ def load_pipeline(name: str, device: str = "cpu", dtype: str = "float32"):
     from diffusers import DiffusionPipeline
 
     try:
-        pipe = DiffusionPipeline.from_pretrained(name, torch_dtype=torch_dtype)
-    except (OSError, EnvironmentError) as exc:
-        raise ValueError(f"cannot load pipeline {name!r}: {exc}") from None
+        pipe = DiffusionPipeline.from_pretrained(name, **{_dtype_keyword(): torch_dtype})
+    except (OSError, EnvironmentError, ValueError) as exc:
+        raise ValueError(f"cannot load --pipeline {name!r}: {str(exc).splitlines()[0]}") from None
     return pipe.to(device)
 
 
@@ -121,7 +215,10 @@ def _search(args: argparse.Namespace, ctx: "DistContext") -> int:
         except ValueError as exc:
             error = str(exc)
     agree_on_error(error, ctx)
-    teacher_steps = args.teacher_steps or (stats.num_teacher_steps if stats is not None else 100)
+    if args.teacher_steps is not None:
+        teacher_steps = args.teacher_steps
+    else:
+        teacher_steps = stats.num_teacher_steps if stats is not None else 100
     record = RecordConfig(
         teacher_steps=teacher_steps, batch_size=args.batch_size, seeds_per_prompt=args.seeds_per_prompt,
         base_seed=args.seed, guidance_scale=args.guidance_scale, height=args.height, width=args.width,
@@ -163,28 +260,44 @@ def _search(args: argparse.Namespace, ctx: "DistContext") -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="olss-fast", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"olss-fast {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("search", help="record a teacher through a pipeline, search and refine OLSS schedules")
+    s = sub.add_parser("search", help="record a teacher through a pipeline, search and refine OLSS schedules",
+                       description="Record a many-step teacher through a diffusers pipeline, search OLSS schedules "
+                                   "for the given step counts and re-fit them; writes OUT/scheduler, "
+                                   "OUT/stats.safetensors, OUT/schedule_N.json and OUT/summary.json.")
     s.add_argument("--pipeline", default=None,
                    help="local folder or hub id of a diffusers pipeline, or 'digits' (not needed with --stats "
                         "and --no-refine)")
-    s.add_argument("--prompts", default=None, help="text file (one prompt per line) or JSON list")
+    s.add_argument("--prompts", default=None,
+                   help="text file (every non-empty line is one prompt) or JSON list of prompts / class labels")
     s.add_argument("--out", required=True, help="output folder (scheduler/, stats.safetensors, schedule_N.json)")
-    s.add_argument("--teacher-steps", type=int, default=None, help="default 100 (or the --stats file's)")
-    s.add_argument("--steps", type=int, nargs="+", default=[5, 10], help="student step counts")
-    s.add_argument("--guidance-scale", type=float, default=None)
-    s.add_argument("--seeds-per-prompt", type=int, default=1)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--batch-size", type=int, default=4)
-    s.add_argument("--height", type=int, default=None)
-    s.add_argument("--width", type=int, default=None)
-    s.add_argument("--path", default="uniform", choices=["uniform", "minimax"])
-    s.add_argument("--granularity", default="global", choices=["global", "channel"])
+    s.add_argument("--teacher-steps", type=positive_int, default=None,
+                   help="teacher sampler steps T (default 100, or the --stats file's)")
+    s.add_argument("--steps", type=positive_int, nargs="+", default=[5, 10],
+                   help="student step counts to search, one schedule each (default: 5 10)")
+    s.add_argument("--guidance-scale", type=finite_float, default=None,
+                   help="classifier-free guidance scale of the recording (default: the pipeline's, or the --stats "
+                        "file's)")
+    s.add_argument("--seeds-per-prompt", type=positive_int, default=1, help="initial noises per prompt (default 1)")
+    s.add_argument("--seed", type=any_int, default=0, help="base seed every sample's noise is derived from")
+    s.add_argument("--batch-size", type=positive_int, default=4, help="samples per pipeline call (default 4)")
+    s.add_argument("--height", type=positive_int, default=None, help="image height (default: the pipeline's)")
+    s.add_argument("--width", type=positive_int, default=None, help="image width (default: the pipeline's)")
+    s.add_argument("--path", default="uniform", choices=["uniform", "minimax"],
+                   help="path search: uniform teacher indices (default) or the paper's minimax search")
+    s.add_argument("--granularity", default="global", choices=["global", "channel"],
+                   help="one coefficient set (global, the paper's) or one per latent channel")
     s.add_argument("--no-refine", action="store_true", help="skip the student-in-the-loop re-fit (paper's fit)")
-    s.add_argument("--refine-samples", type=int, default=None)
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--dtype", default="float32")
+    s.add_argument("--refine-samples", type=positive_int, default=None,
+                   help="samples the re-fit uses (default: all recorded, at most 64)")
+    s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype the pipeline is loaded in (default float32)")
     s.add_argument("--force", action="store_true",
                    help="write into a non-empty output folder (without --resume: discard an existing checkpoint)")
     s.add_argument("--stats", default=None, metavar="FILE",
@@ -193,11 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", default=None, metavar="FILE",
                    help="checkpoint the recording statistics to FILE (default OUT/stats.safetensors when "
                         "--checkpoint-every or --resume is given)")
-    s.add_argument("--checkpoint-every", type=int, default=None, metavar="M",
+    s.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="M",
                    help="write the checkpoint every M batches (default 10 when checkpointing)")
     s.add_argument("--resume", action="store_true",
                    help="continue the recording from the checkpoint (after a crash or kill)")
-    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_search)
     from .demo import add_demo_parser
 
@@ -214,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except ValueError as exc:
-        print(f"olss-fast: error: {exc}", file=sys.stderr)
+        print(f"olss-fast {args.command}: error: {cli_message(str(exc))}", file=sys.stderr)
         return 2
 
 

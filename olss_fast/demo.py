@@ -235,26 +235,39 @@ def _save_plot(path: Path, results: dict[str, Any]) -> None:
 
 def add_demo_parser(subparsers: Any) -> None:
     """The ``olss-fast demo`` subcommand."""
+    from .cli import any_int, finite_float, positive_int
+
     d = DemoConfig()
     p = subparsers.add_parser("demo", help="OLSS vs diffusers' samplers on the bundled digits model (offline, CPU)")
     p.add_argument("--out", default=d.out, help="output folder (results.json, grid.png, quality.png)")
-    p.add_argument("--device", default=d.device, help="cpu or cuda")
-    p.add_argument("--teacher-steps", type=int, default=d.teacher_steps)
-    p.add_argument("--steps", type=int, nargs="+", default=list(d.steps), help="NFEs to compare")
-    p.add_argument("--samplers", nargs="+", default=list(d.samplers), help=f"from {list(SAMPLERS)}")
-    p.add_argument("--train-classes", type=int, nargs="+", default=list(d.train_classes))
-    p.add_argument("--eval-classes", type=int, nargs="+", default=list(d.eval_classes))
-    p.add_argument("--train-seeds", type=int, default=d.train_seeds, help="noises per training class")
-    p.add_argument("--eval-seeds", type=int, default=d.eval_seeds, help="held-out noises per evaluated class")
-    p.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--grid-nfe", type=int, default=d.grid_nfe)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--teacher-steps", type=positive_int, default=d.teacher_steps,
+                   help=f"teacher DDIM steps (default {d.teacher_steps})")
+    p.add_argument("--steps", type=positive_int, nargs="+", default=list(d.steps),
+                   help=f"model evaluations (NFE) to compare at (default {' '.join(map(str, d.steps))})")
+    p.add_argument("--samplers", nargs="+", default=list(d.samplers), choices=list(SAMPLERS),
+                   help="samplers to compare (default: all)")
+    p.add_argument("--train-classes", type=any_int, nargs="+", default=list(d.train_classes),
+                   help="digit classes the search sees (default 0-4)")
+    p.add_argument("--eval-classes", type=any_int, nargs="+", default=list(d.eval_classes),
+                   help="held-out digit classes the comparison uses (default 5-9)")
+    p.add_argument("--train-seeds", type=positive_int, default=d.train_seeds, help="noises per training class")
+    p.add_argument("--eval-seeds", type=positive_int, default=d.eval_seeds,
+                   help="held-out noises per evaluated class")
+    p.add_argument("--guidance-scale", type=finite_float, default=None, help="default: the pipeline's")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size,
+                   help=f"samples per pipeline call (default {d.batch_size})")
+    p.add_argument("--grid-nfe", type=positive_int, default=d.grid_nfe,
+                   help="NFE of the samples shown in grid.png")
+    p.add_argument("--seed", type=any_int, default=d.seed, help="base seed of the training and held-out noises")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args: Any) -> int:
+    from .cli import check_device
+
+    check_device(args.device)
     config = DemoConfig(
         teacher_steps=args.teacher_steps, steps=tuple(args.steps), samplers=tuple(args.samplers),
         train_classes=tuple(args.train_classes), eval_classes=tuple(args.eval_classes),

@@ -374,7 +374,8 @@ def _check_stats_match(stats: GramStats, pipe: Any, teacher: Any, record: Record
                 record.guidance_scale, fitted["guidance_scale"], rel_tol=1e-6):
             raise ValueError(
                 f"guidance_scale={record.guidance_scale} has no effect on a search of finished statistics (recorded "
-                f"at guidance {fitted['guidance_scale']}) without the re-fit; leave it out, or record again"
+                f"at guidance {fitted['guidance_scale']}) without the re-fit (refine=False); leave it out, or record "
+                "again"
             )
         return
     if not fitted:

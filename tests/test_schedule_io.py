@@ -150,3 +150,18 @@ def test_version_1_schedule_files_are_read_without_provenance(tmp_path):
     (tmp_path / "v1.json").write_text(json.dumps(d))
     s = OLSSSchedule.load(tmp_path / "v1.json")
     assert s.fitted_for == {} and s.num_steps == 3
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002])
+def test_written_files_follow_the_umask(tmp_path, mask):
+    from olss_fast import OLSSScheduler
+
+    old = os.umask(mask)
+    try:
+        make_schedule(3).save(tmp_path / "s.json")
+        _stats().save(tmp_path / "g.safetensors")
+        OLSSScheduler.from_schedules([make_schedule(3)]).save_pretrained(tmp_path / "sched")
+    finally:
+        os.umask(old)
+    for p in (tmp_path / "s.json", tmp_path / "g.safetensors", tmp_path / "sched" / "scheduler_config.json"):
+        assert p.stat().st_mode & 0o777 == 0o666 & ~mask, p

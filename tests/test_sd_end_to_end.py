@@ -71,7 +71,7 @@ def test_cli_search_writes_a_loadable_scheduler(tmp_path, capsys):
     sched = OLSSScheduler.from_pretrained(out / "scheduler")
     assert sched.available_steps == [2, 3]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["samples"] == 2
+    assert summary["samples"] == 3  # every non-empty line is a prompt, one starting with '#' too
     assert (out / "stats.safetensors").is_file() and (out / "schedule_3.json").is_file()
     # a non-empty output folder is refused without --force, with a clear message and exit code 2
     rc = main(["search", "--pipeline", str(tmp_path / "pipe"), "--prompts", str(tmp_path / "prompts.txt"),
@@ -80,3 +80,55 @@ def test_cli_search_writes_a_loadable_scheduler(tmp_path, capsys):
     rc = main(["search", "--pipeline", str(tmp_path / "nothing"), "--prompts", str(tmp_path / "prompts.txt"),
                "--out", str(tmp_path / "o2"), "--quiet"])
     assert rc == 2 and not (tmp_path / "o2").exists()
+
+
+def _all_actions(parser):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _all_actions(sub)
+        else:
+            yield parser.prog, action
+
+
+def test_cli_every_option_has_help_and_there_is_a_version(capsys):
+    from olss_fast import __version__
+    from olss_fast.cli import build_parser
+
+    missing = [f"{prog} {a.option_strings}" for prog, a in _all_actions(build_parser())
+               if a.option_strings and not a.help]
+    assert missing == []
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"olss-fast {__version__}"
+
+
+def test_cli_bad_values_and_devices_give_one_line_naming_the_flag(tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("a cat\n")
+    base = ["search", "--pipeline", "digits", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o")]
+    for flag, value in (("--teacher-steps", "0"), ("--guidance-scale", "nan"), ("--steps", "2.5"),
+                        ("--batch-size", "-1")):
+        with pytest.raises(SystemExit) as exc:
+            main(base + [flag, value])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and flag in err and "Traceback" not in err
+    if not torch.cuda.is_available():
+        assert main(base + ["--device", "cuda"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--device cuda: no CUDA device is available" in err
+    assert main(base + ["--device", "tpu9"]) == 2 and "--device" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_library_errors_name_cli_flags(tmp_path, capsys):
+    pipe = tiny_sd_pipeline()
+    res = fit_olss_scheduler(pipe, ["a cat", "a dog"], teacher_steps=6, num_steps=(2,), batch_size=2,
+                             guidance_scale=2.0, refine=False, progress=False)
+    res.stats.save(tmp_path / "stats.safetensors")
+    rc = main(["search", "--stats", str(tmp_path / "stats.safetensors"), "--no-refine", "--steps", "3",
+               "--guidance-scale", "5", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--guidance-scale=5.0 has no effect" in err and "--no-refine" in err
+    assert "guidance_scale" not in err

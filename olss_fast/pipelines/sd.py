@@ -133,7 +133,8 @@ class StableDiffusionAdapter(TextEncodingMixin, PipelineAdapter):
                 emb = te(inputs["ids"], attention_mask=mask)[0]
             else:  # as StableDiffusionPipeline.encode_prompt: the prompts from an earlier layer + the final layer
                 out = te(inputs["ids"], attention_mask=mask, output_hidden_states=True)  # norm; negatives unchanged
-                emb = te.text_model.final_layer_norm(out[-1][-(options.clip_skip + 1)])
+                final_norm = getattr(te, "text_model", te).final_layer_norm  # transformers 5 flattened CLIPTextModel
+                emb = final_norm(out[-1][-(options.clip_skip + 1)])
                 if guided:
                     half = emb.shape[0] // 2
                     emb = torch.cat([out[0][:half], emb[half:]])
