@@ -34,8 +34,9 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from ._io import expect_bool, expect_dict, expect_int
 from .distributed import LOCAL, DistContext
-from .stats import GramStats
+from .stats import MAX_ITEMS, GramStats, check_ranges, count_ranges, ranges_to_set, to_ranges
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ CHECKPOINT_VERSION = 1
 
 #: human-readable names of the fingerprint fields (used in error messages)
 FIELD_NAMES = {
+    "header_sha256": "teacher timesteps, prediction type or recording context",
     "teacher": "teacher",
     "teacher_config_sha256": "teacher scheduler config",
     "teacher_steps": "teacher steps",
@@ -125,9 +127,13 @@ def job_fingerprint(
     call_kwargs: dict[str, Any],
     sample_shape: Sequence[int],
     pipeline_dtype: Any,
+    stats_identity: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The identity of a recording job (see module docstring); JSON-serialisable."""
+    """The identity of a recording job (see module docstring); JSON-serialisable. ``stats_identity`` (the
+    statistics header's teacher timesteps, descriptions, prediction type and recording context) is covered by a
+    hash, so that every header field that changes the result is part of the identity."""
     return {
+        "header_sha256": sha256_json(stats_identity or {}),
         "teacher": teacher_description,
         "teacher_config_sha256": config_sha256(teacher_config),
         "teacher_steps": int(teacher_steps),
@@ -147,27 +153,9 @@ def job_fingerprint(
 
 
 # ---------------------------------------------------------------------------------------------- index ranges
-def to_ranges(indices: Iterable[int]) -> list[list[int]]:
-    """Sorted ``[start, stop)`` ranges covering ``indices``."""
-    out: list[list[int]] = []
-    for i in sorted(set(int(i) for i in indices)):
-        if out and out[-1][1] == i:
-            out[-1][1] = i + 1
-        else:
-            out.append([i, i + 1])
-    return out
-
-
-def from_ranges(ranges: Any) -> set[int]:
-    """Inverse of :func:`to_ranges`; ``ValueError`` on malformed input."""
-    if not isinstance(ranges, list):
-        raise ValueError("'done' must be a list of [start, stop) ranges")
-    out: set[int] = set()
-    for r in ranges:
-        if not (isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) for v in r) and 0 <= r[0] < r[1]):
-            raise ValueError(f"malformed range {r!r} in 'done'")
-        out.update(range(r[0], r[1]))
-    return out
+def from_ranges(ranges: Any, limit: int = MAX_ITEMS) -> set[int]:
+    """Inverse of :func:`to_ranges`; ``ValueError`` on malformed input (checked before anything is expanded)."""
+    return ranges_to_set(check_ranges(ranges, "'done'", limit))
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint files
@@ -186,7 +174,8 @@ def checkpoint_info(stats: GramStats) -> dict[str, Any] | None:
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[GramStats, dict[str, Any]]:
-    """Load a checkpoint; ``ValueError`` naming the file when it is truncated, corrupted or not a checkpoint."""
+    """Load a checkpoint; ``ValueError`` naming the file when it is truncated, modified, corrupted, inconsistent or
+    not a checkpoint. ``info["done"]`` is returned as validated ranges (never expanded here)."""
     path = Path(path)
     try:
         stats = GramStats.load(path)
@@ -200,18 +189,41 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[GramStats, dict[str, Any]]
             f"{path} holds statistics without checkpoint information (not written by a checkpointed recording); "
             "cannot resume from it — use it with --stats / fit_olss_scheduler(stats=...) instead"
         )
-    if info.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"checkpoint {path}: unsupported checkpoint version {info.get('version')!r}")
-    for key in ("fingerprint", "layout", "done", "total_items", "complete"):
-        if key not in info:
-            raise ValueError(f"checkpoint {path} is corrupted: its header lacks {key!r}")
-    done = from_ranges(info["done"])
-    if len(done) != stats.num_samples:
-        raise ValueError(
-            f"checkpoint {path} is corrupted: it lists {len(done)} finished work items but holds "
-            f"{stats.num_samples} samples"
-        )
+    try:
+        info = check_info(info, stats)
+    except ValueError as exc:
+        raise ValueError(f"checkpoint {path} is corrupted: {exc}") from None
     return stats, info
+
+
+def check_info(info: Any, stats: GramStats) -> dict[str, Any]:
+    """The ``record_checkpoint`` block, strictly typed and consistent with the statistics it describes."""
+    info = expect_dict(info, "its checkpoint header", ("version", "fingerprint", "layout", "done", "total_items",
+                                                       "complete"))
+    if isinstance(info["version"], bool) or info["version"] != CHECKPOINT_VERSION:
+        raise ValueError(f"unsupported checkpoint version {str(info['version'])[:20]}")
+    total = expect_int(info["total_items"], "total_items", 1, MAX_ITEMS)
+    done = check_ranges(info["done"], "'done'", total)
+    complete = expect_bool(info["complete"], "complete")
+    fingerprint = expect_dict(info["fingerprint"], "its fingerprint")
+    unknown = sorted(set(fingerprint) - set(FIELD_NAMES))
+    if unknown:
+        raise ValueError(f"its fingerprint has unknown field(s) {unknown[:5]}")
+    layout = expect_dict(info["layout"], "its layout", ("batch_size", "world_size", "rank"))
+    expect_int(layout["batch_size"], "layout batch_size", 1, 2**20)
+    world = expect_int(layout["world_size"], "layout world_size", 1, 2**16)
+    if layout["rank"] is not None:
+        expect_int(layout["rank"], "layout rank", 0, world - 1)
+    n_done = count_ranges(done)
+    if n_done != stats.num_samples:
+        raise ValueError(f"it lists {n_done} finished work items but holds {stats.num_samples} samples")
+    if stats.items is not None and stats.items != done:
+        raise ValueError("its finished work items differ from the items its statistics hold")
+    if complete and n_done != total:
+        raise ValueError(f"it is marked complete but holds {n_done} of {total} work items")
+    if fingerprint.get("num_items") is not None and fingerprint["num_items"] != total:
+        raise ValueError(f"it is for {total} work items but its fingerprint says {fingerprint['num_items']}")
+    return dict(info, done=done)
 
 
 def describe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -320,7 +332,7 @@ class RecordCheckpointer:
         stats, info = read_checkpoint(self.shard_path)
         check_fingerprint(self.shard_path, info, self.fingerprint)
         check_layout(self.shard_path, info, self.layout)
-        return stats, from_ranges(info["done"])
+        return stats, ranges_to_set(info["done"])  # bounded: the fingerprint fixed the number of items
 
     def step(self, stats: GramStats, done: set[int]) -> None:
         """Call after each recorded batch: writes every :attr:`every` batches."""
@@ -363,7 +375,10 @@ def require_complete(stats: GramStats, source: str) -> None:
     if info is None:
         return
     if not info.get("complete", False):
-        done = len(from_ranges(info.get("done", [])))
+        try:
+            done = count_ranges(check_ranges(info.get("done", []), "'done'"))
+        except ValueError as exc:
+            raise ValueError(f"{source} has a corrupted checkpoint header: {exc}") from None
         raise ValueError(
             f"{source} is an unfinished recording checkpoint ({done} of {info.get('total_items')} work items); "
             "finish it first (olss-fast search --resume / fit_olss_scheduler(resume=True))"

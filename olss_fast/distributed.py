@@ -38,7 +38,7 @@ from typing import Any, Sequence, TypeVar
 
 import torch
 
-from .stats import GramStats
+from .stats import GramStats, ranges_to_set, to_ranges
 
 logger = logging.getLogger(__name__)
 
@@ -263,6 +263,7 @@ def all_reduce_stats(stats: GramStats, ctx: DistContext, sample_shape: Sequence[
         "timesteps": [float(t) for t in stats.timesteps], "teacher": stats.teacher, "model": stats.model,
         "prediction_type": stats.prediction_type,
         "sample_shape": list(stats.sample_shape) if stats.sample_shape is not None else None, "dtype": stats.dtype,
+        "items": stats.items,
     }
     infos = all_gather_object(info, ctx)
     error = None
@@ -293,6 +294,10 @@ def all_reduce_stats(stats: GramStats, ctx: DistContext, sample_shape: Sequence[
     count = torch.tensor([stats.num_samples], dtype=torch.int64, device=ctx.comm_device)
     dist.all_reduce(count, op=dist.ReduceOp.SUM)
     stats.num_samples = int(count.item())
+    if all(i["items"] is not None for i in infos):  # the ranks' item sets are disjoint by the sharding rule
+        stats.items = to_ranges(i for part in infos for i in ranges_to_set(part["items"]))
+    else:
+        stats.items = None
     return stats
 
 
@@ -320,4 +325,5 @@ def broadcast_stats(stats: GramStats | None, ctx: DistContext, src: int = 0) -> 
     out.sample_shape = tuple(shape) if shape else None
     out.dtype = header["dtype"]
     out.meta = header["meta"]
+    out.items = header["items"]
     return out

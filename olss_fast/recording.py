@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ._io import exclusive_lock
 from .provenance import recording_context
 from .stats import GramStats
 
@@ -455,87 +456,98 @@ def record_trajectories(
         target = stats
     else:
         target = None
-    done: set[int] = set()
-    ckpt = None
-    if checkpoint is not None:
-        if len({it.index for it in items}) != len(items):
-            raise ValueError("work item indices must be unique to checkpoint a recording")
-        fingerprint = job_fingerprint(
-            teacher_description=teacher_desc, teacher_config=teacher.config, teacher_steps=config.teacher_steps,
-            model_description=model_desc, model_sha256=model_fingerprint(pipe), prompts=list(prompts),
-            seeds_per_prompt=config.seeds_per_prompt, base_seed=config.base_seed, items=items,
-            guidance_scale=config.guidance_scale, call_kwargs=config.call_kwargs, sample_shape=shape,
-            pipeline_dtype=dtype,
-        )
-        layout = {"batch_size": config.batch_size, "world_size": ctx.world_size, "rank": ctx.rank}
-        ckpt = RecordCheckpointer(Path(checkpoint), checkpoint_every, fingerprint, layout,
-                                  [it.index for it in items], ctx)
-        finished, target, done = _open_checkpoint(ckpt, resume, ctx)
-        if finished is not None:
-            logger.info("checkpoint %s is finished (%d samples): nothing left to record", checkpoint,
-                        finished.num_samples)
-            if progress and ctx.is_main:
-                tqdm(total=len(items), initial=len(items), desc="recording teacher (from checkpoint)",
-                     unit="sample").close()
-            return finished if stats is None else stats.merge_(finished)
-    if target is None:
-        target = new_stats()
-    elif "scheduler_config" not in target.meta:
-        target.meta["scheduler_config"] = jsonable_config(getattr(pipe.scheduler, "config", {}))
+    with contextlib.ExitStack() as locks:  # a checkpoint has one writer at a time
+        done: set[int] = set()
+        ckpt = None
+        if checkpoint is not None:
+            if len({it.index for it in items}) != len(items):
+                raise ValueError("work item indices must be unique to checkpoint a recording")
+            fingerprint = job_fingerprint(
+                teacher_description=teacher_desc, teacher_config=teacher.config, teacher_steps=config.teacher_steps,
+                model_description=model_desc, model_sha256=model_fingerprint(pipe), prompts=list(prompts),
+                seeds_per_prompt=config.seeds_per_prompt, base_seed=config.base_seed, items=items,
+                guidance_scale=config.guidance_scale, call_kwargs=config.call_kwargs, sample_shape=shape,
+                pipeline_dtype=dtype,
+                stats_identity={k: v for k, v in new_stats().header().items()
+                                if k in ("timesteps", "teacher", "model", "prediction_type", "context")},
+            )
+            layout = {"batch_size": config.batch_size, "world_size": ctx.world_size, "rank": ctx.rank}
+            ckpt = RecordCheckpointer(Path(checkpoint), checkpoint_every, fingerprint, layout,
+                                      [it.index for it in items], ctx)
+            locks.enter_context(exclusive_lock(ckpt.shard_path, "recording checkpoint"))
+            if ctx.enabled and ctx.is_main:
+                locks.enter_context(exclusive_lock(ckpt.path, "recording checkpoint"))
+            finished, target, done = _open_checkpoint(ckpt, resume, ctx)
+            if finished is not None:
+                logger.info("checkpoint %s is finished (%d samples): nothing left to record", checkpoint,
+                            finished.num_samples)
+                if progress and ctx.is_main:
+                    tqdm(total=len(items), initial=len(items), desc="recording teacher (from checkpoint)",
+                         unit="sample").close()
+                return finished if stats is None else stats.merge_(finished)
+        if target is None:
+            target = new_stats()
+        elif "scheduler_config" not in target.meta:
+            target.meta["scheduler_config"] = jsonable_config(getattr(pipe.scheduler, "config", {}))
 
-    mine = shard_batches(items, config.batch_size, ctx)
-    my_indices = {it.index for _, b in mine for it in b}
-    if not done <= my_indices:
-        raise ValueError(
-            f"checkpoint {checkpoint} lists finished work items that are not this process's share "
-            f"({ctx.describe()}); it is corrupted or from another job"
-        )
-    for _, batch in mine:
-        n_done = sum(it.index in done for it in batch)
-        if 0 < n_done < len(batch):
-            raise ValueError(f"checkpoint {checkpoint} is corrupted: it lists a partly finished batch")
-    if done:
-        logger.info("resuming %s: %d of %d samples already recorded (%s)", checkpoint, len(done),
-                    len(my_indices), ctx.describe())
-    recorder = RecordingScheduler(teacher)
-    desc = "recording teacher" + (f" ({ctx.describe()})" if ctx.enabled else "")
-    my_total = sum(len(b) for _, b in mine)
-    restored = sum(len(b) for _, b in mine if b[0].index in done)
-    bar = tqdm(total=my_total, initial=restored, desc=desc, unit="sample", disable=not progress or not ctx.is_main)
-    with swapped_scheduler(pipe, recorder), _quiet_progress(pipe):
+        mine = shard_batches(items, config.batch_size, ctx)
+        my_indices = {it.index for _, b in mine for it in b}
+        if not done <= my_indices:
+            raise ValueError(
+                f"checkpoint {checkpoint} lists finished work items that are not this process's share "
+                f"({ctx.describe()}); it is corrupted or from another job"
+            )
+        # batches are recorded in a fixed order: the finished items must be exactly this process's first k batches
+        finished = 0
         for _, batch in mine:
-            if batch[0].index in done:
-                continue
-            noise = item_noise(batch, shape, device, dtype)
-            run_pipeline(pipe, batch, noise, config.teacher_steps, kwargs)
-            x_path, e_path = recorder.trajectory()
-            if x_path.shape[0] != target.num_teacher_steps + 1:
-                raise ValueError(
-                    f"the pipeline ran {x_path.shape[0] - 1} steps but the teacher has {target.num_teacher_steps}"
-                )
-            target.update(x_path, e_path)
-            if on_batch is not None:
-                on_batch(batch, x_path, e_path)
-            recorder.clear()
-            del x_path, e_path
-            done.update(it.index for it in batch)
-            if ckpt is not None:
-                ckpt.step(target, done)
-            bar.update(len(batch))
-    bar.close()
-    if plain:
-        return stats
-    if ckpt is not None:
-        ckpt.save_shard(target, done, complete=True)
-    if ctx.enabled:
-        target = all_reduce_stats(target, ctx, sample_shape=shape)
+            if not any(it.index in done for it in batch):
+                break
+            finished += 1
+        if done != {it.index for _, b in mine[:finished] for it in b}:
+            raise ValueError(f"checkpoint {checkpoint} is corrupted: its finished work items are not the first batches "
+                             "of this recording (batches are recorded in order)")
+        if done:
+            logger.info("resuming %s: %d of %d samples already recorded (%s)", checkpoint, len(done),
+                        len(my_indices), ctx.describe())
+        recorder = RecordingScheduler(teacher)
+        desc = "recording teacher" + (f" ({ctx.describe()})" if ctx.enabled else "")
+        my_total = sum(len(b) for _, b in mine)
+        restored = sum(len(b) for _, b in mine if b[0].index in done)
+        bar = tqdm(total=my_total, initial=restored, desc=desc, unit="sample", disable=not progress or not ctx.is_main)
+        with swapped_scheduler(pipe, recorder), _quiet_progress(pipe):
+            for _, batch in mine:
+                if batch[0].index in done:
+                    continue
+                noise = item_noise(batch, shape, device, dtype)
+                run_pipeline(pipe, batch, noise, config.teacher_steps, kwargs)
+                x_path, e_path = recorder.trajectory()
+                if x_path.shape[0] != target.num_teacher_steps + 1:
+                    raise ValueError(
+                        f"the pipeline ran {x_path.shape[0] - 1} steps but the teacher has {target.num_teacher_steps}"
+                    )
+                target.update(x_path, e_path, items=[it.index for it in batch])
+                if on_batch is not None:
+                    on_batch(batch, x_path, e_path)
+                recorder.clear()
+                del x_path, e_path
+                done.update(it.index for it in batch)
+                if ckpt is not None:
+                    ckpt.step(target, done)
+                bar.update(len(batch))
+        bar.close()
+        if plain:
+            return stats
         if ckpt is not None:
-            ckpt.save_final(target)
-            ctx.barrier()  # the finished file exists before any shard file goes away
-            ckpt.remove_shard()
-    if stats is None:
-        return target
-    return stats.merge_(target)
+            ckpt.save_shard(target, done, complete=True)
+        if ctx.enabled:
+            target = all_reduce_stats(target, ctx, sample_shape=shape)
+            if ckpt is not None:
+                ckpt.save_final(target)
+                ctx.barrier()  # the finished file exists before any shard file goes away
+                ckpt.remove_shard()
+        if stats is None:
+            return target
+        return stats.merge_(target)
 
 
 def _open_checkpoint(

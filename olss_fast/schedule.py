@@ -7,10 +7,18 @@ Student step j evaluates the model at ``timesteps[j]`` (teacher index ``indices[
 with row j of ``coeffs`` = ``[w_j, v_{j,0}, …, v_{j,j}, 0, …]``. ``coeffs`` is ``[n, n+1]`` for one coefficient set
 shared by every latent element (``granularity="global"``, the paper's), or ``[C, n, n+1]`` for one set per latent
 channel (``granularity="channel"``).
+
+**The file format** (version 2) is strict: every field has one JSON type (no coercion: ``3.5`` is not an index,
+``"false"`` is not a bool), numbers are range-checked in the dtype they are used in (coefficients and float timesteps
+in float32), unknown fields are refused, and the ``sha256`` field (a digest of the canonical JSON of all other fields)
+must match: an edited or bit-flipped file is a ``ValueError``, never a silently different sampler. Version 1 files
+(olss_fast 0.1, no digest, no ``fitted_for``) are read with a warning.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import numbers
 import os
@@ -20,13 +28,48 @@ from typing import Any, Sequence
 
 import torch
 
-from ._io import atomic_write_text
+from ._io import (
+    FLOAT32_MAX, atomic_write_text, canonical_json, expect_bool, expect_dict, expect_float, expect_int, expect_list,
+    expect_str, read_json,
+)
 from .step import PREDICTION_TYPES
 
+logger = logging.getLogger(__name__)
+
 SCHEDULE_FORMAT = "olss_fast.schedule"
-SCHEDULE_VERSION = 2  # 2 added ``fitted_for``; version 1 files are read with an empty one
+SCHEDULE_VERSION = 2  # 2 added ``fitted_for`` and the ``sha256`` digest; version 1 files are read with a warning
 READ_VERSIONS = (1, 2)
 GRANULARITIES = ("global", "channel")
+#: bounds of what a schedule can hold (far beyond any real one; they keep hostile files from costing memory)
+MAX_STEPS = 1000
+MAX_TEACHER_STEPS = 10_000
+MAX_CHANNELS = 4096
+MAX_TIMESTEP = 100_000
+MAX_SCHEDULE_BYTES = 64 * 2**20
+_FIELDS_V2 = ("format", "version", "num_steps", "granularity", "timesteps", "indices", "coeffs", "errors",
+              "teacher_steps", "prediction_type", "path", "refined", "teacher", "fitted_for", "meta", "sha256")
+_FIELDS_V1 = ("format", "version", "num_steps", "granularity", "timesteps", "indices", "coeffs", "errors",
+              "teacher_steps", "prediction_type", "path", "refined", "teacher", "meta")
+_warned_v1 = False
+
+
+def _index(i: Any, what: str) -> int:
+    if isinstance(i, torch.Tensor) and i.numel() == 1 and not i.is_floating_point():
+        i = i.item()
+    if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+        raise ValueError(f"{what} must be integers, got {i!r}")
+    return int(i)
+
+
+def _timestep(t: Any) -> int | float:
+    """A timestep as a plain Python number: int for integer types, float otherwise (finite, in range)."""
+    if isinstance(t, torch.Tensor):
+        t = t.item()
+    if isinstance(t, bool) or not isinstance(t, numbers.Real):
+        raise ValueError(f"timesteps must be numbers, got {t!r}")
+    if isinstance(t, numbers.Integral):
+        return expect_int(t, "a timestep", 0, MAX_TIMESTEP)
+    return expect_float(t, "a timestep", 0.0, float(MAX_TIMESTEP), float32=True)
 
 
 @dataclass
@@ -39,7 +82,7 @@ class OLSSSchedule:
         coeffs: float64 ``[n, n+1]`` (global) or ``[C, n, n+1]`` (per channel); row j is lower-triangular padded.
         errors: per-step fit MSE on the data the coefficients were fitted on (teacher or student trajectories).
         teacher_steps: T, the teacher's number of steps (``indices`` live in ``[0, T)``).
-        prediction_type: the model's output parametrisation the coefficients apply to (informational).
+        prediction_type: the model's output parametrisation the coefficients apply to (checked where it is used).
         path: how the path was chosen ("uniform", "minimax", "ddim", ...).
         refined: whether the coefficients come from the student-in-the-loop re-fit.
         teacher: a short description of the teacher sampler.
@@ -61,12 +104,28 @@ class OLSSSchedule:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.coeffs = torch.as_tensor(self.coeffs, dtype=torch.float64).detach().cpu().clone()
-        self.timesteps = [_plain_number(t) for t in self.timesteps]
-        self.indices = [int(i) for i in self.indices]
-        self.errors = [float(e) for e in self.errors]
+        if not isinstance(self.coeffs, torch.Tensor):
+            try:
+                self.coeffs = torch.tensor(self.coeffs, dtype=torch.float64)
+            except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+                raise ValueError(f"coeffs are not a rectangular numeric array: {exc}") from None
+        self.coeffs = self.coeffs.detach().to("cpu", torch.float64).clone()
+        if isinstance(self.timesteps, torch.Tensor):
+            self.timesteps = self.timesteps.tolist()
+        if isinstance(self.indices, torch.Tensor):
+            self.indices = self.indices.tolist()
+        self.timesteps = [_timestep(t) for t in self.timesteps]
+        self.indices = [_index(i, "indices") for i in self.indices]
+        self.errors = [expect_float(e, "an error", 0.0) for e in self.errors]
         if not self.teacher_steps and self.indices:
             self.teacher_steps = self.indices[-1] + 1
+        self.teacher_steps = _index(self.teacher_steps, "teacher_steps")
+        for name in ("prediction_type", "path", "teacher"):
+            expect_str(getattr(self, name), name)
+        expect_bool(self.refined, "refined")
+        for name in ("fitted_for", "meta"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name} must be a dict, got {type(getattr(self, name)).__name__}")
         self.validate()
 
     # ------------------------------------------------------------------ properties
@@ -88,6 +147,8 @@ class OLSSSchedule:
         n = len(self.timesteps)
         if n < 1:
             raise ValueError("an OLSS schedule needs at least one step (timesteps is empty)")
+        if n > MAX_STEPS:
+            raise ValueError(f"a schedule has at most {MAX_STEPS} steps, got {n}")
         if len(self.indices) != n:
             raise ValueError(f"schedule has {n} timesteps but {len(self.indices)} indices; they must match")
         c = self.coeffs
@@ -96,38 +157,41 @@ class OLSSSchedule:
                 f"coeffs must have shape [n, n+1] = [{n}, {n + 1}] (global) or [C, {n}, {n + 1}] (per channel) "
                 f"for {n} timesteps, got {list(c.shape)}"
             )
-        if c.dim() == 3 and c.shape[0] < 1:
-            raise ValueError("per-channel coeffs need at least one channel")
+        if c.dim() == 3 and not 1 <= c.shape[0] <= MAX_CHANNELS:
+            raise ValueError(f"per-channel coeffs need 1 to {MAX_CHANNELS} channels, got {c.shape[0]}")
         if not torch.isfinite(c).all():
             raise ValueError("coeffs contain NaN or Inf; the schedule is unusable (re-run the search)")
+        if c.abs().max().item() > FLOAT32_MAX:
+            raise ValueError("coeffs overflow float32, the dtype the sampler computes in")
         upper = torch.triu(c, diagonal=2)
         if upper.abs().max().item() > 0:
             raise ValueError("coeffs row j may only use x0 and e_0..e_j: entries right of column j+1 must be zero")
-        for t in self.timesteps:
-            if not math.isfinite(float(t)):
-                raise ValueError(f"timesteps must be finite numbers, got {t!r}")
+        kinds = {isinstance(t, int) for t in self.timesteps}
+        if len(kinds) > 1:
+            raise ValueError(f"timesteps must be all integers (VP) or all floats (flow matching), got {self.timesteps}")
         if any(float(a) <= float(b) for a, b in zip(self.timesteps, self.timesteps[1:])):
             raise ValueError(f"timesteps must be strictly descending, got {self.timesteps}")
         if self.indices[0] != 0:
             raise ValueError(f"the path must start at teacher index 0, got indices[0] = {self.indices[0]}")
         if any(a >= b for a, b in zip(self.indices, self.indices[1:])):
             raise ValueError(f"indices must be strictly increasing, got {self.indices}")
-        if self.teacher_steps < self.indices[-1] + 1:
+        if not self.indices[-1] < self.teacher_steps <= MAX_TEACHER_STEPS:
             raise ValueError(
-                f"teacher_steps = {self.teacher_steps} but the path uses teacher index {self.indices[-1]}"
+                f"teacher_steps = {self.teacher_steps} must exceed the path's last teacher index {self.indices[-1]} "
+                f"(and be at most {MAX_TEACHER_STEPS})"
             )
         if self.errors and len(self.errors) != n:
             raise ValueError(f"errors must have one entry per step ({n}), got {len(self.errors)}")
-        if any(not math.isfinite(e) for e in self.errors):
-            raise ValueError("errors contain NaN or Inf")
+        if any(not math.isfinite(e) or e < 0 for e in self.errors):
+            raise ValueError("errors must be finite and non-negative")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction_type {self.prediction_type!r}; expected one of {PREDICTION_TYPES}")
-        if self.granularity not in GRANULARITIES:  # pragma: no cover - derived from shape
-            raise ValueError(f"unknown granularity {self.granularity}")
+        _check_fitted_for(self.fitted_for)
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The version-2 JSON object, ``sha256`` (the digest of everything else) included."""
+        data = {
             "format": SCHEDULE_FORMAT,
             "version": SCHEDULE_VERSION,
             "num_steps": self.num_steps,
@@ -144,56 +208,58 @@ class OLSSSchedule:
             "fitted_for": self.fitted_for,
             "meta": self.meta,
         }
+        data["sha256"] = _digest(data)
+        return data
 
     @classmethod
     def from_dict(cls, data: Any) -> "OLSSSchedule":
         """Build a schedule from :meth:`to_dict` output, validating everything (``ValueError`` on any problem)."""
-        if not isinstance(data, dict):
-            raise ValueError(f"an OLSS schedule must be a JSON object, got {type(data).__name__}")
-        if data.get("format", SCHEDULE_FORMAT) != SCHEDULE_FORMAT:
-            raise ValueError(f"not an OLSS schedule (format = {data.get('format')!r})")
+        global _warned_v1
+        expect_dict(data, "an OLSS schedule")
+        if data.get("format") != SCHEDULE_FORMAT:
+            raise ValueError(f"not an OLSS schedule (format = {str(data.get('format'))[:80]!r})")
         version = data.get("version")
-        if version not in READ_VERSIONS or isinstance(version, bool):
+        if isinstance(version, bool) or version not in READ_VERSIONS:
             raise ValueError(
-                f"unsupported OLSS schedule version {version!r}; this olss_fast reads versions {READ_VERSIONS}"
+                f"unsupported OLSS schedule version {str(version)[:20]}; this olss_fast reads versions {READ_VERSIONS}"
             )
-        missing = [k for k in ("timesteps", "indices", "coeffs") if k not in data]
-        if missing:
-            raise ValueError(f"OLSS schedule is missing field(s) {missing}")
-        try:
-            coeffs = torch.tensor(data["coeffs"], dtype=torch.float64)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"OLSS schedule coeffs are not a rectangular numeric array: {exc}") from None
-        for key in ("timesteps", "indices", "errors"):
-            value = data.get(key, [])
-            if not isinstance(value, list) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-            ):
-                raise ValueError(f"OLSS schedule field {key!r} must be a list of numbers")
-        meta = data.get("meta", {})
-        if not isinstance(meta, dict):
-            raise ValueError("OLSS schedule field 'meta' must be an object")
-        fitted_for = data.get("fitted_for", {})
-        if not isinstance(fitted_for, dict):
-            raise ValueError("OLSS schedule field 'fitted_for' must be an object")
+        if version == 1:
+            expect_dict(data, "a version-1 OLSS schedule", ("timesteps", "indices", "coeffs"),
+                        optional=[k for k in _FIELDS_V1 if k not in ("timesteps", "indices", "coeffs")])
+            if not _warned_v1:
+                logger.warning("reading a version-1 OLSS schedule (olss_fast 0.1): it carries no digest and no "
+                               "record of what it was fitted for; save it again to upgrade it")
+                _warned_v1 = True
+        else:
+            expect_dict(data, "an OLSS schedule", _FIELDS_V2)
+            digest = expect_str(data["sha256"], "sha256", 64)
+            if digest != _digest({k: v for k, v in data.items() if k != "sha256"}):
+                raise ValueError("the schedule does not match its sha256 digest: it was modified or corrupted after "
+                                 "it was written (re-create it, or save an edited schedule with OLSSSchedule.save)")
+        timesteps = expect_list(data["timesteps"], "timesteps", MAX_STEPS)
+        n = len(timesteps)
+        indices = [expect_int(i, "indices", 0, MAX_TEACHER_STEPS) for i in
+                   expect_list(data["indices"], "indices", MAX_STEPS)]
+        coeffs = _coeff_tensor(data["coeffs"], n)
+        errors = [expect_float(e, "errors", 0.0) for e in expect_list(data.get("errors", []), "errors", MAX_STEPS)]
+        fitted_for = expect_dict(data.get("fitted_for", {}), "fitted_for")
+        meta = expect_dict(data.get("meta", {}), "meta")
         sched = cls(
-            timesteps=data["timesteps"],
-            indices=data["indices"],
-            coeffs=coeffs,
-            errors=data.get("errors", []),
-            teacher_steps=int(data.get("teacher_steps", 0)),
-            prediction_type=str(data.get("prediction_type", "epsilon")),
-            path=str(data.get("path", "uniform")),
-            refined=bool(data.get("refined", False)),
-            teacher=str(data.get("teacher", "")),
-            fitted_for=fitted_for,
-            meta=meta,
+            timesteps=timesteps, indices=indices, coeffs=coeffs, errors=errors,
+            teacher_steps=expect_int(data.get("teacher_steps", indices[-1] + 1 if indices else 0), "teacher_steps",
+                                     1, MAX_TEACHER_STEPS),
+            prediction_type=expect_str(data.get("prediction_type", "epsilon"), "prediction_type", 32),
+            path=expect_str(data.get("path", "uniform"), "path", 64),
+            refined=expect_bool(data.get("refined", False), "refined"),
+            teacher=expect_str(data.get("teacher", ""), "teacher"),
+            fitted_for=fitted_for, meta=meta,
         )
-        if "num_steps" in data and data["num_steps"] != sched.num_steps:
+        if "num_steps" in data and expect_int(data["num_steps"], "num_steps") != sched.num_steps:
             raise ValueError(f"num_steps = {data['num_steps']} does not match {sched.num_steps} timesteps")
         if "granularity" in data and data["granularity"] != sched.granularity:
             raise ValueError(
-                f"granularity = {data['granularity']!r} does not match coeffs of shape {list(sched.coeffs.shape)}"
+                f"granularity = {str(data['granularity'])[:20]!r} does not match coeffs of shape "
+                f"{list(sched.coeffs.shape)}"
             )
         return sched
 
@@ -207,18 +273,9 @@ class OLSSSchedule:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "OLSSSchedule":
-        """Read and validate a schedule written by :meth:`save`."""
+        """Read and validate a schedule written by :meth:`save` (``ValueError`` naming the file on any problem)."""
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ValueError(f"schedule file {path} does not exist") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"schedule file {path} is not UTF-8 JSON (corrupted?)") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"schedule file {path} is not valid JSON (truncated or corrupted?): {exc}") from None
+        data = read_json(path, MAX_SCHEDULE_BYTES, "schedule file")
         try:
             return cls.from_dict(data)
         except ValueError as exc:
@@ -236,13 +293,59 @@ class OLSSSchedule:
         )
 
 
-def _plain_number(t: Any) -> int | float:
-    """A timestep as a plain Python number: int for integer types, float otherwise."""
-    if isinstance(t, torch.Tensor):
-        t = t.item()
-    if isinstance(t, bool) or not isinstance(t, numbers.Real):
-        raise ValueError(f"timesteps must be numbers, got {t!r}")
-    return int(t) if isinstance(t, numbers.Integral) else float(t)
+def _digest(data: dict) -> str:
+    return hashlib.sha256(canonical_json(data).encode()).hexdigest()
+
+
+def _coeff_tensor(value: Any, n: int) -> torch.Tensor:
+    """The coefficient array from JSON: nested lists of finite float32-representable numbers, ``[n, n+1]`` or
+    ``[C, n, n+1]`` (checked before building anything, so a hostile shape costs nothing)."""
+    rows = expect_list(value, "coeffs", MAX_CHANNELS)
+    per_channel = bool(rows) and isinstance(rows[0], list) and bool(rows[0]) and isinstance(rows[0][0], list)
+    mats = [expect_list(m, "coeffs", MAX_STEPS) for m in rows] if per_channel else [rows]
+    out = []
+    for m in mats:
+        if len(m) != n:
+            raise ValueError(f"coeffs must have {n} rows per channel for {n} timesteps, got {len(m)}")
+        mat = []
+        for r in m:
+            r = expect_list(r, "a coeffs row", MAX_STEPS + 1)
+            if len(r) != n + 1:
+                raise ValueError(f"coeffs rows must have n+1 = {n + 1} entries, got {len(r)}")
+            mat.append([expect_float(v, "a coefficient", float32=True) for v in r])
+        out.append(mat)
+    t = torch.tensor(out, dtype=torch.float64)
+    return t if per_channel else t[0]
+
+
+_FITTED_FOR_KEYS = ("model", "noise_schedule", "guidance_scale", "latent_shape", "teacher", "prompts_sha256",
+                    "call_kwargs_sha256", "num_samples", "mu", "accepted_mismatch")
+
+
+def _check_fitted_for(f: dict) -> None:
+    """The ``fitted_for`` block's own types (see :mod:`olss_fast.provenance`)."""
+    if not f:
+        return
+    expect_dict(f, "fitted_for", keys=[], optional=_FITTED_FOR_KEYS)
+    for key in ("model", "noise_schedule", "teacher"):
+        if f.get(key) is not None:
+            expect_dict(f[key], f"fitted_for.{key}")
+    if f.get("guidance_scale") is not None:
+        expect_float(f["guidance_scale"], "fitted_for.guidance_scale")
+    if f.get("mu") is not None:
+        expect_float(f["mu"], "fitted_for.mu")
+    if f.get("latent_shape") is not None:
+        for v in expect_list(f["latent_shape"], "fitted_for.latent_shape", 8):
+            expect_int(v, "fitted_for.latent_shape", 1, 2**31)
+    if f.get("num_samples") is not None:
+        expect_int(f["num_samples"], "fitted_for.num_samples", 1)
+    for key in ("prompts_sha256", "call_kwargs_sha256"):
+        if f.get(key) is not None:
+            expect_str(f[key], f"fitted_for.{key}", 64)
+    if f.get("accepted_mismatch") is not None:
+        for a in expect_list(f["accepted_mismatch"], "fitted_for.accepted_mismatch", 3):
+            if a not in ("model", "noise_schedule", "prediction_type"):
+                raise ValueError(f"fitted_for.accepted_mismatch holds an unknown name {str(a)[:40]!r}")
 
 
 def stack_schedules_by_steps(schedules: Sequence[OLSSSchedule]) -> dict[int, OLSSSchedule]:

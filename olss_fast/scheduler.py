@@ -15,6 +15,8 @@ the scheduler config, so ``save_pretrained`` writes plain JSON (atomically).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import numbers
@@ -30,7 +32,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
 from . import provenance
-from .schedule import OLSSSchedule, stack_schedules_by_steps
+from ._io import canonical_json, read_json
+from .schedule import MAX_SCHEDULE_BYTES, OLSSSchedule, stack_schedules_by_steps
 from .step import PREDICTION_TYPES, ddim_coefficients, olss_combine
 
 logger = logging.getLogger(__name__)
@@ -48,6 +51,20 @@ FLOW_KEYS = (
     "use_beta_sigmas", "time_shift_type", "stochastic_sampling",
 )
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+CONFIG_DIGEST_KEY = "_olss_sha256"
+MAX_CONFIG_BYTES = 64 * 2**20
+_warned_no_digest = False
+
+
+def config_digest(data: dict) -> str:
+    """SHA-256 of a scheduler config's canonical JSON without the digest itself and diffusers' version stamp."""
+    import hashlib
+
+    rest = {k: v for k, v in data.items() if k not in (CONFIG_DIGEST_KEY, "_diffusers_version")}
+    try:
+        return hashlib.sha256(canonical_json(rest).encode()).hexdigest()
+    except (TypeError, ValueError):
+        return ""
 _SPACINGS = ("leading", "trailing", "linspace")
 MAX_TRAIN_TIMESTEPS = 100_000
 
@@ -257,11 +274,10 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
                 init["prediction_type"] = "flow"
         dicts = []
         for s in schedules:
-            d = s.to_dict()
-            if allow:
-                d["fitted_for"] = dict(d["fitted_for"], accepted_mismatch=sorted(
-                    set(d["fitted_for"].get("accepted_mismatch", ())) | set(allow)))
-            dicts.append(d)
+            if allow:  # the acceptance is recorded in the schedule itself (and so in its digest)
+                s = dataclasses.replace(s, fitted_for=dict(s.fitted_for, accepted_mismatch=sorted(
+                    set(s.fitted_for.get("accepted_mismatch", ())) | set(allow))))
+            dicts.append(s.to_dict())
         return cls(schedules=dicts, **init)
 
     @property
@@ -592,19 +608,65 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         return self._fallback.scale_noise(sample, timestep, noise)
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
-        """diffusers' ``save_pretrained``, but the config file is replaced atomically (never left half-written)."""
-        from ._io import atomic_path
+        """diffusers' ``save_pretrained``, plus a digest of the config (``_olss_sha256``, verified by
+        :meth:`from_pretrained`), written atomically (never left half-written) under an exclusive lock."""
+        from ._io import atomic_write_text, exclusive_lock
 
         if push_to_hub:
             raise ValueError("push_to_hub is not supported by OLSSScheduler.save_pretrained; save, then upload")
         folder = Path(save_directory)
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"cannot save the scheduler to {folder}: it exists and is not a folder")
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".olss_scheduler.", dir=folder) as tmp:
-            super().save_pretrained(tmp, **kwargs)
-            with atomic_path(folder / self.config_name) as target:
-                os.replace(Path(tmp) / self.config_name, target)
+        with exclusive_lock(folder, "scheduler folder"):
+            folder.mkdir(parents=True, exist_ok=True)
+            data = json.loads(self.to_json_string())
+            data[CONFIG_DIGEST_KEY] = config_digest(data)
+            atomic_write_text(folder / self.config_name, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any = None, subfolder: str | None = None,
+                        return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
+        """diffusers' ``from_pretrained``; a local folder (or config file) is read strictly: bounded size, valid
+        JSON, an ``OLSSScheduler`` config, its digest verified (``ValueError`` on any problem). Hub ids go through
+        diffusers."""
+        path = Path(str(pretrained_model_name_or_path)) / (subfolder or "")
+        if not path.exists():
+            return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder,
+                                           return_unused_kwargs=return_unused_kwargs, **kwargs)
+        config_file = path / cls.config_name if path.is_dir() else path
+        data = read_json(config_file, MAX_CONFIG_BYTES, "scheduler config")
+        scheduler = cls.from_config_data(data, str(config_file), **kwargs)
+        return (scheduler, {}) if return_unused_kwargs else scheduler
+
+    @classmethod
+    def from_config_data(cls, data: Any, source: str = "the scheduler config", **kwargs: Any) -> "OLSSScheduler":
+        """An ``OLSSScheduler`` from a parsed ``scheduler_config.json``, checked strictly (see
+        :meth:`from_pretrained`)."""
+        global _warned_no_digest
+        if not isinstance(data, dict):
+            raise ValueError(f"{source} must hold a JSON object, got {type(data).__name__}")
+        name = data.get("_class_name", cls.__name__)
+        if name != cls.__name__:
+            raise ValueError(f"{source} is a {str(name)[:80]} config, not an {cls.__name__}'s")
+        digest = data.get(CONFIG_DIGEST_KEY)
+        if digest is None:
+            if not _warned_no_digest:
+                logger.warning("%s carries no digest (written by olss_fast 0.1): it cannot be checked for edits",
+                               source)
+                _warned_no_digest = True
+        elif digest != config_digest(data):
+            raise ValueError(f"{source} does not match its digest: it was modified or corrupted after it was "
+                             "written (re-create it, or save an edited scheduler with save_pretrained)")
+        known = set(cls._get_init_keys(cls)) - {"self"}
+        unknown = sorted(k for k in data if not str(k).startswith("_") and k not in known)
+        if unknown:
+            raise ValueError(f"{source} has unknown field(s) {unknown[:10]}")
+        try:
+            return cls.from_config({k: v for k, v in data.items() if k != CONFIG_DIGEST_KEY}, **kwargs)
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+        except (TypeError, KeyError, AttributeError, RuntimeError, NotImplementedError, OverflowError) as exc:
+            raise ValueError(f"{source} holds an invalid scheduler config: {exc!r}"[:500]) from None
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
@@ -612,25 +674,16 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
 
 def load_schedule_source(path: str | os.PathLike) -> "OLSSSchedule | OLSSScheduler":
     """An ``OLSSScheduler`` (a ``save_pretrained`` folder or its ``scheduler_config.json``) or an ``OLSSSchedule``
-    (a schedule JSON) from ``path``; ``ValueError`` when it is missing, unreadable or something else."""
-    import json
-
+    (a schedule JSON) from ``path``; ``ValueError`` when it is missing, unreadable, modified or something else."""
     p = Path(path)
     if p.is_dir():
         if not (p / OLSSScheduler.config_name).is_file():
             raise ValueError(f"{p} is not an OLSSScheduler folder (no {OLSSScheduler.config_name})")
-        p = p / OLSSScheduler.config_name
-    if not p.is_file():
-        raise ValueError(f"schedule path {p} does not exist")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{p} is not a readable JSON file (truncated or corrupted?): {exc}") from None
+        return OLSSScheduler.from_pretrained(p)
+    data = read_json(p, max(MAX_CONFIG_BYTES, MAX_SCHEDULE_BYTES), "schedule file")
     if isinstance(data, dict) and "schedules" in data and "timesteps" not in data:
-        if data.get("_class_name", "OLSSScheduler") != "OLSSScheduler":
-            raise ValueError(f"{p} is a {data.get('_class_name')} config, not an OLSSScheduler's")
-        try:
-            return OLSSScheduler.from_config(data)
-        except (TypeError, KeyError) as exc:
-            raise ValueError(f"{p} is not a valid OLSSScheduler config: {exc}") from None
-    return OLSSSchedule.load(p)
+        return OLSSScheduler.from_config_data(data, str(p))
+    try:
+        return OLSSSchedule.from_dict(data)
+    except ValueError as exc:
+        raise ValueError(f"schedule file {p}: {exc}") from None

@@ -10,18 +10,25 @@ times the memory of a single matrix and allows per-channel coefficients (``granu
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
-from ._io import atomic_write_with
+from ._io import (
+    atomic_write_with, expect_dict, expect_int, expect_list, expect_str, parse_json,
+)
 
 STATS_FORMAT = "olss_fast.gram_stats"
-STATS_VERSION = 1
+STATS_VERSION = 2  # 2 added the digest, the work items and the recording context; version 1 is read as well
+DIGEST_KEY = "olss_fast.sha256"
+MAX_TEACHER_STEPS = 10_000
+MAX_STATS_BYTES = 64 * 2**30
+MAX_ITEMS = 10**9
 # cap on the float64 working copy of one update (bytes); larger batches are processed in slices
 _UPDATE_CHUNK_BYTES = 256 * 2**20
 
@@ -86,8 +93,13 @@ class GramStats:
             raise ValueError(f"context must be a dict, got {type(context).__name__}")
         self.context: dict[str, Any] = dict(context or {})
         self.device = torch.device(device)
+        if len(ts) > MAX_TEACHER_STEPS:
+            raise ValueError(f"a teacher has at most {MAX_TEACHER_STEPS} steps, got {len(ts)}")
         self.gram: torch.Tensor | None = None  # [C, M, M] float64, created on the first update
         self.num_samples = 0
+        #: the recording's work-item indices in these statistics, as sorted ``[start, stop)`` ranges (None: unknown,
+        #: e.g. updated by hand); merging statistics that share an item is refused
+        self.items: list[list[int]] | None = []
         self.sample_shape: tuple[int, ...] | None = None
         self.dtype: str | None = None
         self.meta: dict[str, Any] = {}
@@ -132,12 +144,14 @@ class GramStats:
 
     # ------------------------------------------------------------------ update
     @torch.no_grad()
-    def update(self, x_path: torch.Tensor, e_path: torch.Tensor) -> "GramStats":
+    def update(self, x_path: torch.Tensor, e_path: torch.Tensor, items: Sequence[int] | None = None) -> "GramStats":
         """Add one batch of teacher trajectories.
 
         Args:
             x_path: ``[T+1, B, ...]`` teacher latents; ``x_path[0]`` the initial noise, ``x_path[T]`` the final one.
             e_path: ``[T, B, ...]`` model outputs passed to ``scheduler.step`` (after guidance) at each step.
+            items: the work-item indices of the B samples (recordings pass them, so that no item is counted twice);
+                None marks the statistics' item set as unknown.
         """
         T = self.num_teacher_steps
         if not isinstance(x_path, torch.Tensor) or not isinstance(e_path, torch.Tensor):
@@ -165,6 +179,12 @@ class GramStats:
         if not (torch.isfinite(x_path).all() and torch.isfinite(e_path).all()):
             raise ValueError("trajectories contain NaN or Inf (did the model diverge, or fp16 overflow?)")
         batch = x_path.shape[1]
+        if items is not None:
+            items = [int(i) for i in items]
+            if len(items) != batch or len(set(items)) != batch or min(items) < 0:
+                raise ValueError(f"items must list {batch} distinct non-negative work-item indices, got {items}")
+            if self.items is not None and (set(items) & ranges_to_set(self.items)):
+                raise ValueError("these work items are already in the statistics: a sample would count twice")
         channels = sample_shape[0] if len(sample_shape) >= 2 else 1
         per_sample_bytes = self.num_vectors * math.prod(sample_shape) * 8
         chunk = max(1, _UPDATE_CHUNK_BYTES // max(per_sample_bytes, 1))
@@ -183,6 +203,10 @@ class GramStats:
         else:
             self.gram += total
         self.num_samples += batch
+        if items is None or self.items is None:
+            self.items = None
+        else:
+            self.items = to_ranges(ranges_to_set(self.items) | set(items))
         return self
 
     # ------------------------------------------------------------------ merge
@@ -204,17 +228,28 @@ class GramStats:
         if self.sample_shape is not None and other.sample_shape is not None and self.sample_shape != other.sample_shape:
             raise differ("sample shapes", self.sample_shape, other.sample_shape)
 
+    def _check_disjoint(self, other: "GramStats") -> None:
+        if other is self and self.num_samples:
+            raise ValueError("cannot merge statistics with themselves: every sample would count twice")
+        if self.items and other.items:
+            shared = ranges_to_set(self.items) & ranges_to_set(other.items)
+            if shared:
+                raise ValueError(f"cannot merge statistics that share {len(shared)} work item(s) (e.g. item "
+                                 f"{min(shared)}): those samples would count twice")
+
     def __add__(self, other: "GramStats") -> "GramStats":
         if not isinstance(other, GramStats):
             return NotImplemented
         self._check_compatible(other)
+        self._check_disjoint(other)
         out = self.copy()
         out.merge_(other)
         return out
 
     def merge_(self, other: "GramStats") -> "GramStats":
-        """In-place merge (``self += other``)."""
+        """In-place merge (``self += other``); statistics sharing work items are refused."""
         self._check_compatible(other)
+        self._check_disjoint(other)
         if other.gram is None:
             return self
         if self.gram is None:
@@ -224,6 +259,10 @@ class GramStats:
         else:
             self.gram += other.gram.to(self.device)
         self.num_samples += other.num_samples
+        if self.items is None or other.items is None:
+            self.items = None
+        else:
+            self.items = to_ranges(ranges_to_set(self.items) | ranges_to_set(other.items))
         return self
 
     __iadd__ = merge_
@@ -238,6 +277,7 @@ class GramStats:
         out.sample_shape = self.sample_shape
         out.dtype = self.dtype
         out.meta = json.loads(json.dumps(self.meta))
+        out.items = None if self.items is None else [list(r) for r in self.items]
         return out
 
     # ------------------------------------------------------------------ persistence
@@ -253,61 +293,75 @@ class GramStats:
             "num_samples": self.num_samples,
             "sample_shape": list(self.sample_shape) if self.sample_shape is not None else None,
             "dtype": self.dtype,
+            "items": self.items,
             "meta": self.meta,
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write to a safetensors file (tensor ``gram`` + JSON header in its metadata), atomically."""
+        """Write to a safetensors file (tensor ``gram``, the JSON header and the SHA-256 digest of both in its
+        metadata), atomically."""
         from safetensors.torch import save_file
 
         self._require_data()
         header = json.dumps(self.header(), allow_nan=False)
         gram = self.gram.detach().cpu().contiguous()
-        atomic_write_with(path, lambda tmp: save_file({"gram": gram}, str(tmp), metadata={"olss_fast": header}))
+        metadata = {"olss_fast": header, DIGEST_KEY: _digest(header, gram)}
+        atomic_write_with(path, lambda tmp: save_file({"gram": gram}, str(tmp), metadata=metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "GramStats":
-        """Read statistics written by :meth:`save`; ``ValueError`` if the file is missing, corrupted or foreign."""
+        """Read statistics written by :meth:`save`: ``ValueError`` if the file is missing, too large, not ours,
+        modified (digest), or holds a matrix that cannot be a Gram matrix (not finite, symmetric and positive
+        semi-definite within rounding)."""
+        path = Path(path)
+        try:
+            return cls._load(path, device)
+        except ValueError as exc:
+            msg = str(exc)
+            raise ValueError(msg if str(path) in msg else f"statistics file {path}: {msg}") from None
+
+    @classmethod
+    def _load(cls, path: Path, device: torch.device | str) -> "GramStats":
         from safetensors import safe_open
 
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"statistics file {path} does not exist")
+        check_readable_file(path, MAX_STATS_BYTES, "statistics file")
         try:
             with safe_open(str(path), framework="pt") as fh:
                 metadata = fh.metadata() or {}
-                gram = fh.get_tensor("gram") if "gram" in fh.keys() else None
+                keys = list(fh.keys())
+                if keys != ["gram"] or "olss_fast" not in metadata:
+                    raise ValueError(f"{path} is not an olss_fast statistics file (no 'gram' tensor or header)")
+                header = _parse_header(metadata["olss_fast"])
+                M = 2 * len(header["timesteps"]) + 1
+                channels = _channels(header["sample_shape"])
+                sl = fh.get_slice("gram")
+                shape, dtype = list(sl.get_shape()), str(sl.get_dtype())
+                if dtype not in ("F64", "float64") or shape != [channels, M, M]:
+                    raise ValueError(f"its gram tensor is {dtype} {shape}, expected float64 [{channels}, {M}, {M}]")
+                gram = fh.get_tensor("gram")
+        except ValueError:
+            raise
         except Exception as exc:  # safetensors raises its own error types for truncated headers/data
-            raise ValueError(f"statistics file {path} is not a readable safetensors file (truncated?): {exc}") from None
-        if gram is None or "olss_fast" not in metadata:
-            raise ValueError(f"{path} is not an olss_fast statistics file (no 'gram' tensor or header)")
-        try:
-            header = json.loads(metadata["olss_fast"])
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"statistics file {path} has a corrupted header: {exc}") from None
-        if header.get("format") != STATS_FORMAT or header.get("version") != STATS_VERSION:
-            raise ValueError(
-                f"{path}: unsupported statistics format/version {header.get('format')!r}/{header.get('version')!r}"
-            )
-        stats = cls(
-            header["timesteps"], teacher=header.get("teacher", ""), model=header.get("model", ""),
-            prediction_type=header.get("prediction_type", "epsilon"), context=header.get("context") or {},
-            device=device,
-        )
-        M = stats.num_vectors
-        if gram.dim() != 3 or tuple(gram.shape[1:]) != (M, M) or gram.dtype != torch.float64:
-            raise ValueError(f"{path}: gram tensor has shape {list(gram.shape)}/{gram.dtype}, expected [C, {M}, {M}] float64")
-        if not torch.isfinite(gram).all():
-            raise ValueError(f"{path}: gram tensor contains NaN or Inf (corrupted)")
-        if not torch.allclose(gram, gram.transpose(1, 2)):
-            raise ValueError(f"{path}: gram tensor is not symmetric (corrupted)")
+            raise ValueError(f"not a readable safetensors file (truncated?): {str(exc)[:200]}") from None
+        digest = metadata.get(DIGEST_KEY)
+        if header["version"] >= 2:
+            if not isinstance(digest, str) or digest != _digest(metadata["olss_fast"], gram):
+                raise ValueError("the statistics do not match their sha256 digest: the file was modified or "
+                                 "corrupted after it was written")
+        elif digest is not None:
+            raise ValueError("a version-1 statistics file carries no digest")
+        stats = cls(header["timesteps"], teacher=header["teacher"], model=header["model"],
+                    prediction_type=header["prediction_type"], context=header["context"], device=device)
+        stats.num_samples = header["num_samples"]
+        stats.sample_shape = tuple(header["sample_shape"]) if header["sample_shape"] is not None else None
+        stats.dtype = header["dtype"]
+        stats.meta = header["meta"]
+        stats.items = header["items"]
+        if stats.items is not None and len(ranges_to_set(stats.items)) != stats.num_samples:
+            raise ValueError(f"it lists {len(ranges_to_set(stats.items))} work items but holds "
+                             f"{stats.num_samples} samples")
+        check_gram(gram, stats.num_samples)
         stats.gram = gram.to(stats.device)
-        stats.num_samples = int(header.get("num_samples", 0))
-        stats.sample_shape = tuple(header["sample_shape"]) if header.get("sample_shape") else None
-        stats.dtype = header.get("dtype")
-        stats.meta = header.get("meta", {}) or {}
-        if stats.sample_shape is not None and stats.num_channels != gram.shape[0]:
-            raise ValueError(f"{path}: {gram.shape[0]} channel Gram matrices for sample shape {stats.sample_shape}")
         return stats
 
     def __repr__(self) -> str:
@@ -315,3 +369,133 @@ class GramStats:
             f"GramStats(T={self.num_teacher_steps}, samples={self.num_samples}, sample_shape={self.sample_shape}, "
             f"teacher={self.teacher!r})"
         )
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def to_ranges(indices: Iterable[int]) -> list[list[int]]:
+    """Sorted ``[start, stop)`` ranges covering ``indices``."""
+    out: list[list[int]] = []
+    for i in sorted(set(int(i) for i in indices)):
+        if out and out[-1][1] == i:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return out
+
+
+def check_ranges(ranges: Any, what: str, limit: int = MAX_ITEMS) -> list[list[int]]:
+    """Validate ``[start, stop)`` ranges without expanding them: integers, ``0 <= start < stop <= limit``, sorted
+    and disjoint."""
+    out = []
+    prev = -1
+    for r in expect_list(ranges, what, 10**6):
+        if not (isinstance(r, list) and len(r) == 2):
+            raise ValueError(f"{what} must hold [start, stop) pairs, got {str(r)[:60]}")
+        a, b = expect_int(r[0], what, 0, limit), expect_int(r[1], what, 0, limit)
+        if not a < b or a <= prev:
+            raise ValueError(f"{what} must be sorted, disjoint [start, stop) ranges, got {str(r)[:60]}")
+        prev = b - 1
+        out.append([a, b])
+    return out
+
+
+def ranges_to_set(ranges: Sequence[Sequence[int]]) -> set[int]:
+    return {i for a, b in ranges for i in range(a, b)}
+
+
+def count_ranges(ranges: Sequence[Sequence[int]]) -> int:
+    return sum(b - a for a, b in ranges)
+
+
+def check_readable_file(path: Path, max_bytes: int, what: str) -> None:
+    """A regular file of at most ``max_bytes`` (``ValueError`` otherwise) — checked before anything reads it."""
+    import stat as stat_
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ValueError(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise ValueError(f"{what} {path} cannot be read: {exc}") from None
+    if not stat_.S_ISREG(st.st_mode):
+        raise ValueError(f"{what} {path} is not a regular file")
+    if st.st_size > max_bytes:
+        raise ValueError(f"{what} {path} is larger than {max_bytes} bytes")
+
+
+def _digest(header: str, gram: torch.Tensor) -> str:
+    h = hashlib.sha256(header.encode())
+    h.update(gram.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _channels(sample_shape: list[int] | None) -> int:
+    if sample_shape is None:
+        raise ValueError("the header holds no sample shape (empty statistics are never written)")
+    return sample_shape[0] if len(sample_shape) >= 2 else 1
+
+
+_HEADER_V2 = ("format", "version", "timesteps", "teacher", "model", "prediction_type", "context", "num_samples",
+              "sample_shape", "dtype", "items", "meta")
+_HEADER_V1 = ("format", "version", "timesteps", "teacher", "model", "prediction_type", "num_samples",
+              "sample_shape", "dtype", "meta")
+
+
+def _parse_header(text: Any) -> dict[str, Any]:
+    """The statistics header, every field type- and range-checked (version 1 headers get the version 2 defaults)."""
+    from .step import PREDICTION_TYPES
+
+    h = expect_dict(parse_json(expect_str(text, "the header", 64 * 2**20), "the header"), "the header")
+    if h.get("format") != STATS_FORMAT:
+        raise ValueError(f"not an olss_fast statistics file (format {str(h.get('format'))[:60]!r})")
+    version = h.get("version")
+    if isinstance(version, bool) or version not in (1, 2):
+        raise ValueError(f"unsupported statistics format version {str(version)[:20]}")
+    expect_dict(h, "the header", _HEADER_V2 if version == 2 else _HEADER_V1)
+    ts = expect_list(h["timesteps"], "timesteps", MAX_TEACHER_STEPS)
+    if not ts:
+        raise ValueError("the header lists no teacher timesteps")
+    for t in ts:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 <= t <= 100_000:
+            raise ValueError(f"teacher timesteps must be finite numbers in [0, 100000], got {str(t)[:30]}")
+    if h["prediction_type"] not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type {str(h['prediction_type'])[:30]!r}")
+    expect_str(h["teacher"], "teacher")
+    expect_str(h["model"], "model")
+    expect_int(h["num_samples"], "num_samples", 1, MAX_ITEMS)
+    shape = expect_list(h["sample_shape"], "sample_shape", 8)
+    if not shape or any(expect_int(v, "sample_shape", 1, 2**31) < 1 for v in shape) or \
+            math.prod(shape) > 2**40 or (len(shape) >= 2 and shape[0] > 4096):
+        raise ValueError(f"sample_shape {shape} is not a latent shape")
+    if h["dtype"] is not None:
+        expect_str(h["dtype"], "dtype", 32)
+    expect_dict(h["meta"], "meta")
+    if version == 2:
+        expect_dict(h["context"], "context")
+        if h["items"] is not None:
+            h["items"] = check_ranges(h["items"], "items")
+    else:
+        h["context"], h["items"] = {}, None
+    return h
+
+
+def check_gram(gram: torch.Tensor, num_samples: int) -> None:
+    """``ValueError`` unless ``gram`` ``[C, M, M]`` can be a Gram matrix of recorded vectors: finite, symmetric,
+    a positive squared norm of the initial noise, a non-negative diagonal and positive semi-definite within rounding
+    (the Jacobi-scaled matrix plus 1e-8·I has a Cholesky factor)."""
+    if not torch.isfinite(gram).all():
+        raise ValueError("its Gram matrix contains NaN or Inf (corrupted)")
+    scale = gram.abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-300)
+    if ((gram - gram.transpose(1, 2)).abs() / scale).max() > 1e-9:
+        raise ValueError("its Gram matrix is not symmetric (corrupted)")
+    diag = torch.diagonal(gram, dim1=1, dim2=2)
+    if num_samples > 0 and not (diag[:, 0] > 0).all():
+        raise ValueError("its Gram matrix gives the initial noise a zero squared norm: it holds no real samples")
+    if (diag < 0).any():
+        raise ValueError("its Gram matrix has a negative diagonal entry (a negative squared norm): corrupted")
+    inv = torch.where(diag > 0, diag.rsqrt(), torch.zeros_like(diag))
+    scaled = gram * inv.unsqueeze(-1) * inv.unsqueeze(-2)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype)
+    _, info = torch.linalg.cholesky_ex(scaled + 1e-8 * eye)
+    if (info != 0).any():
+        raise ValueError("its Gram matrix is not positive semi-definite (no set of vectors has it): corrupted")

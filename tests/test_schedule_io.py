@@ -32,26 +32,50 @@ def test_float_timesteps_round_trip(tmp_path):
     assert OLSSSchedule.load(tmp_path / "f.json").timesteps == [1000.0, 500.5]
 
 
+def resign(d):
+    """Re-compute a schedule dict's digest after an edit (so that the semantic checks, not the digest, are tested)."""
+    import hashlib
+
+    from olss_fast._io import canonical_json
+
+    d = {k: v for k, v in d.items() if k != "sha256"}
+    try:
+        d["sha256"] = hashlib.sha256(canonical_json(d).encode()).hexdigest()
+    except ValueError:  # NaN cannot be canonicalised: the reader refuses the literal before the digest
+        d["sha256"] = "0" * 64
+    return d
+
+
 @pytest.mark.parametrize(
     "mutate, match",
     [
-        (lambda d: d.update(coeffs=[[1.0, float("nan"), 0, 0]] * 3), "NaN or Inf"),
-        (lambda d: d.update(coeffs=[[1.0, 2.0]]), "shape"),
+        (lambda d: d.update(coeffs=[[1.0, float("nan"), 0, 0]] * 3), "NaN"),
+        (lambda d: d.update(coeffs=[[1.0, 2.0]]), "rows"),
         (lambda d: d.update(timesteps=[1, 500, 999]), "descending"),
         (lambda d: d.update(indices=[1, 10, 20]), "index 0"),
         (lambda d: d.update(version=99), "version"),
-        (lambda d: d.pop("coeffs"), "missing"),
+        (lambda d: d.pop("coeffs"), "lacks"),
         (lambda d: d.update(timesteps=["a", "b", "c"]), "numbers"),
         (lambda d: d.update(coeffs=[[1, 1, 1, 1]] * 3), "right of column"),
         (lambda d: d.update(indices=[0, 1]), "indices"),
         (lambda d: d.update(granularity="channel"), "granularity"),
+        (lambda d: d.update(indices=[0, 3.5, 7]), "integer"),
+        (lambda d: d.update(refined="false"), "true or false"),
+        (lambda d: d.update(timesteps=[1e308, 500.0, 1.0]), "overflows float32"),
+        (lambda d: d.update(timesteps=[5000000, 500, 1]), "in \\[0"),
+        (lambda d: d.update(timesteps=[999, 500, -7]), "in \\[0"),
+        (lambda d: d["coeffs"][0].__setitem__(0, 1e39), "overflows float32"),
+        (lambda d: d["coeffs"][0].__setitem__(0, 10**400), "too large"),
+        (lambda d: d.update(extra=1), "unknown field"),
+        (lambda d: d.update(teacher_steps=True), "integer"),
+        (lambda d: d.update(fitted_for={"guidance_scale": "7.5"}), "fitted_for.guidance_scale"),
     ],
 )
 def test_invalid_schedule_files_are_refused(tmp_path, mutate, match):
     d = make_schedule(3).to_dict()
     mutate(d)
     p = tmp_path / "bad.json"
-    p.write_text(json.dumps(d))  # json.dumps writes NaN literally, as a careless writer would
+    p.write_text(json.dumps(resign(d)))  # json.dumps writes NaN literally, as a careless writer would
     with pytest.raises(ValueError, match=match):
         OLSSSchedule.load(p)
 
@@ -147,6 +171,7 @@ def test_version_1_schedule_files_are_read_without_provenance(tmp_path):
     d = make_schedule(3).to_dict()
     d["version"] = 1
     d.pop("fitted_for")
+    d.pop("sha256")
     (tmp_path / "v1.json").write_text(json.dumps(d))
     s = OLSSSchedule.load(tmp_path / "v1.json")
     assert s.fitted_for == {} and s.num_steps == 3
@@ -165,3 +190,29 @@ def test_written_files_follow_the_umask(tmp_path, mask):
         os.umask(old)
     for p in (tmp_path / "s.json", tmp_path / "g.safetensors", tmp_path / "sched" / "scheduler_config.json"):
         assert p.stat().st_mode & 0o777 == 0o666 & ~mask, p
+
+
+def test_edited_schedule_files_fail_their_digest(tmp_path):
+    p = tmp_path / "s.json"
+    make_schedule(3).save(p)
+    d = json.loads(p.read_text())
+    d["coeffs"][1][1] += 1e-9  # a valid value, but not the one written
+    p.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="does not match its sha256"):
+        OLSSSchedule.load(p)
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "huge", "deep"])
+def test_schedule_reader_is_bounded(tmp_path, kind):
+    p = tmp_path / "s.json"
+    if kind == "folder":
+        p.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(p)
+    elif kind == "huge":
+        with open(p, "wb") as fh:
+            fh.truncate(2**31)  # a sparse 2 GiB file: refused by its size, never read
+    else:
+        p.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError):
+        OLSSSchedule.load(p)
