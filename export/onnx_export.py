@@ -61,7 +61,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from olss_fast._io import default_mode
+from olss_fast._io import clean_stale_temporaries, current_umask, exclusive_lock, temporary_name
 from olss_fast.export.onnx_runner import (
     EXPORT_FORMAT,
     EXPORT_VERSION,
@@ -737,6 +737,7 @@ def _write_export(plan: ExportPlan, folder: Path) -> dict:
         "cond_shape": list(plan.cond_shape), "image_shape": image_shape, "uncond_ids": plan.uncond_ids,
         "id_limit": plan.id_limit, "image_range": spec.image_range, "schedule": sched.to_dict(),
         "components": components, "runner": RUNNER_COPY_NAME,
+        "runner_sha256": file_sha256(folder / RUNNER_COPY_NAME),
     }
 
 
@@ -780,7 +781,8 @@ def _publish(staging: Path, out: Path) -> None:
     old: Optional[Path] = None
     if out.exists():
         if any(out.iterdir()):
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = temporary_name(out, "partial")
+            old.mkdir()
             os.replace(out, old / "x")
         else:
             out.rmdir()
@@ -799,8 +801,9 @@ def staging_folder(out: Path) -> Iterator[Path]:
         raise ValueError(f"cannot create {parent}: {exc}") from None
     if not os.access(parent, os.W_OK):
         raise ValueError(f"cannot write to {parent}")
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=parent))
-    default_mode(staging)
+    clean_stale_temporaries(parent)  # staging folders of killed exports
+    staging = temporary_name(out, "partial")
+    staging.mkdir(mode=0o777 & ~current_umask())
     try:
         yield staging
     finally:
@@ -857,20 +860,29 @@ def export_plan(plan: ExportPlan, out_dir: "str | os.PathLike[str] | None" = Non
                 overwrite: bool = False) -> OnnxExport:
     """Write (or reuse) the export described by ``plan`` (see :func:`export_onnx`)."""
     out = Path(out_dir) if out_dir is not None else default_cache_dir() / "onnx" / plan.key[:24]
-    found = _check_target(out, plan.key, overwrite)
-    if found is not None:
-        logger.info("reusing the ONNX export in %s (cache key %s)", out, plan.key[:12])
-        return found
-    logger.info("exporting the %d-step OLSS sampler of a %s to %s (%s, batch %d, %dx%d)", plan.schedule.num_steps,
-                plan.pipeline, out, plan.dtype, plan.batch_size, plan.height, plan.width)
-    with staging_folder(out) as staging:
-        manifest = _write_export(plan, staging)
-        from olss_fast._io import atomic_write_text
-
-        atomic_write_text(staging / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False))
-        _fsync_tree(staging)
-        _publish(staging, out)
+    with exclusive_lock(out, "ONNX export folder"):  # one writer per folder: a second one gets a ValueError
+        found = _check_target(out, plan.key, overwrite)
+        if found is not None:
+            logger.info("reusing the ONNX export in %s (cache key %s)", out, plan.key[:12])
+            return found
+        logger.info("exporting the %d-step OLSS sampler of a %s to %s (%s, batch %d, %dx%d)",
+                    plan.schedule.num_steps, plan.pipeline, out, plan.dtype, plan.batch_size, plan.height, plan.width)
+        with staging_folder(out) as staging:
+            manifest = _write_export(plan, staging)
+            write_manifest(staging, manifest)
+            _fsync_tree(staging)
+            _publish(staging, out)
     return OnnxExport(out, manifest, reused=False)
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """Write ``manifest.json`` with its own digest (``manifest_sha256``), checked as a reader will check it."""
+    from olss_fast._io import atomic_write_text
+    from olss_fast.export.onnx_runner import check_manifest, manifest_digest
+
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    check_manifest(manifest)
+    atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False))
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -32,7 +32,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import re
+import stat
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -41,20 +44,30 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "EXPORT_FORMAT", "EXPORT_VERSION", "MANIFEST_NAME", "RUNNER_COPY_NAME", "OnnxOLSSRunner", "file_sha256",
-    "read_manifest",
+    "EXPORT_FORMAT", "EXPORT_VERSION", "MANIFEST_NAME", "RUNNER_COPY_NAME", "OnnxOLSSRunner", "check_manifest",
+    "check_metadata", "file_sha256", "manifest_digest", "read_manifest", "verify_component_files",
 ]
 
 EXPORT_FORMAT = "olss_fast.onnx_export"
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: strict manifest with its own digest and the runner copy's digest
 MANIFEST_NAME = "manifest.json"
 RUNNER_COPY_NAME = "olss_onnx_runner.py"
 COMPONENTS = ("text_encoder", "denoise", "decoder")
+MAX_MANIFEST_BYTES = 16 * 2**20
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 _ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
     "tensor(int32)": np.int32, "tensor(double)": np.float64,
 }
+_FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_MANIFEST_KEYS = (
+    "format", "version", "cache_key", "olss_fast", "torch", "onnx", "opset", "exporter", "pipeline",
+    "num_inference_steps", "batch_size", "height", "width", "dtype", "guidance_scale", "guided", "latent_shape",
+    "cond_input", "cond_shape", "image_shape", "uncond_ids", "id_limit", "image_range", "schedule", "components",
+    "runner", "runner_sha256", "manifest_sha256",
+)
+_COMPONENT_KEYS = ("file", "bytes", "sha256", "inputs", "exporter")
 
 
 def file_sha256(path: "str | os.PathLike[str]") -> str:
@@ -66,47 +79,207 @@ def file_sha256(path: "str | os.PathLike[str]") -> str:
     return h.hexdigest()
 
 
+def canonical_json(obj: Any) -> str:
+    """Sorted-key, compact JSON (what the manifest's digest is computed over)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of a manifest without its own ``manifest_sha256`` field."""
+    return hashlib.sha256(canonical_json({k: v for k, v in manifest.items() if k != "manifest_sha256"}).encode()
+                          ).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- strict checks
+def _bad(what: str) -> ValueError:
+    return ValueError(f"corrupted manifest: {what}")
+
+
+def _int(m: Mapping[str, Any], key: str, lo: int, hi: int) -> int:
+    v = m[key]
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise _bad(f"{key} must be an integer in [{lo}, {hi}], got {str(v)[:40]}")
+    return v
+
+
+def _ints(v: Any, what: str, min_len: int, max_len: int, lo: int = 1, hi: int = 2**31) -> list:
+    if not isinstance(v, list) or not min_len <= len(v) <= max_len or any(
+            isinstance(x, bool) or not isinstance(x, int) or not lo <= x <= hi for x in v):
+        raise _bad(f"{what} must be a list of {min_len}-{max_len} integers in [{lo}, {hi}], got {str(v)[:80]}")
+    return v
+
+
+def _str(m: Mapping[str, Any], key: str, choices: Optional[Sequence[str]] = None, max_len: int = 4096) -> str:
+    v = m[key]
+    if not isinstance(v, str) or len(v) > max_len or (choices is not None and v not in choices):
+        raise _bad(f"{key} must be {'one of ' + str(list(choices)) if choices else 'a string'}, got {str(v)[:60]}")
+    return v
+
+
+def check_manifest(m: Any) -> dict:
+    """Every field of a manifest with its exact type and range, the file names plain names inside the folder, and
+    the manifest's own digest; ``ValueError`` otherwise."""
+    if not isinstance(m, dict) or m.get("format") != EXPORT_FORMAT:
+        raise ValueError("not an olss_fast ONNX export manifest")
+    if m.get("version") != EXPORT_VERSION or isinstance(m.get("version"), bool):
+        raise ValueError(f"export format version {str(m.get('version'))[:20]}; this runner reads version "
+                         f"{EXPORT_VERSION} (export again)")
+    missing = [k for k in _MANIFEST_KEYS if k not in m]
+    unknown = [k for k in m if k not in _MANIFEST_KEYS]
+    if missing or unknown:
+        raise _bad(f"missing fields {missing}, unknown fields {unknown}")
+    if not isinstance(m["manifest_sha256"], str) or m["manifest_sha256"] != manifest_digest(m):
+        raise ValueError("the manifest does not match its manifest_sha256 digest: it was modified or corrupted")
+    n = _int(m, "num_inference_steps", 1, 1000)
+    b = _int(m, "batch_size", 1, 4096)
+    _int(m, "height", 1, 65536)
+    _int(m, "width", 1, 65536)
+    _int(m, "opset", 1, 1000)
+    _int(m, "id_limit", 0, 2**31)
+    _str(m, "dtype", tuple(_NP_DTYPES))
+    _str(m, "cond_input", ("encoder_hidden_states", "class_labels"))
+    _str(m, "image_range", ("[-1,1]", "[0,1]"))
+    for key in ("cache_key", "runner_sha256"):
+        if not isinstance(m[key], str) or not _HEX64.match(m[key]):
+            raise _bad(f"{key} must be a SHA-256 hex digest")
+    if m["runner"] != RUNNER_COPY_NAME:
+        raise _bad(f"runner must be {RUNNER_COPY_NAME!r}")
+    g = m["guidance_scale"]
+    if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or abs(g) > 1e6:
+        raise _bad(f"guidance_scale must be a finite number, got {str(g)[:40]}")
+    if not isinstance(m["guided"], bool) or m["guided"] != (g > 1.0):
+        raise _bad("guided must be true exactly when guidance_scale > 1")
+    lat = _ints(m["latent_shape"], "latent_shape", 2, 5)
+    if lat[0] != b or math.prod(lat) > 2**31:
+        raise _bad(f"latent_shape {lat} does not fit batch_size {b}")
+    cond = _ints(m["cond_shape"], "cond_shape", 1, 3)
+    if cond[0] != (2 * b if m["guided"] else b):
+        raise _bad(f"cond_shape {cond} does not fit batch_size {b} (guided: {m['guided']})")
+    _ints(m["image_shape"], "image_shape", 2, 5)
+    u = m["uncond_ids"]
+    if m["cond_input"] == "class_labels":
+        if isinstance(u, bool) or not isinstance(u, int) or not 0 <= u < max(m["id_limit"], 1):
+            raise _bad("uncond_ids must be a class label")
+    else:
+        _ints(u, "uncond_ids", 1, 4096, 0, max(m["id_limit"] - 1, 0))
+    sched = m["schedule"]
+    if not isinstance(sched, dict) or not isinstance(sched.get("timesteps"), list) or \
+            len(sched["timesteps"]) != n or not isinstance(sched.get("coeffs"), list):
+        raise _bad(f"schedule must be an OLSS schedule with {n} timesteps")
+    comps = m["components"]
+    if not isinstance(comps, dict) or "denoise" not in comps or "decoder" not in comps or \
+            any(k not in COMPONENTS for k in comps) or ((m["cond_input"] == "encoder_hidden_states")
+                                                         != ("text_encoder" in comps)):
+        raise _bad("components must be denoise, decoder (and text_encoder for text-conditioned exports)")
+    names = set()
+    for name, comp in comps.items():
+        if not isinstance(comp, dict):
+            raise _bad(f"component {name} must be an object")
+        keys = set(comp)
+        if not set(_COMPONENT_KEYS) <= keys or not keys <= set(_COMPONENT_KEYS) | {"external_data"}:
+            raise _bad(f"component {name} has fields {sorted(keys)}")
+        entries = [comp] + (comp.get("external_data") or [])
+        if "external_data" in comp and (not isinstance(comp["external_data"], list) or len(comp["external_data"]) != 1):
+            raise _bad(f"component {name}: external_data must list one file")
+        for e in entries:
+            if not isinstance(e, dict) or not {"file", "bytes", "sha256"} <= set(e):
+                raise _bad(f"component {name}: file entries need file, bytes and sha256")
+            f = e["file"]
+            if not isinstance(f, str) or not _FILE_RE.match(f) or f in (MANIFEST_NAME, RUNNER_COPY_NAME) or f in names:
+                raise _bad(f"component {name}: file {str(f)[:60]!r} is not a plain file name inside the export folder")
+            names.add(f)
+            if isinstance(e["bytes"], bool) or not isinstance(e["bytes"], int) or not 1 <= e["bytes"] <= 2**40:
+                raise _bad(f"component {name}: bytes must be a positive integer")
+            if not isinstance(e["sha256"], str) or not _HEX64.match(e["sha256"]):
+                raise _bad(f"component {name}: sha256 must be a hex digest")
+        inputs = comp["inputs"]
+        if not isinstance(inputs, dict) or not inputs:
+            raise _bad(f"component {name}: inputs must map names to shapes")
+        for k, v in inputs.items():
+            _ints(v, f"component {name} input {str(k)[:40]}", 1, 5)
+    return m
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"the JSON literal {name} is not a number")
+
+
 def read_manifest(export_dir: "str | os.PathLike[str]") -> dict:
-    """Read and check ``manifest.json`` of an export folder (``ValueError`` when missing, corrupted or foreign)."""
+    """Read and check ``manifest.json`` of an export folder (``ValueError`` when missing, too large, corrupted,
+    modified or foreign)."""
     folder = Path(export_dir)
     if not folder.is_dir():
         raise ValueError(f"ONNX export folder {folder} does not exist")
     path = folder / MANIFEST_NAME
-    if not path.is_file():
-        raise ValueError(f"{folder} is not an olss_fast ONNX export: {MANIFEST_NAME} is missing")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is unreadable or corrupted (truncated?): {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{path} is not an olss_fast ONNX export manifest")
-    if manifest.get("version") != EXPORT_VERSION:
-        raise ValueError(
-            f"{path} has export format version {manifest.get('version')!r}; this runner reads version {EXPORT_VERSION}"
-        )
-    comps = manifest.get("components")
-    if not isinstance(comps, dict) or "denoise" not in comps or "decoder" not in comps:
-        raise ValueError(f"{path} lists no denoise/decoder components (corrupted manifest)")
-    return manifest
+        st = os.stat(path)
+    except OSError:
+        raise ValueError(f"{folder} is not an olss_fast ONNX export: {MANIFEST_NAME} is missing") from None
+    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_MANIFEST_BYTES:
+        raise ValueError(f"{path} is not a regular file of at most {MAX_MANIFEST_BYTES} bytes")
+    try:
+        with open(path, "rb") as fh:
+            text = fh.read(MAX_MANIFEST_BYTES + 1).decode("utf-8")
+        manifest = json.loads(text, parse_constant=_no_constant)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"{path} is unreadable or corrupted (truncated?): {str(exc)[:200]}") from None
+    try:
+        return check_manifest(manifest)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
 
 
 def verify_component_files(export_dir: "str | os.PathLike[str]", manifest: Mapping[str, Any],
                            check_digest: bool = True) -> None:
-    """Check every file the manifest lists (size always, SHA-256 when ``check_digest``); ``ValueError`` otherwise."""
+    """Check every file the manifest lists, and the shipped runner (size always, SHA-256 when ``check_digest``);
+    ``ValueError`` otherwise."""
     folder = Path(export_dir)
-    for name, comp in manifest["components"].items():
-        for entry in [comp] + list(comp.get("external_data") or []):
-            path = folder / entry["file"]
-            if not path.is_file():
-                raise ValueError(f"{name}: file {path} is missing from the ONNX export")
-            size = path.stat().st_size
-            if size != int(entry["bytes"]):
-                raise ValueError(
-                    f"{name}: file {path} has {size} bytes but the export wrote {entry['bytes']} (truncated or "
-                    "modified); re-export it"
-                )
-            if check_digest and file_sha256(path) != entry["sha256"]:
-                raise ValueError(f"{name}: file {path} does not match its SHA-256 in {MANIFEST_NAME} (modified?)")
+    listed = [(name, entry) for name, comp in manifest["components"].items()
+              for entry in [comp] + list(comp.get("external_data") or [])]
+    for name, entry in listed:
+        path = folder / entry["file"]
+        try:
+            st = os.lstat(path)
+        except OSError:
+            raise ValueError(f"{name}: file {path} is missing from the ONNX export") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{name}: {path} is not a regular file (a link or a folder?)")
+        if st.st_size != int(entry["bytes"]):
+            raise ValueError(
+                f"{name}: file {path} has {st.st_size} bytes but the export wrote {entry['bytes']} (truncated or "
+                "modified); re-export it"
+            )
+        if check_digest and file_sha256(path) != entry["sha256"]:
+            raise ValueError(f"{name}: file {path} does not match its SHA-256 in {MANIFEST_NAME} (modified?)")
+    runner = folder / RUNNER_COPY_NAME
+    if runner.is_file() and check_digest and file_sha256(runner) != manifest["runner_sha256"]:
+        raise ValueError(f"{runner} does not match its SHA-256 in {MANIFEST_NAME} (modified?); re-export it")
+
+
+def check_metadata(name: str, props: Mapping[str, str], manifest: Mapping[str, Any]) -> None:
+    """The model's own ``metadata_props`` must say what the manifest says (schedule, guidance, shapes, dtype, cache
+    key): a manifest edited to describe another program is refused."""
+    def fail(what: str) -> ValueError:
+        return ValueError(f"{name}: the model's metadata and {MANIFEST_NAME} disagree on {what} (modified?)")
+
+    if props.get("olss_fast.component") != name or props.get("olss_fast.cache_key") != manifest["cache_key"]:
+        raise fail("the component or cache key")
+    if props.get("olss_fast.dtype") != manifest["dtype"]:
+        raise fail("the dtype")
+    try:
+        sched = json.loads(props.get("olss_fast.schedule", "null"))
+        shapes = json.loads(props.get("olss_fast.shapes", "null"))
+        guidance = float(props.get("olss_fast.guidance_scale", "nan"))
+    except (ValueError, TypeError):
+        raise fail("the schedule, shapes or guidance scale") from None
+    if canonical_json(sched) != canonical_json(manifest["schedule"]):
+        raise fail("the schedule")
+    if guidance != float(manifest["guidance_scale"]):
+        raise fail("the guidance scale")
+    want = {"batch_size": manifest["batch_size"], "height": manifest["height"], "width": manifest["width"],
+            "latents": manifest["latent_shape"], manifest["cond_input"]: manifest["cond_shape"]}
+    if shapes != want:
+        raise fail("the shapes")
 
 
 class OnnxOLSSRunner:
@@ -134,22 +307,20 @@ class OnnxOLSSRunner:
         self.manifest = read_manifest(self.export_dir)
         verify_component_files(self.export_dir, self.manifest, check_digest=verify)
         m = self.manifest
-        try:
-            self.batch_size = int(m["batch_size"])
-            self.latent_shape = tuple(int(v) for v in m["latent_shape"])
-            self.image_shape = tuple(int(v) for v in m["image_shape"])
-            self.dtype = np.dtype(_NP_DTYPES[m["dtype"]])
-            self.guidance_scale = float(m["guidance_scale"])
-            self.guided = bool(m["guided"])
-            self.cond_input = str(m["cond_input"])
-            self.cond_shape = tuple(int(v) for v in m["cond_shape"])
-            self.uncond_ids = np.asarray(m["uncond_ids"], dtype=np.int64)
-            self.id_limit = int(m.get("id_limit", 0))
-            self.image_range = str(m["image_range"])
-            self.schedule = dict(m["schedule"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{self.export_dir / MANIFEST_NAME} lacks or garbles field {exc} (corrupted?)") from None
-        self.num_inference_steps = len(self.schedule.get("timesteps", []))
+        # read_manifest checked every field's type and range
+        self.batch_size = m["batch_size"]
+        self.latent_shape = tuple(m["latent_shape"])
+        self.image_shape = tuple(m["image_shape"])
+        self.dtype = np.dtype(_NP_DTYPES[m["dtype"]])
+        self.guidance_scale = float(m["guidance_scale"])
+        self.guided = m["guided"]
+        self.cond_input = m["cond_input"]
+        self.cond_shape = tuple(m["cond_shape"])
+        self.uncond_ids = np.asarray(m["uncond_ids"], dtype=np.int64)
+        self.id_limit = m["id_limit"]
+        self.image_range = m["image_range"]
+        self.schedule = dict(m["schedule"])
+        self.num_inference_steps = m["num_inference_steps"]
         self.providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
         self._sessions: dict[str, Any] = {}
         for name, comp in m["components"].items():
@@ -159,6 +330,7 @@ class OnnxOLSSRunner:
             except Exception as exc:  # onnxruntime raises InvalidProtobuf / Fail / InvalidGraph
                 raise ValueError(f"{name}: onnxruntime cannot load {path} (truncated or corrupted?): {exc}") from None
             self._check_signature(name, sess, comp)
+            check_metadata(name, sess.get_modelmeta().custom_metadata_map, m)
             self._sessions[name] = sess
         logger.info("loaded the %d-step OLSS ONNX export %s (%s)", self.num_inference_steps, self.export_dir,
                     ", ".join(self._sessions))

@@ -224,11 +224,11 @@ def export_tensorrt(pipe: Any, schedule: Any = None, out_dir: "str | os.PathLike
     ``export_kwargs`` go to :func:`olss_fast.export.onnx_export.plan_export` (batch_size, height, width,
     guidance_scale, dtype, num_inference_steps, opset). Returns ``(OnnxExport, {component: engine path})``.
     """
+    from olss_fast._io import exclusive_lock
     from olss_fast.export.onnx_export import (
-        MANIFEST_NAME, OnnxExport, _check_target, _fsync_tree, _publish, _write_export, default_cache_dir,
-        plan_export, staging_folder,
+        OnnxExport, _check_target, _fsync_tree, _publish, _write_export, default_cache_dir, plan_export,
+        staging_folder, write_manifest,
     )
-    from olss_fast._io import atomic_write_text
 
     trt = require_tensorrt()
     gpu = _gpu_name()
@@ -239,9 +239,9 @@ def export_tensorrt(pipe: Any, schedule: Any = None, out_dir: "str | os.PathLike
         engines = build_engines(out, out / "engines", fp16=fp16, workspace_bytes=workspace_bytes, gpu_name=gpu,
                                 trt=trt)
         return found, engines
-    with staging_folder(out) as staging:
+    with exclusive_lock(out, "TensorRT export folder"), staging_folder(out) as staging:
         manifest = _write_export(plan, staging)
-        atomic_write_text(staging / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False))
+        write_manifest(staging, manifest)
         engines = build_engines(staging, staging / "engines", fp16=fp16, workspace_bytes=workspace_bytes,
                                 gpu_name=gpu, trt=trt)
         _fsync_tree(staging)
@@ -402,15 +402,21 @@ class TensorRTOLSSProgram:
         graph.replay()
 
     def run(self, mode: str, cond: Mapping[str, Any], latents: Any, decode: bool) -> Any:
-        self.noise.copy_(latents)
+        def load(buffer: Any, value: Any, what: str) -> None:  # exact shapes: a copy_ would broadcast
+            if tuple(value.shape) != tuple(buffer.shape):
+                raise ValueError(f"{what} has shape {list(value.shape)} but the TensorRT program was built for "
+                                 f"{list(buffer.shape)}")
+            buffer.copy_(value)
+
+        load(self.noise, latents, "latents")
         if mode == "tokens":
             if self.te is None:
                 raise ValueError("this export has no text encoder")
-            self.te.buffers["input_ids"].copy_(cond["ids"])
+            load(self.te.buffers["input_ids"], cond["ids"], "input_ids")
         elif mode == "embeds":
-            self.cond.copy_(cond["embeds"])
+            load(self.cond, cond["embeds"], "the prompt embeddings")
         elif mode == "labels":
-            self.cond.copy_(cond["labels"])
+            load(self.cond, cond["labels"], "the class labels")
         else:
             raise ValueError(f"unsupported conditioning mode {mode!r}")
         self._replay(encode=(mode == "tokens"))

@@ -169,10 +169,17 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     from .distributed import init_distributed, shutdown_distributed
 
+    import contextlib
+
+    from ._io import exclusive_lock
+
     had_group = dist.is_available() and dist.is_initialized()
     ctx = init_distributed()
     try:
-        return _search(args, ctx)
+        with contextlib.ExitStack() as stack:
+            if ctx.is_main:  # the writing rank owns the output folder for the whole job
+                stack.enter_context(exclusive_lock(Path(args.out), "output folder"))
+            return _search(args, ctx)
     finally:
         if not had_group:  # destroy only a process group this command created
             shutdown_distributed()

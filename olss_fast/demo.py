@@ -110,12 +110,20 @@ def digits_quality(teacher: torch.Tensor, labels: torch.Tensor, classes: Sequenc
 
 
 def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
-    """Run the whole demo; returns the results dict that is also written to ``results.json``."""
-    from .models.digits import load_digits_classifier, load_digits_pipeline
+    """Run the whole demo; returns the results dict that is also written to ``results.json``. The output folder is
+    locked for the run (a second demo writing into it gets a ``ValueError``)."""
+    from ._io import exclusive_lock
 
     config.validate()
+    check_output_folder(Path(config.out))
+    with exclusive_lock(Path(config.out), "demo output folder"):
+        return _run_demo(config, progress)
+
+
+def _run_demo(config: DemoConfig, progress: bool) -> dict[str, Any]:
+    from .models.digits import load_digits_classifier, load_digits_pipeline
+
     out = Path(config.out)
-    check_output_folder(out)
     t_start = time.perf_counter()
     pipe = load_digits_pipeline(device=config.device, path=config.model_path)
     classifier = load_digits_classifier(device=config.device, path=config.model_path)

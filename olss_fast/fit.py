@@ -318,6 +318,9 @@ def fit_olss_scheduler(
         if info is not None and not info.get("complete", False):
             logger.warning("searching on an unfinished recording checkpoint (%d samples)", stats.num_samples)
         _check_stats_match(stats, pipe, teacher, record, fit, prompts)
+    # the scheduler the result becomes must accept the schedules: check now, not after the recording and search
+    base_config = _scheduler_config(pipe, stats)
+    _check_noise_schedules(base_config, stats, teacher)
     # (no work items needed when searching given statistics without refinement: the pipeline is never run)
     need_items = stats is None or fit.refine
     items = make_work_items(prompts, record.seeds_per_prompt, record.base_seed) if need_items else []
@@ -357,7 +360,7 @@ def fit_olss_scheduler(
                                                progress, distributed=ctx)
     else:
         final = {n: paper[n] for n in sorted(fit.num_steps)}
-    scheduler = OLSSScheduler.from_schedules(list(final.values()), config=_scheduler_config(pipe, stats))
+    scheduler = OLSSScheduler.from_schedules(list(final.values()), config=base_config)
     return FitResult(scheduler=scheduler, stats=stats, schedules=final, paper_schedules=paper)
 
 
@@ -422,12 +425,31 @@ def _search_on_rank0(stats: GramStats, n: int, fit: FitConfig, ctx: DistContext)
     return result
 
 
-def _scheduler_config(pipe: Any, stats: GramStats) -> dict[str, Any]:
+def _check_noise_schedules(base_config: dict[str, Any], stats: GramStats | None, teacher: Any) -> None:
+    """``ValueError`` before any work when the teacher or the given statistics have another noise schedule than the
+    scheduler config the result is built on."""
+    from . import provenance
+
+    want = provenance.noise_schedule_id(base_config)
+    found = []
+    if stats is not None and stats.context.get("noise_schedule") is not None:
+        found.append(("the statistics", stats.context["noise_schedule"]))
+    if teacher is not None:
+        cfg = dict(provenance.config_dict(getattr(teacher, "config", None)), _class_name=type(teacher).__name__)
+        found.append(("the teacher", provenance.noise_schedule_id(cfg)))
+    for what, ns in found:
+        if ns != want:
+            raise ValueError(f"{what} use another noise schedule than the pipeline's scheduler config ({ns} vs "
+                             f"{want}): the searched schedules would not fit the scheduler; record with a teacher on "
+                             "the pipeline's own noise schedule")
+
+
+def _scheduler_config(pipe: Any, stats: GramStats | None) -> dict[str, Any]:
     """The base config of the returned ``OLSSScheduler``: the pipeline's scheduler's, else the one recorded."""
     sched = getattr(pipe, "scheduler", None) if pipe is not None else None
     if sched is not None and getattr(sched, "config", None) is not None:
         return dict(sched.config)
-    cfg = stats.meta.get("scheduler_config") if isinstance(stats.meta, dict) else None
+    cfg = stats.meta.get("scheduler_config") if stats is not None and isinstance(stats.meta, dict) else None
     if not cfg:
         raise ValueError(
             "no scheduler config: pass the pipeline (or statistics recorded by this version, which store it)"

@@ -146,6 +146,8 @@ def refine_schedule(
         batch_size: evaluate the model on at most this many samples at once (default: all).
         ridge: see :func:`sequential_refit`.
     """
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer (or None for all samples at once), got {batch_size!r}")
     if noise.shape != teacher_latents.shape[1:]:
         raise ValueError(
             f"noise {list(noise.shape)} must match one teacher latent {list(teacher_latents.shape[1:])}"

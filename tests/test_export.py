@@ -32,7 +32,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from olss_fast.export import onnx_export  # noqa: E402
 from olss_fast.export.onnx_export import export_onnx, extract_unet_model  # noqa: E402
-from olss_fast.export.onnx_runner import OnnxOLSSRunner  # noqa: E402
+from olss_fast.export.onnx_runner import OnnxOLSSRunner, manifest_digest  # noqa: E402
 from olss_fast.runtime import compile_olss_pipeline  # noqa: E402
 from olss_fast.schedule import OLSSSchedule  # noqa: E402
 from olss_fast.scheduler import OLSSScheduler  # noqa: E402
@@ -442,6 +442,10 @@ def test_bad_inputs(sd_pipe: Any, digits_pipe: Any, digits_sched: OLSSSchedule, 
             man = json.loads((broken / "manifest.json").read_text())
             man["components"]["denoise"].update(bytes=den.stat().st_size,
                                                 sha256=hashlib.sha256(den.read_bytes()).hexdigest())
+            (broken / "manifest.json").write_text(json.dumps(man))
+            with pytest.raises(ValueError, match="does not match its manifest_sha256"):
+                OnnxOLSSRunner(broken)
+            man["manifest_sha256"] = manifest_digest(man)  # re-signed too
             (broken / "manifest.json").write_text(json.dumps(man))
             with pytest.raises(ValueError, match="onnxruntime cannot load .*denoise.onnx"):
                 OnnxOLSSRunner(broken)
