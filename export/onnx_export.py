@@ -397,6 +397,7 @@ def _set_metadata(model: Any, plan: ExportPlan, component: str, exporter: str) -
         "olss_fast.guidance_scale": repr(float(plan.guidance_scale)),
         "olss_fast.shapes": json.dumps(_shapes(plan), sort_keys=True),
         "olss_fast.dtype": plan.dtype,
+        "olss_fast.image_range": plan.spec.image_range,
         "olss_fast.version": __version__,
         "olss_fast.exporter": exporter,
         "olss_fast.cache_key": plan.key,

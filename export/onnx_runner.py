@@ -266,6 +266,8 @@ def check_metadata(name: str, props: Mapping[str, str], manifest: Mapping[str, A
         raise fail("the component or cache key")
     if props.get("olss_fast.dtype") != manifest["dtype"]:
         raise fail("the dtype")
+    if props.get("olss_fast.image_range") != manifest["image_range"]:
+        raise fail("the image range")
     try:
         sched = json.loads(props.get("olss_fast.schedule", "null"))
         shapes = json.loads(props.get("olss_fast.shapes", "null"))

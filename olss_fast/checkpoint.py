@@ -223,7 +223,16 @@ def check_info(info: Any, stats: GramStats) -> dict[str, Any]:
         raise ValueError(f"it is marked complete but holds {n_done} of {total} work items")
     if fingerprint.get("num_items") is not None and fingerprint["num_items"] != total:
         raise ValueError(f"it is for {total} work items but its fingerprint says {fingerprint['num_items']}")
+    if "header_sha256" in fingerprint and fingerprint["header_sha256"] != sha256_json(stats_identity(stats)):
+        raise ValueError("its statistics header (teacher timesteps, prediction type or recording context) does not "
+                         "match its fingerprint")
     return dict(info, done=done)
+
+
+def stats_identity(stats: GramStats) -> dict[str, Any]:
+    """The statistics header fields that define what a recording is of (covered by the job fingerprint)."""
+    return {k: v for k, v in stats.header().items()
+            if k in ("timesteps", "teacher", "model", "prediction_type", "context")}
 
 
 def describe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -415,7 +415,7 @@ def record_trajectories(
         ValueError: bad options; a corrupted checkpoint, or one of another job (teacher, model, prompts, seeds,
             shape, ...), named field by field.
     """
-    from .checkpoint import RecordCheckpointer, job_fingerprint, model_fingerprint
+    from .checkpoint import RecordCheckpointer, job_fingerprint, model_fingerprint, stats_identity
     from .distributed import all_reduce_stats, resolve_context, shard_batches
 
     if config is not None and config_kwargs:
@@ -440,7 +440,7 @@ def record_trajectories(
     context = recording_context(
         pipe=pipe, teacher=teacher, teacher_steps=config.teacher_steps,
         guidance_scale=config.guidance_scale if config.guidance_scale is not None else call_default_guidance(pipe),
-        latent_shape=shape, prompts=[it.prompt for it in items], call_kwargs=config.call_kwargs,
+        latent_shape=shape, prompts=list(prompts), call_kwargs=config.call_kwargs,
     )
 
     def new_stats() -> GramStats:
@@ -468,8 +468,7 @@ def record_trajectories(
                 seeds_per_prompt=config.seeds_per_prompt, base_seed=config.base_seed, items=items,
                 guidance_scale=config.guidance_scale, call_kwargs=config.call_kwargs, sample_shape=shape,
                 pipeline_dtype=dtype,
-                stats_identity={k: v for k, v in new_stats().header().items()
-                                if k in ("timesteps", "teacher", "model", "prediction_type", "context")},
+                stats_identity=stats_identity(new_stats()),
             )
             layout = {"batch_size": config.batch_size, "world_size": ctx.world_size, "rank": ctx.rank}
             ckpt = RecordCheckpointer(Path(checkpoint), checkpoint_every, fingerprint, layout,

@@ -489,10 +489,10 @@ def check_gram(gram: torch.Tensor, num_samples: int) -> None:
     if ((gram - gram.transpose(1, 2)).abs() / scale).max() > 1e-9:
         raise ValueError("its Gram matrix is not symmetric (corrupted)")
     diag = torch.diagonal(gram, dim1=1, dim2=2)
-    if num_samples > 0 and not (diag[:, 0] > 0).all():
-        raise ValueError("its Gram matrix gives the initial noise a zero squared norm: it holds no real samples")
     if (diag < 0).any():
         raise ValueError("its Gram matrix has a negative diagonal entry (a negative squared norm): corrupted")
+    if num_samples > 0 and not (diag[:, 0] > 0).all():
+        raise ValueError("its Gram matrix gives the initial noise a zero squared norm: it holds no real samples")
     inv = torch.where(diag > 0, diag.rsqrt(), torch.zeros_like(diag))
     scaled = gram * inv.unsqueeze(-1) * inv.unsqueeze(-2)
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype)

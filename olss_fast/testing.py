@@ -244,3 +244,37 @@ def assert_fit_errors_optimal(stats: Any, indices: Sequence[int], coeffs: torch.
         if not abs(e - o) <= tol:
             raise AssertionError(f"step {j}: fit error {e:.6g} vs optimal {o:.6g} differs by {abs(e - o):.3g} > "
                                  f"rounding bound {tol:.3g}")
+
+
+# ---------------------------------------------------------------------------------------------- hostile files
+def rewrite_stats_file(path: Any, header: Any = None, gram: Any = None, resign: bool = True) -> None:
+    """Rewrite a statistics file with a new header (a dict, or a function of the old one) and/or Gram tensor, and
+    — with ``resign`` — a digest that matches, as a careless tool (or an attacker who knows the format) would. For
+    testing the checks behind the digest."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .stats import DIGEST_KEY, _digest
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = dict(fh.metadata())
+        old_gram = fh.get_tensor("gram")
+    old_header = json.loads(meta["olss_fast"])
+    new_header = header(old_header) if callable(header) else (header if header is not None else old_header)
+    new_gram = gram(old_gram) if callable(gram) else (gram if gram is not None else old_gram)
+    text = json.dumps(new_header)
+    meta["olss_fast"] = text
+    if resign:
+        meta[DIGEST_KEY] = _digest(text, new_gram.contiguous())
+    save_file({"gram": new_gram.contiguous()}, str(path), metadata=meta)
+
+
+def resign_schedule_dict(d: dict) -> dict:
+    """A schedule dict with its ``sha256`` recomputed after an edit (see :func:`rewrite_stats_file`)."""
+    import hashlib
+
+    from ._io import canonical_json
+
+    d = {k: v for k, v in d.items() if k != "sha256"}
+    d["sha256"] = hashlib.sha256(canonical_json(d).encode()).hexdigest()
+    return d
