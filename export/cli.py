@@ -13,7 +13,6 @@ argument parser and the command: importing it loads no torch.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path

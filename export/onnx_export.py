@@ -53,9 +53,8 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 

@@ -13,7 +13,7 @@ import math
 import numbers
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -194,7 +194,6 @@ def refine_through_pipeline(
     it with the same arguments.
     """
     ctx = resolve_context(distributed)
-    n = schedule.num_steps
     shape = latent_shape(pipe, record.height, record.width)
     device, dtype = pipeline_device(pipe), pipeline_dtype(pipe)
     # the noise as the pipeline sees it (rounded to its dtype), in float32 like OLSSScheduler's x0

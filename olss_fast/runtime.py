@@ -44,7 +44,7 @@ import torch
 
 from olss_fast import provenance
 from olss_fast.cuda_graph import CapturedGraph, GraphCache, StaticBuffers, tensor_signature
-from olss_fast.pipelines import CallOptions, PipelineAdapter, adapter_for, supported_pipelines
+from olss_fast.pipelines import CallOptions, PipelineAdapter, adapter_for
 from olss_fast.program import ProgramBuffers, allocate_buffers, run_loop
 from olss_fast.schedule import OLSSSchedule
 

@@ -6,7 +6,6 @@ Metric: final-sample RMSE against the teacher from the same held-out noise.
 The recommended flow (search, then refine) must beat every baseline at 5 and 10 NFE; the table is printed.
 """
 import pytest
-import torch
 
 from olss_fast import OLSSScheduler, fit_olss_scheduler, search_schedule
 from olss_fast.evaluate import baseline_scheduler, rmse, sample

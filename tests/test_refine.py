@@ -5,7 +5,7 @@ import torch
 from olss_fast import refine_schedule, search_schedule
 from olss_fast.fit import refine_through_pipeline
 from olss_fast.models.gmm import make_gmm
-from olss_fast.recording import RecordConfig, item_noise, make_work_items, record_trajectories
+from olss_fast.recording import RecordConfig, make_work_items, record_trajectories
 from olss_fast.scheduler import OLSSScheduler
 
 

@@ -9,7 +9,6 @@ Everything runs on the CPU in float32; the ``gpu`` tests compare the CUDA-graph 
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any

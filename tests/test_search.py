@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from olss_fast import GramStats, OLSSSchedule, search_schedule
 from olss_fast.models.gmm import make_gmm
 from olss_fast.recording import record_trajectories
-from olss_fast.search import coefficient_errors, path_errors, uniform_path
+from olss_fast.search import coefficient_errors, uniform_path
 from olss_fast.step import ddim_coefficients
 from olss_fast.testing import assert_fit_errors_optimal, assert_same_fit
 
