@@ -37,19 +37,15 @@ class _OrtProgram:
         self.runner = runner
         self.device = device
 
-    def run(self, mode: str, cond: dict[str, Any], latents: Any, decode: bool) -> Any:
+    def run(self, mode: str, cond: dict[str, Any], latents: Any, decode: bool, names: dict[str, str]) -> Any:
         r = self.runner
         noise = latents.detach().cpu().numpy()
         if mode == "tokens":
             if "mask" in cond:
                 raise ValueError("text encoders that take an attention mask are not supported by the ONNX export")
-            c = r.encode(cond["ids"].cpu().numpy())
-        elif mode == "embeds":
-            c = cond["embeds"].detach().cpu().numpy()
-        elif mode == "labels":
-            c = cond["labels"].cpu().numpy()
-        else:
-            raise ValueError(f"the exported program does not support the {mode!r} conditioning mode")
+            c: Any = r.encode(cond["ids"].cpu().numpy())
+        else:  # the adapter's inputs under the export's input names
+            c = {names[k]: v.detach().cpu().numpy() for k, v in cond.items()}
         out = r.denoise(noise, c)
         if decode:
             out = r.decode(out)
@@ -72,15 +68,16 @@ class _ExportedBackend:
             raise ValueError(f"the ONNX/TensorRT backends support float32 and float16, got {runner.dtype}")
         runner.adapter.check_exportable()
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir is not None else default_cache_dir()
-        self.cache: GraphCache[Any] = GraphCache(cfg.cache_size)
+        self.cache: GraphCache[Any] = GraphCache(cfg.cache_size)  # export cache key → loaded program
+        self._plans: GraphCache[Any] = GraphCache(4 * cfg.cache_size)  # request signature → (export, input names)
         self.num_exports = 0
-        self.exports: dict[tuple, str] = {}
 
     def invalidate(self) -> None:
         self.cache.clear()
+        self._plans.clear()
 
     def schedule_changed(self) -> None:
-        self.cache.clear()
+        self.invalidate()
 
     def _check(self, req: Any) -> None:
         if req.options != CallOptions():
@@ -90,29 +87,35 @@ class _ExportedBackend:
         if req.on_step is not None:
             raise ValueError(f"callback_on_step_end is not supported by the {self.name} backend; use backend='eager'")
 
-    def _export(self, batch: int, height: int, width: int, guidance: float) -> Any:
+    def _export(self, req: Any) -> Any:
         from olss_fast.export.onnx_export import export_plan, plan_export
 
         r = self.runner
-        plan = plan_export(r.pipe, r.schedule, batch_size=batch, height=height, width=width,
-                           guidance_scale=guidance, dtype=r.dtype, allow_mismatch=r.config.allow_mismatch)
+        cond = {k: v for k, v in req.inputs.items() if k != "latents"}
+        plan = plan_export(r.pipe, r.schedule, batch_size=req.batch, height=req.height, width=req.width,
+                           guidance_scale=req.guidance if req.guided else 1.0, dtype=r.dtype,
+                           allow_mismatch=r.config.allow_mismatch, example=cond if req.mode == "embeds" else None)
         export = export_plan(plan, self.cache_dir / "onnx" / plan.key[:24], overwrite=True)
         if not export.reused:
             self.num_exports += 1
-        self.exports[(batch, height, width, guidance)] = str(export.path)
-        return export
+        return export, {c.key: c.name for c in plan.cond}
 
     def run(self, req: Any) -> torch.Tensor:
         self._check(req)
-        key = (req.batch, req.height, req.width, req.guidance if req.guided else 1.0)
-        prog = self.cache.get(key)
-        if prog is None:
-            prog = self._load(self._export(*key))
-            self.cache.put(key, prog)
         cond = {k: v for k, v in req.inputs.items() if k != "latents"}
-        if req.mode == "embeds":
-            cond = {k: v.to(self.runner.dtype) for k, v in cond.items()}
-        return prog.run(req.mode, cond, req.inputs["latents"], req.decode)
+        signature = (req.batch, req.height, req.width, req.guidance if req.guided else 1.0, req.mode,
+                     tuple((k, tuple(v.shape)) for k, v in sorted(cond.items())))
+        planned = self._plans.get(signature)
+        if planned is None:  # (token and embedding calls of one size share one export)
+            planned = self._export(req)
+            self._plans.put(signature, planned)
+        export, names = planned
+        prog = self.cache.get(export.cache_key)
+        if prog is None:
+            prog = self._load(export)
+            self.cache.put(export.cache_key, prog)
+        # (the programs cast the inputs to the export's dtypes)
+        return prog.run(req.mode, cond, req.inputs["latents"], req.decode, names)
 
     def _load(self, export: Any) -> Any:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -120,8 +123,7 @@ class _ExportedBackend:
     def cache_info(self) -> dict[str, Any]:
         c = self.cache
         return {"entries": c.keys(), "size": len(c), "max_size": c.max_size, "hits": c.hits, "misses": c.misses,
-                "evictions": c.evictions, "num_exports": self.num_exports, "exports": dict(self.exports),
-                "cache_dir": str(self.cache_dir)}
+                "evictions": c.evictions, "num_exports": self.num_exports, "cache_dir": str(self.cache_dir)}
 
 
 class OnnxRuntimeBackend(_ExportedBackend):

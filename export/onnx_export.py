@@ -148,12 +148,9 @@ class ExportPlan:
         return 2 * self.batch_size if self.guided else self.batch_size
 
     @property
-    def cond_input(self) -> str:
-        return self.spec.cond_input
-
-    @property
-    def cond_shape(self) -> tuple[int, ...]:
-        return tuple(self.spec.cond_shape)
+    def cond(self) -> list:
+        """The denoiser's conditioning inputs (:class:`olss_fast.pipelines.CondInput`), in order."""
+        return list(self.spec.cond)
 
     @property
     def uncond_ids(self) -> Any:
@@ -218,6 +215,8 @@ def plan_export(
     dtype: Any = None,
     opset: int = DEFAULT_OPSET,
     allow_mismatch: Any = (),
+    call_args: Optional[dict[str, Any]] = None,
+    example: Optional[dict[str, Any]] = None,
 ) -> ExportPlan:
     """Resolve and validate an export (``ValueError`` for an unsupported pipeline, a schedule that does not fit or was
     fitted for another model / noise schedule / prediction type, bad sizes), and compute its cache key. Nothing is
@@ -245,12 +244,16 @@ def plan_export(
     w = _positive_int(width, "width") if width is not None else dw
     adapter.check_size(h, w)
     dt = _dtype_name(dtype) or _dtype_name(adapter.dtype)
-    g = check_guidance(default_guidance(pipe) if guidance_scale is None else guidance_scale)
+    g = check_guidance(default_guidance(pipe, adapter.cfg_argument) if guidance_scale is None else guidance_scale)
     latent_shape = tuple(int(v) for v in adapter.latent_shape(batch, h, w))
-    spec = adapter.export_spec(batch, h, w, g > 1.0)
+    call_args = dict(call_args or {})
+    spec = adapter.export_spec(batch, h, w, adapter.is_guided(dict(call_args, negative_prompt=""), g), call_args,
+                               example)
     if sched.fitted_for:
-        actual = {"model": provenance.model_id(adapter.denoiser),
-                  "guidance_scale": g if g > 1.0 else None, "latent_shape": list(latent_shape[1:])}
+        guided = adapter.is_guided(dict(call_args, negative_prompt=""), g)
+        actual = {"model": provenance.model_id(adapter.denoiser), "mu": adapter.flow_mu(h, w),
+                  "guidance_scale": adapter.fitted_guidance(call_args, g, guided),
+                  "latent_shape": list(latent_shape[1:])}
         sched_cfg = provenance.config_dict(getattr(getattr(pipe, "scheduler", None), "config", None))
         if sched_cfg:
             actual["noise_schedule"] = provenance.noise_schedule_id(
@@ -260,7 +263,7 @@ def plan_export(
         provenance.check_fitted_for(
             dict(sched.fitted_for, prediction_type=sched.prediction_type), actual,
             allow=tuple(provenance.check_allow(allow_mismatch)) + tuple(sched.fitted_for.get("accepted_mismatch", ())),
-            what=f"the {sched.num_steps}-step schedule", where=f"this {adapter.name} export",
+            what=f"the {sched.num_steps}-step schedule", where=f"in this {adapter.name} export",
         )
     plan = ExportPlan(
         pipeline=type(pipe).__name__, schedule=sched, batch_size=batch, height=h, width=w, dtype=dt,
@@ -272,6 +275,8 @@ def plan_export(
         "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "olss_fast": __version__, "torch": torch.__version__,
         "onnx": onnx.__version__, "opset": plan.opset, "pipeline": plan.pipeline, "schedule": sched.to_dict(),
         "guidance_scale": g, "batch_size": batch, "height": h, "width": w, "dtype": dt, "uncond_ids": spec.uncond,
+        "cond": [[c.name, list(c.shape), c.dtype, c.batched] for c in spec.cond],
+        "call_args": sorted(call_args.items()),
         "modules": {name: _module_digest(mod) for name, mod in sorted(spec.modules.items())},
     }
     plan.key = hashlib.sha256(json.dumps(payload, sort_keys=True, allow_nan=False).encode()).hexdigest()
@@ -410,7 +415,7 @@ def _set_metadata(model: Any, plan: ExportPlan, component: str, exporter: str) -
 def _shapes(plan: ExportPlan) -> dict:
     return {
         "batch_size": plan.batch_size, "height": plan.height, "width": plan.width,
-        "latents": list(plan.latent_shape), plan.cond_input: list(plan.cond_shape),
+        "latents": list(plan.latent_shape), **{c.name: list(c.shape) for c in plan.cond},
     }
 
 
@@ -423,16 +428,15 @@ def build_denoise_model(
     guidance_scale: Optional[float],
     latent_shape: tuple[int, ...],
     dtype: str,
-    cond_input: str,
-    cond_elem: int,
-    cond_shape: tuple[int, ...],
+    cond: list[tuple[str, int, tuple[int, ...]]],
 ) -> Any:
-    """Wrap a one-call UNet model into the n-step OLSS loop (an ONNX ``Loop``; the UNet weights stay stored once).
+    """Wrap a one-call denoiser model into the n-step OLSS loop (an ONNX ``Loop``; its weights stay stored once).
 
-    ``unet_model`` must have inputs ``olss/unet_sample`` (``[M, C, h, w]``, ``dtype``), ``olss/unet_timestep``
-    (0-d, the timesteps' type) and ``cond_input``, and the output ``olss/unet_out`` (``[M, C, h, w]``).
-    ``guidance_scale=None`` means no classifier-free guidance (``M = B``); otherwise ``M = 2B``, uncond half first.
-    The result has inputs ``noise`` (``latent_shape``, ``dtype``) and ``cond_input``, and the output ``latents``.
+    ``unet_model`` must have inputs ``olss/unet_sample`` (``[M, ...]``, ``dtype``), ``olss/unet_timestep``
+    (0-d, the timesteps' type) and the conditioning inputs ``cond`` (``(name, ONNX element type, shape)`` each), and
+    the output ``olss/unet_out`` (``[M, ...]``). ``guidance_scale=None`` means no classifier-free guidance
+    (``M = B``); otherwise ``M = 2B``, uncond half first. The result has inputs ``noise`` (``latent_shape``,
+    ``dtype``) and the conditioning inputs (read by the loop body from the outer scope), and the output ``latents``.
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -562,10 +566,8 @@ def build_denoise_model(
     ]
     graph = helper.make_graph(
         outer_nodes, "olss_denoise",
-        inputs=[
-            helper.make_tensor_value_info("noise", elem, lat),
-            helper.make_tensor_value_info(cond_input, cond_elem, list(cond_shape)),
-        ],
+        inputs=[helper.make_tensor_value_info("noise", elem, lat)]
+        + [helper.make_tensor_value_info(name, cond_elem, list(shape)) for name, cond_elem, shape in cond],
         outputs=[helper.make_tensor_value_info("latents", elem, lat)],
         initializer=list(unet_model.graph.initializer) + inits,
     )
@@ -593,8 +595,8 @@ def _names_read(graph: Any) -> set[str]:
 def extract_unet_model(denoise_model: Any) -> Any:
     """Cut the one-call UNet back out of a ``denoise.onnx`` loop (for TensorRT), weights shared, not copied twice.
 
-    The result has inputs ``olss/unet_sample`` ``[M, C, h, w]``, ``olss/unet_timestep`` (0-d) and the conditioning
-    input (``encoder_hidden_states`` / ``class_labels``), and the output ``olss/unet_out``.
+    The result has inputs ``olss/unet_sample`` ``[M, ...]``, ``olss/unet_timestep`` (0-d) and the conditioning
+    inputs of the loop, and the output ``olss/unet_out``.
     """
     from onnx import helper
 
@@ -607,8 +609,8 @@ def extract_unet_model(denoise_model: Any) -> Any:
     outer_inputs = {v.name: v for v in denoise_model.graph.input}
     inits = {t.name: t for t in denoise_model.graph.initializer}
     noise = outer_inputs["noise"]
-    cond = next(v for name, v in outer_inputs.items() if name != "noise")
-    m = _static_dims(cond)[0]  # type: ignore[index]
+    conds = [v for name, v in outer_inputs.items() if name != "noise"]
+    m = _static_dims(conds[0])[0]  # type: ignore[index]
     lat = _static_dims(noise)
     assert lat is not None
     sample_shape = [m] + lat[1:]
@@ -620,7 +622,7 @@ def extract_unet_model(denoise_model: Any) -> Any:
         inputs=[
             helper.make_tensor_value_info(P + "unet_sample", elem, sample_shape),
             helper.make_tensor_value_info(P + "unet_timestep", t_elem, []),
-            copy.deepcopy(cond),
+            *[copy.deepcopy(c) for c in conds],
         ],
         outputs=[helper.make_tensor_value_info(P + "unet_out", elem, sample_shape)],
         initializer=[t for name, t in inits.items() if name in read and not name.startswith(P)],
@@ -693,29 +695,34 @@ def _write_export(plan: ExportPlan, folder: Path) -> dict:
     m = plan.model_batch
     if spec.text_encoder is not None:
         ids = torch.tensor([spec.uncond] * m, dtype=torch.long, device=device)
-        model = run_export("text_encoder", spec.text_encoder, (ids,), ["input_ids"], ["encoder_hidden_states"])
+        model = run_export("text_encoder", spec.text_encoder, (ids,), ["input_ids"], [spec.text_input])
         finish("text_encoder", model, {"input_ids": [m, len(spec.uncond)]})
 
     # ---- the denoiser, once, then the loop around it
     sample = torch.zeros((m,) + plan.latent_shape[1:], dtype=tdt, device=device)
     t0 = torch.tensor(sched.timesteps[0], dtype=torch.long if is_int_t else torch.float32, device=device)
-    if spec.cond_is_int:
-        cond = torch.full(plan.cond_shape, int(spec.uncond), dtype=torch.long, device=device)
-        cond_elem = TensorProto.INT64
-    else:
-        cond = torch.zeros(plan.cond_shape, dtype=tdt, device=device)
-        cond_elem = _tensor_elem(plan.dtype)
-    unet_model = run_export("denoise", spec.denoiser, (sample, t0, cond),
-                            [_PREFIX + "unet_sample", _PREFIX + "unet_timestep", plan.cond_input],
+    examples, cond_specs = [], []
+    for c in spec.cond:
+        if c.dtype == "int64":
+            fill = int(spec.uncond) if spec.id_input == c.name else 0
+            examples.append(torch.full(c.shape, fill, dtype=torch.long, device=device))
+            cond_specs.append((c.name, TensorProto.INT64, tuple(c.shape)))
+        else:
+            dt = tdt if c.dtype == "model" else torch.float32
+            examples.append(torch.zeros(c.shape, dtype=dt, device=device))
+            cond_specs.append((c.name, _tensor_elem(plan.dtype) if c.dtype == "model" else TensorProto.FLOAT,
+                               tuple(c.shape)))
+    unet_model = run_export("denoise", spec.denoiser, (sample, t0, *examples),
+                            [_PREFIX + "unet_sample", _PREFIX + "unet_timestep", *[c.name for c in spec.cond]],
                             [_PREFIX + "unet_out"])
     denoise = build_denoise_model(
         unet_model, coeffs=sched.coeffs.numpy().astype(np.float32),
         timesteps=np.array(sched.timesteps, dtype=np.int64 if is_int_t else np.float32),
         guidance_scale=plan.guidance_scale if plan.guided else None, latent_shape=plan.latent_shape,
-        dtype=plan.dtype, cond_input=plan.cond_input, cond_elem=cond_elem, cond_shape=plan.cond_shape,
+        dtype=plan.dtype, cond=cond_specs,
     )
     del unet_model
-    finish("denoise", denoise, {"noise": list(plan.latent_shape), plan.cond_input: list(plan.cond_shape)})
+    finish("denoise", denoise, {"noise": list(plan.latent_shape), **{c.name: list(c.shape) for c in spec.cond}})
     del denoise
 
     # ---- decoder
@@ -733,9 +740,12 @@ def _write_export(plan: ExportPlan, folder: Path) -> dict:
         "exporter": exporter_names[0] if len(exporter_names) == 1 else exporter_names,
         "pipeline": plan.pipeline, "num_inference_steps": sched.num_steps, "batch_size": plan.batch_size,
         "height": plan.height, "width": plan.width, "dtype": plan.dtype, "guidance_scale": plan.guidance_scale,
-        "guided": plan.guided, "latent_shape": list(plan.latent_shape), "cond_input": plan.cond_input,
-        "cond_shape": list(plan.cond_shape), "image_shape": image_shape, "uncond_ids": plan.uncond_ids,
-        "id_limit": plan.id_limit, "image_range": spec.image_range, "schedule": sched.to_dict(),
+        "guided": plan.guided, "latent_shape": list(plan.latent_shape),
+        "cond_inputs": [{"name": c.name, "shape": list(c.shape), "dtype": plan.dtype if c.dtype == "model" else c.dtype,
+                         "batched": c.batched} for c in spec.cond],
+        "text_input": spec.text_input, "id_input": spec.id_input, "image_shape": image_shape,
+        "uncond_ids": plan.uncond_ids, "id_limit": plan.id_limit, "image_range": spec.image_range,
+        "schedule": sched.to_dict(),
         "components": components, "runner": RUNNER_COPY_NAME,
         "runner_sha256": file_sha256(folder / RUNNER_COPY_NAME),
     }
@@ -825,6 +835,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
     allow_mismatch: Any = (),
+    call_args: Optional[dict[str, Any]] = None,
 ) -> OnnxExport:
     """Export ``pipe`` sampled with an OLSS ``schedule`` to static-shape ONNX in ``out_dir``.
 
@@ -844,6 +855,8 @@ def export_onnx(
             overwritten).
         allow_mismatch: export a schedule fitted for another ``"model"``, ``"noise_schedule"`` or
             ``"prediction_type"`` anyway (see :mod:`olss_fast.provenance`).
+        call_args: call arguments that fix conditioning shapes (e.g. ``{"max_sequence_length": 256}`` for SD3 and
+            Flux, whose text encoders run outside the export: their embeddings are the export's inputs).
 
     Raises:
         ValueError: unsupported pipeline, a schedule that does not fit (step count, channels), bad sizes, an
@@ -852,7 +865,7 @@ def export_onnx(
     """
     plan = plan_export(pipe, schedule, num_inference_steps=num_inference_steps, batch_size=batch_size,
                        height=height, width=width, guidance_scale=guidance_scale, dtype=dtype, opset=opset,
-                       allow_mismatch=allow_mismatch)
+                       allow_mismatch=allow_mismatch, call_args=call_args)
     return export_plan(plan, out_dir, overwrite=overwrite)
 
 

@@ -64,9 +64,10 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _MANIFEST_KEYS = (
     "format", "version", "cache_key", "olss_fast", "torch", "onnx", "opset", "exporter", "pipeline",
     "num_inference_steps", "batch_size", "height", "width", "dtype", "guidance_scale", "guided", "latent_shape",
-    "cond_input", "cond_shape", "image_shape", "uncond_ids", "id_limit", "image_range", "schedule", "components",
-    "runner", "runner_sha256", "manifest_sha256",
+    "cond_inputs", "text_input", "id_input", "image_shape", "uncond_ids", "id_limit", "image_range", "schedule",
+    "components", "runner", "runner_sha256", "manifest_sha256",
 )
+_COND_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 _COMPONENT_KEYS = ("file", "bytes", "sha256", "inputs", "exporter")
 
 
@@ -137,7 +138,6 @@ def check_manifest(m: Any) -> dict:
     _int(m, "opset", 1, 1000)
     _int(m, "id_limit", 0, 2**31)
     _str(m, "dtype", tuple(_NP_DTYPES))
-    _str(m, "cond_input", ("encoder_hidden_states", "class_labels"))
     _str(m, "image_range", ("[-1,1]", "[0,1]"))
     for key in ("cache_key", "runner_sha256"):
         if not isinstance(m[key], str) or not _HEX64.match(m[key]):
@@ -152,25 +152,42 @@ def check_manifest(m: Any) -> dict:
     lat = _ints(m["latent_shape"], "latent_shape", 2, 5)
     if lat[0] != b or math.prod(lat) > 2**31:
         raise _bad(f"latent_shape {lat} does not fit batch_size {b}")
-    cond = _ints(m["cond_shape"], "cond_shape", 1, 3)
-    if cond[0] != (2 * b if m["guided"] else b):
-        raise _bad(f"cond_shape {cond} does not fit batch_size {b} (guided: {m['guided']})")
+    conds = m["cond_inputs"]
+    if not isinstance(conds, list) or not 1 <= len(conds) <= 8:
+        raise _bad("cond_inputs must list 1 to 8 conditioning inputs")
+    names = []
+    for c in conds:
+        if not isinstance(c, dict) or set(c) != {"name", "shape", "dtype", "batched"} or \
+                not isinstance(c["batched"], bool):
+            raise _bad("each cond_inputs entry needs exactly name, shape, dtype and batched (a bool)")
+        if not isinstance(c["name"], str) or not _FILE_RE.match(c["name"]) or c["name"] in ("noise", *names):
+            raise _bad(f"bad conditioning input name {str(c['name'])[:40]!r}")
+        names.append(c["name"])
+        shape = _ints(c["shape"], f"cond_inputs {c['name']} shape", 1, 4)
+        if c["dtype"] not in _COND_DTYPES:
+            raise _bad(f"cond_inputs {c['name']} dtype must be one of {list(_COND_DTYPES)}")
+        if c["batched"] and shape[0] != (2 * b if m["guided"] else b):
+            raise _bad(f"cond_inputs {c['name']} shape {shape} does not fit batch_size {b} (guided: {m['guided']})")
     _ints(m["image_shape"], "image_shape", 2, 5)
     u = m["uncond_ids"]
-    if m["cond_input"] == "class_labels":
+    for key in ("text_input", "id_input"):
+        if m[key] is not None and m[key] not in names:
+            raise _bad(f"{key} must name a conditioning input or be null")
+    if m["id_input"] is not None:
         if isinstance(u, bool) or not isinstance(u, int) or not 0 <= u < max(m["id_limit"], 1):
             raise _bad("uncond_ids must be a class label")
-    else:
+    elif m["text_input"] is not None:
         _ints(u, "uncond_ids", 1, 4096, 0, max(m["id_limit"] - 1, 0))
+    elif u is not None:
+        raise _bad("uncond_ids must be null for an export that takes no ids")
     sched = m["schedule"]
     if not isinstance(sched, dict) or not isinstance(sched.get("timesteps"), list) or \
             len(sched["timesteps"]) != n or not isinstance(sched.get("coeffs"), list):
         raise _bad(f"schedule must be an OLSS schedule with {n} timesteps")
     comps = m["components"]
     if not isinstance(comps, dict) or "denoise" not in comps or "decoder" not in comps or \
-            any(k not in COMPONENTS for k in comps) or ((m["cond_input"] == "encoder_hidden_states")
-                                                         != ("text_encoder" in comps)):
-        raise _bad("components must be denoise, decoder (and text_encoder for text-conditioned exports)")
+            any(k not in COMPONENTS for k in comps) or ((m["text_input"] is not None) != ("text_encoder" in comps)):
+        raise _bad("components must be denoise, decoder (and text_encoder for exports with a text_input)")
     names = set()
     for name, comp in comps.items():
         if not isinstance(comp, dict):
@@ -279,7 +296,7 @@ def check_metadata(name: str, props: Mapping[str, str], manifest: Mapping[str, A
     if guidance != float(manifest["guidance_scale"]):
         raise fail("the guidance scale")
     want = {"batch_size": manifest["batch_size"], "height": manifest["height"], "width": manifest["width"],
-            "latents": manifest["latent_shape"], manifest["cond_input"]: manifest["cond_shape"]}
+            "latents": manifest["latent_shape"], **{c["name"]: c["shape"] for c in manifest["cond_inputs"]}}
     if shapes != want:
         raise fail("the shapes")
 
@@ -316,9 +333,11 @@ class OnnxOLSSRunner:
         self.dtype = np.dtype(_NP_DTYPES[m["dtype"]])
         self.guidance_scale = float(m["guidance_scale"])
         self.guided = m["guided"]
-        self.cond_input = m["cond_input"]
-        self.cond_shape = tuple(m["cond_shape"])
-        self.uncond_ids = np.asarray(m["uncond_ids"], dtype=np.int64)
+        #: the denoiser's conditioning inputs: name → (shape, numpy dtype), in order
+        self.cond_inputs = {c["name"]: (tuple(c["shape"]), np.dtype(_COND_DTYPES[c["dtype"]]))
+                            for c in m["cond_inputs"]}
+        self.text_input, self.id_input = m["text_input"], m["id_input"]
+        self.uncond_ids = np.asarray(m["uncond_ids"] if m["uncond_ids"] is not None else [], dtype=np.int64)
         self.id_limit = m["id_limit"]
         self.image_range = m["image_range"]
         self.schedule = dict(m["schedule"])
@@ -374,13 +393,18 @@ class OnnxOLSSRunner:
         return sess.run(None, {inp.name: ids})[0]
 
     def denoise(self, noise: Any, cond: Any) -> np.ndarray:
-        """The n-step loop: noise ``[B, C, h, w]`` + full conditioning ``[M, ...]`` → final latents ``[B, C, h, w]``."""
+        """The n-step loop: noise (the latent shape) + the full conditioning (unconditional half first when guided)
+        → final latents. ``cond`` is a dict ``{input name: array}`` (one array for an export with one input)."""
         sess = self._sessions["denoise"]
-        cond_dtype = np.int64 if self.cond_input == "class_labels" else self.dtype
-        feeds = {
-            "noise": self._array(noise, self.latent_shape, self.dtype, "noise"),
-            self.cond_input: self._array(cond, self.cond_shape, cond_dtype, self.cond_input),
-        }
+        if not isinstance(cond, Mapping):
+            if len(self.cond_inputs) != 1:
+                raise ValueError(f"this export takes {list(self.cond_inputs)}: pass them as a dict")
+            cond = {next(iter(self.cond_inputs)): cond}
+        if set(cond) != set(self.cond_inputs):
+            raise ValueError(f"the conditioning must hold exactly {list(self.cond_inputs)}, got {sorted(cond)}")
+        feeds = {"noise": self._array(noise, self.latent_shape, self.dtype, "noise")}
+        for name, (shape, dtype) in self.cond_inputs.items():
+            feeds[name] = self._array(cond[name], shape, dtype, name)
         return sess.run(None, feeds)[0]
 
     def decode(self, latents: Any) -> np.ndarray:
@@ -391,7 +415,7 @@ class OnnxOLSSRunner:
     # ------------------------------------------------------------------ the whole sampler
     def _check_ids(self, ids: np.ndarray, what: str) -> np.ndarray:
         if self.id_limit and ids.size and (ids.min() < 0 or ids.max() >= self.id_limit):
-            kind = "class labels" if self.cond_input == "class_labels" else "token ids"
+            kind = "class labels" if self.id_input is not None else "token ids"
             raise ValueError(f"`{what}` holds {kind} outside [0, {self.id_limit}): min {ids.min()}, max {ids.max()}")
         return ids
 
@@ -416,16 +440,20 @@ class OnnxOLSSRunner:
         return np.concatenate([neg, ids], axis=0)
 
     def __call__(self, input_ids: Any = None, noise: Any = None, *, negative_input_ids: Any = None,
-                 embeddings: Any = None, output_type: str = "np") -> np.ndarray:
-        """Sample: ids (or embeddings) + initial noise → images.
+                 embeddings: Any = None, conditioning: Optional[Mapping[str, Any]] = None,
+                 output_type: str = "np") -> np.ndarray:
+        """Sample: ids (or embeddings, or the whole conditioning) + initial noise → images.
 
         Args:
             input_ids: token ids ``[B, L]`` (Stable Diffusion; tokenise with the pipeline's CLIP tokenizer, padded to
                 ``max_length``) or class labels ``[B]`` (digits); one row is broadcast to the batch.
-            noise: the initial latents ``[B, C, h, w]`` (standard normal).
+            noise: the initial latents (standard normal, the export's ``latent_shape``).
             negative_input_ids: the unconditional half (default: the empty prompt / null class stored at export).
-            embeddings: instead of ids, the full UNet conditioning ``[M, L, D]`` (unconditional half first when
+            embeddings: instead of ids, the full text conditioning ``[M, L, D]`` (unconditional half first when
                 guided); the text encoder is skipped.
+            conditioning: every conditioning input by name (``cond_inputs``; SD3 and Flux exports, whose text
+                encoders run outside the export, take their prompt embeddings, pooled embeddings, ids and guidance
+                this way).
             output_type: ``"np"`` (``[B, H, W, C]`` float32 in [0, 1], like diffusers' ``output_type="np"``),
                 ``"latent"`` (the final latents) or ``"raw"`` (the decoder's output, NCHW).
         """
@@ -434,15 +462,20 @@ class OnnxOLSSRunner:
         if noise is None:
             raise ValueError("pass the initial `noise` (standard-normal latents of shape "
                              f"{list(self.latent_shape)})")
-        if (input_ids is None) == (embeddings is None):
-            raise ValueError("pass exactly one of `input_ids` and `embeddings`")
-        if embeddings is not None:
-            if self.cond_input != "encoder_hidden_states":
-                raise ValueError("this export is class-conditional: pass class labels as `input_ids`")
-            if negative_input_ids is not None:
-                raise ValueError("`embeddings` already hold the unconditional half; drop `negative_input_ids`")
+        if sum(v is not None for v in (input_ids, embeddings, conditioning)) != 1:
+            raise ValueError("pass exactly one of `input_ids`, `embeddings` and `conditioning`")
+        if negative_input_ids is not None and input_ids is None:
+            raise ValueError("`negative_input_ids` go with `input_ids`; embeddings already hold the unconditional half")
+        if conditioning is not None:
+            cond: Any = dict(conditioning)
+        elif embeddings is not None:
+            if self.text_input is None or len(self.cond_inputs) != 1:
+                raise ValueError(f"this export takes {list(self.cond_inputs)}: pass `conditioning` (or class labels "
+                                 "as `input_ids`)")
             cond = embeddings
         else:
+            if self.text_input is None and self.id_input is None:
+                raise ValueError(f"this export takes no ids: pass `conditioning` with {list(self.cond_inputs)}")
             ids = self._full_ids(input_ids, negative_input_ids)
             cond = self.encode(ids) if self.has_text_encoder else ids
         latents = self.denoise(noise, cond)

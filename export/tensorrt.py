@@ -137,10 +137,10 @@ def _component_digest(export_dir: Path, entry: Mapping[str, Any]) -> str:
 
 
 def _unet_shapes(manifest: Mapping[str, Any]) -> dict[str, list[int]]:
-    m = int(manifest["cond_shape"][0])
     lat = [int(v) for v in manifest["latent_shape"]]
+    m = 2 * lat[0] if manifest["guided"] else lat[0]
     return {_PREFIX + "unet_sample": [m] + lat[1:], _PREFIX + "unet_timestep": [],
-            str(manifest["cond_input"]): [int(v) for v in manifest["cond_shape"]]}
+            **{str(c["name"]): [int(v) for v in c["shape"]] for c in manifest["cond_inputs"]}}
 
 
 def engine_paths(export_dir: "str | os.PathLike[str]", engine_dir: "str | os.PathLike[str]", *, trt_version: str,
@@ -332,16 +332,16 @@ class TensorRTOLSSProgram:
         self.dec = TensorRTEngine(engines["decoder"], self.device, trt)
         sched = self.manifest["schedule"]
         self.n = len(sched["timesteps"])
-        self.cond_input = str(self.manifest["cond_input"])
         self.batch = int(self.manifest["batch_size"])
         self.guided = bool(self.manifest["guided"])
         ub = self.unet.buffers
         self.sample = ub[_PREFIX + "unet_sample"]
         self.model_out = ub[_PREFIX + "unet_out"]
         self.t_buf = ub[_PREFIX + "unet_timestep"]
+        text_input = self.manifest["text_input"]
         if self.te is not None:  # the text encoder writes straight into the UNet's conditioning input
-            self.unet.bind(self.cond_input, self.te.buffers["encoder_hidden_states"])
-        self.cond = self.unet.buffers[self.cond_input]
+            self.unet.bind(text_input, self.te.buffers[text_input])
+        self.cond = {str(c["name"]): self.unet.buffers[str(c["name"])] for c in self.manifest["cond_inputs"]}
         self.final = self.dec.buffers["latents"]  # the last step writes straight into the decoder's input
         self.image = self.dec.buffers["image"]
         self.coeffs = torch.tensor(sched["coeffs"], dtype=torch.float32, device=self.device)
@@ -401,7 +401,9 @@ class TensorRTOLSSProgram:
             self._graphs[encode] = graph
         graph.replay()
 
-    def run(self, mode: str, cond: Mapping[str, Any], latents: Any, decode: bool) -> Any:
+    def run(self, mode: str, cond: Mapping[str, Any], latents: Any, decode: bool,
+            names: Optional[Mapping[str, str]] = None) -> Any:
+        """Run the program: ``cond`` holds the adapter's inputs, ``names`` maps them to the engine's inputs."""
         def load(buffer: Any, value: Any, what: str) -> None:  # exact shapes: a copy_ would broadcast
             if tuple(value.shape) != tuple(buffer.shape):
                 raise ValueError(f"{what} has shape {list(value.shape)} but the TensorRT program was built for "
@@ -413,11 +415,11 @@ class TensorRTOLSSProgram:
             if self.te is None:
                 raise ValueError("this export has no text encoder")
             load(self.te.buffers["input_ids"], cond["ids"], "input_ids")
-        elif mode == "embeds":
-            load(self.cond, cond["embeds"], "the prompt embeddings")
-        elif mode == "labels":
-            load(self.cond, cond["labels"], "the class labels")
         else:
-            raise ValueError(f"unsupported conditioning mode {mode!r}")
+            names = dict(names or {})
+            for key, value in cond.items():
+                if names.get(key) not in self.cond:
+                    raise ValueError(f"the TensorRT program has no conditioning input for {key!r}")
+                load(self.cond[names[key]], value, key)
         self._replay(encode=(mode == "tokens"))
         return (self.image if decode else self.final).clone()

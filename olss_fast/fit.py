@@ -163,7 +163,8 @@ class _SingleStepProbe:
         dtype = torch.long if isinstance(self._t, int) else torch.float32
         return torch.tensor([self._t], dtype=dtype, device=device)
 
-    def set_timesteps(self, num_inference_steps: Any = None, device: Any = None, **_: Any) -> None:
+    def set_timesteps(self, num_inference_steps: Any = None, device: Any = None, timesteps: Any = None,
+                      sigmas: Any = None, mu: Any = None) -> None:  # (flow pipelines pass sigmas and mu: ignored)
         self.timesteps = self._timesteps(device)
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:

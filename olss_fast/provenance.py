@@ -210,7 +210,7 @@ def check_fitted_for(fitted: Mapping[str, Any], actual: Mapping[str, Any], *, al
     allow = check_allow(allow)
     if not fitted:
         warn_once(("no-provenance", what), "%s records nothing about what it was fitted for (written by an older "
-                  "olss_fast): it cannot be checked against %s", what, where)
+                  "olss_fast): it cannot be checked %s", what, where)
         return
     refused = []
     for key in REFUSED:
@@ -228,7 +228,7 @@ def check_fitted_for(fitted: Mapping[str, Any], actual: Mapping[str, Any], *, al
     if refused:
         names = ", ".join(repr(k) for k in REFUSED)
         raise ValueError(
-            f"{what} was fitted for another setting than {where}: " + "; ".join(refused)
+            f"{what} was fitted for another setting than it is used {where}: " + "; ".join(refused)
             + f". Its coefficients are only right for what it was fitted on: search a schedule for this one, or pass "
             f"allow_mismatch=(...) with any of {names} (CLI: --allow-mismatch) to use it anyway"
         )

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._io import exclusive_lock
+from .pipelines import adapter_for
 from .provenance import recording_context
 from .stats import GramStats
 
@@ -45,29 +46,33 @@ class RecordingScheduler:
         object.__setattr__(self, "teacher", teacher)
         object.__setattr__(self, "samples", [])
         object.__setattr__(self, "outputs", [])
+        object.__setattr__(self, "stepped_at", [])
         object.__setattr__(self, "final", None)
+        object.__setattr__(self, "set_timesteps", _with_signature_of(teacher.set_timesteps, self._set_timesteps))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.teacher, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("samples", "outputs", "final"):
+        if name in ("samples", "outputs", "stepped_at", "final"):
             object.__setattr__(self, name, value)
         else:
             setattr(self.teacher, name, value)
 
-    def set_timesteps(self, *args: Any, **kwargs: Any) -> Any:
+    def _set_timesteps(self, *args: Any, **kwargs: Any) -> Any:
         self.clear()
         return self.teacher.set_timesteps(*args, **kwargs)
 
     def clear(self) -> None:
         self.samples.clear()
         self.outputs.clear()
+        self.stepped_at.clear()
         object.__setattr__(self, "final", None)
 
     def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any):
         self.samples.append(sample.detach().clone())
         self.outputs.append(model_output.detach().clone())
+        self.stepped_at.append(float(timestep.item() if isinstance(timestep, torch.Tensor) else timestep))
         out = self.teacher.step(model_output, timestep, sample, *args, **kwargs)
         prev = out[0] if isinstance(out, tuple) else out.prev_sample
         object.__setattr__(self, "final", prev.detach().clone())
@@ -80,6 +85,23 @@ class RecordingScheduler:
         x = torch.stack(self.samples + [self.final])
         e = torch.stack(self.outputs)
         return x, e
+
+
+def _with_signature_of(model: Any, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with ``model``'s signature: pipelines inspect ``scheduler.set_timesteps`` to see whether it takes custom
+    ``sigmas`` / ``timesteps`` (flow pipelines pass them), so a wrapper must show the wrapped scheduler's."""
+    import functools
+    import inspect
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    try:
+        wrapper.__signature__ = inspect.signature(model)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):  # pragma: no cover - a scheduler without a signature
+        pass
+    return wrapper
 
 
 class StopSampling(Exception):
@@ -137,12 +159,13 @@ def describe_scheduler(scheduler: Any, steps: int) -> str:
     return f"{type(scheduler).__name__}({steps} steps; {', '.join(parts)})"
 
 
-def call_default_guidance(pipe: Any) -> float | None:
-    """The default ``guidance_scale`` of ``pipe.__call__``, or None when it takes none (unconditional pipelines)."""
+def call_default_guidance(pipe: Any, argument: str = "guidance_scale") -> float | None:
+    """The default ``guidance_scale`` (or another ``argument``) of ``pipe.__call__``, or None when it takes none
+    (unconditional pipelines)."""
     import inspect
 
     try:
-        param = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
+        param = inspect.signature(type(pipe).__call__).parameters.get(argument)
     except (TypeError, ValueError):
         param = None
     if param is None or not isinstance(param.default, (int, float)) or isinstance(param.default, bool):
@@ -430,7 +453,16 @@ def record_trajectories(
     items = list(items) if items is not None else make_work_items(prompts, config.seeds_per_prompt, config.base_seed)
     shape = latent_shape(pipe, config.height, config.width)
     device, dtype = pipeline_device(pipe), pipeline_dtype(pipe)
-    teacher.set_timesteps(config.teacher_steps)
+    # the teacher timesteps exactly as the pipeline's loop will set them (flow pipelines pass sigmas and mu)
+    adapter = adapter_for(pipe, required=False)
+    if adapter is not None:
+        dh, dw = adapter.default_size()
+        h, w = config.height or dh, config.width or dw
+        teacher.set_timesteps(**adapter.teacher_timestep_kwargs(teacher, config.teacher_steps, h, w))
+        mu = adapter.flow_mu(h, w)
+    else:
+        teacher.set_timesteps(config.teacher_steps)
+        mu = None
     timesteps = [t.item() for t in teacher.timesteps]
     ctx = resolve_context(distributed)
     kwargs = config.pipeline_kwargs()
@@ -440,7 +472,7 @@ def record_trajectories(
     context = recording_context(
         pipe=pipe, teacher=teacher, teacher_steps=config.teacher_steps,
         guidance_scale=config.guidance_scale if config.guidance_scale is not None else call_default_guidance(pipe),
-        latent_shape=shape, prompts=list(prompts), call_kwargs=config.call_kwargs,
+        latent_shape=shape, prompts=list(prompts), call_kwargs=config.call_kwargs, mu=mu,
     )
 
     def new_stats() -> GramStats:
@@ -524,6 +556,12 @@ def record_trajectories(
                     raise ValueError(
                         f"the pipeline ran {x_path.shape[0] - 1} steps but the teacher has {target.num_teacher_steps}"
                     )
+                if not _same_timesteps(recorder.stepped_at, target.timesteps):
+                    raise ValueError(
+                        f"the pipeline ran the teacher at other timesteps than recorded ({recorder.stepped_at[:3]}… vs "
+                        f"{list(target.timesteps[:3])}…): it sets the scheduler's timesteps in a way olss_fast does "
+                        "not know (height/width or the scheduler's shift?); statistics would be mislabelled"
+                    )
                 target.update(x_path, e_path, items=[it.index for it in batch])
                 if on_batch is not None:
                     on_batch(batch, x_path, e_path)
@@ -547,6 +585,11 @@ def record_trajectories(
         if stats is None:
             return target
         return stats.merge_(target)
+
+
+def _same_timesteps(ran: Sequence[float], recorded: Sequence[Any]) -> bool:
+    return len(ran) == len(recorded) and all(abs(a - float(b)) <= 1e-4 * max(1.0, abs(float(b)))
+                                             for a, b in zip(ran, recorded))
 
 
 def _open_checkpoint(

@@ -148,11 +148,11 @@ def check_guidance(g: Any) -> float:
     return float(g)
 
 
-def default_guidance(pipe: Any) -> float:
-    """The default ``guidance_scale`` of ``pipe.__call__`` (7.5 when it has none)."""
+def default_guidance(pipe: Any, argument: str = "guidance_scale") -> float:
+    """The default classifier-free guidance scale of ``pipe.__call__`` (its ``argument``; 7.5 when it has none)."""
     from olss_fast.recording import call_default_guidance
 
-    g = call_default_guidance(pipe)
+    g = call_default_guidance(pipe, argument)
     return 7.5 if g is None else g
 
 
@@ -285,6 +285,8 @@ class _Entry:
     guided: bool
     decode: bool
     options: CallOptions
+    height: int
+    width: int
     inputs: StaticBuffers
     buffers: ProgramBuffers
     graph: Optional[CapturedGraph] = None
@@ -324,7 +326,7 @@ class TorchBackend:
 
     def _key(self, req: ProgramRequest) -> tuple:
         return (self.runner.backend, req.mode, req.guided, req.decode, str(self.runner.dtype), req.options,
-                tensor_signature(req.inputs))
+                req.height, req.width, tensor_signature(req.inputs))
 
     def _program(self, entry: _Entry) -> torch.Tensor:
         """The static program: [text encoder] → run_loop → [decode]. Capturable."""
@@ -340,7 +342,7 @@ class TorchBackend:
             final = run_loop(step, entry.inputs["latents"], entry.buffers, r._coeffs,
                              r._guidance if entry.guided else None, step_backend=r.config.step_backend,
                              guidance_rescale=entry.options.guidance_rescale, on_step=entry.on_step)
-            return r.adapter.decode(final) if entry.decode else final
+            return r.adapter.decode(final, entry.height, entry.width) if entry.decode else final
 
     def run(self, req: ProgramRequest) -> torch.Tensor:
         r = self.runner
@@ -349,7 +351,7 @@ class TorchBackend:
         if entry is None:
             lat = req.inputs["latents"]
             entry = _Entry(key=key, mode=req.mode, guided=req.guided, decode=req.decode, options=req.options,
-                           inputs=StaticBuffers(req.inputs),
+                           height=req.height, width=req.width, inputs=StaticBuffers(req.inputs),
                            buffers=allocate_buffers(tuple(lat.shape), r.num_inference_steps, r.dtype, req.guided,
                                                     r.device))
             if self.capturing:
@@ -446,7 +448,7 @@ class OLSSRunner:
         self.adapter.check_size(self.height, self.width)
         self.batch_size = int(config.batch_size)
         self.guidance_scale = config.guidance_scale if config.guidance_scale is not None else \
-            check_guidance(default_guidance(pipe))
+            check_guidance(default_guidance(pipe, self.adapter.cfg_argument))
         self.text_encoder_in_graph = True
         self._check_schedule(schedule, initial=True)
         self.schedule = schedule
@@ -468,8 +470,9 @@ class OLSSRunner:
     def _actual(self, guidance: float, height: int, width: int, model: bool) -> dict[str, Any]:
         actual: dict[str, Any] = {
             "prediction_type": _scheduler_prediction_type(self.pipe),
-            "guidance_scale": guidance,
+            "guidance_scale": self.adapter.fitted_guidance({}, guidance, self.adapter.is_guided({}, guidance)),
             "latent_shape": list(self.adapter.latent_shape(1, height, width)[1:]),
+            "mu": self.adapter.flow_mu(height, width),
         }
         sched = getattr(self.pipe, "scheduler", None)
         cfg = provenance.config_dict(getattr(sched, "config", None))
@@ -492,7 +495,7 @@ class OLSSRunner:
         provenance.check_fitted_for(
             fitted, self._actual(self.guidance_scale, self.height, self.width, model=True),
             allow=tuple(self.config.allow_mismatch) + tuple(schedule.fitted_for.get("accepted_mismatch", ())),
-            what=f"the {schedule.num_steps}-step schedule", where=f"this {self.adapter.name}",
+            what=f"the {schedule.num_steps}-step schedule", where=f"on this {self.adapter.name}",
         )
 
     def update_schedule(self, schedule: OLSSSchedule) -> None:
@@ -539,7 +542,7 @@ class OLSSRunner:
         provenance.check_fitted_for(
             fitted, self._actual(self.guidance_scale, self.height, self.width, model=True),
             allow=tuple(self.config.allow_mismatch) + tuple(self.schedule.fitted_for.get("accepted_mismatch", ())),
-            what=f"the {self.num_inference_steps}-step schedule", where=f"this {self.adapter.name}",
+            what=f"the {self.num_inference_steps}-step schedule", where=f"on this {self.adapter.name}",
         )
 
     # ------------------------------------------------------------------ calling
@@ -595,18 +598,25 @@ class OLSSRunner:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         height, width = int(height or self.height), int(width or self.width)
         self.adapter.check_size(height, width)
-        g = self.guidance_scale if guidance_scale is None else check_guidance(guidance_scale)
-        guided = g > 1.0
-        options = self._options(cross_attention_kwargs, guidance_rescale, clip_skip)
-        on_step = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         args = dict(kwargs, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
                     negative_prompt_embeds=negative_prompt_embeds)
+        cfg_name = self.adapter.cfg_argument
+        if cfg_name == "guidance_scale":
+            cfg_value = guidance_scale
+        else:  # the family's own guidance_scale is conditioning (Flux: the distilled guidance embedding)
+            cfg_value = args.pop(cfg_name, None)
+            args["guidance_scale"] = None if guidance_scale is None else check_guidance(guidance_scale)
+        g = self.guidance_scale if cfg_value is None else check_guidance(cfg_value)
+        guided = self.adapter.is_guided(args, g)
+        options = self._options(cross_attention_kwargs, guidance_rescale, clip_skip)
+        on_step = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         self._follow_pipeline()
-        if self.schedule.fitted_for:  # another guidance scale or size than fitted for: warn once each
+        if self.schedule.fitted_for:  # another guidance scale, size or resolution shift: warn once each
             provenance.check_fitted_for(
-                {k: self.schedule.fitted_for.get(k) for k in ("guidance_scale", "latent_shape")},
-                {"guidance_scale": g if guided else None,
-                 "latent_shape": list(self.adapter.latent_shape(1, height, width)[1:])},
+                {k: self.schedule.fitted_for.get(k) for k in ("guidance_scale", "latent_shape", "mu")},
+                {"guidance_scale": self.adapter.fitted_guidance(args, g, guided),
+                 "latent_shape": list(self.adapter.latent_shape(1, height, width)[1:]),
+                 "mu": self.adapter.flow_mu(height, width)},
                 what=f"the {self.num_inference_steps}-step schedule", where="in this call",
             )
         with torch.no_grad():

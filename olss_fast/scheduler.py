@@ -233,7 +233,7 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         provenance.check_fitted_for(
             fitted, {"prediction_type": self.config.prediction_type, "noise_schedule": noise_schedule},
             allow=[a for a in accepted if a in ("prediction_type", "noise_schedule")],
-            what=f"the {s.num_steps}-step schedule", where="this scheduler's config",
+            what=f"the {s.num_steps}-step schedule", where="with this scheduler config",
         )
 
     # ------------------------------------------------------------------ construction helpers
@@ -387,7 +387,7 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         fitted_mu = sched.fitted_for.get("mu")
         if mu is not None and fitted_mu is not None:
             provenance.check_fitted_for({"mu": fitted_mu}, {"mu": float(mu)}, what=f"the {n}-step schedule",
-                                        where="(the image size's resolution shift)")
+                                        where="at this image size")
         if self.config.clip_sample or self.config.thresholding:
             what = "thresholding" if self.config.thresholding else "clip_sample"
             provenance.warn_once(

@@ -278,3 +278,107 @@ def resign_schedule_dict(d: dict) -> dict:
     d = {k: v for k, v in d.items() if k != "sha256"}
     d["sha256"] = hashlib.sha256(canonical_json(d).encode()).hexdigest()
     return d
+
+
+# ---------------------------------------------------------------------------------------------- flow-matching pipelines
+def tiny_t5_tokenizer(model_max_length: int = 32):
+    """A character-level T5 tokenizer built in code (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2; ``</s>`` appended as T5
+    does); no download, no sentencepiece model."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for c in range(32, 127):
+        vocab.setdefault(chr(c), len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=model_max_length)
+
+
+def _tiny_t5(vocab_size: int, d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=d_model, d_ff=37, d_kv=8, num_heads=4,
+                                   num_layers=2, relative_attention_num_buckets=8, decoder_start_token_id=0,
+                                   pad_token_id=0, eos_token_id=1)).eval()  # (built in train mode: dropout)
+
+
+def _tiny_clip_pair(projection_dim: int = 32, hidden: int = 32):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    tok = tiny_clip_tokenizer()
+    cfg = CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=hidden, intermediate_size=37,
+                         num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tok.get_vocab()),
+                         max_position_embeddings=tok.model_max_length, projection_dim=projection_dim,
+                         hidden_act="gelu")
+    return tok, cfg
+
+
+def tiny_sd3_pipeline(seed: int = 0, sample_size: int = 8, shift: float = 3.0, dtype: torch.dtype = torch.float32):
+    """A StableDiffusion3Pipeline with tiny random weights (two CLIP encoders with projection, a T5 encoder, an SD3
+    transformer, a 16-channel VAE), built in code on CPU. Latents ``[16, sample_size, sample_size]``."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tok, cfg = _tiny_clip_pair()
+    tok2, cfg2 = _tiny_clip_pair()
+    te = CLIPTextModelWithProjection(cfg)
+    te2 = CLIPTextModelWithProjection(cfg2)
+    tok3 = tiny_t5_tokenizer()
+    te3 = _tiny_t5(len(tok3.get_vocab()))
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size, patch_size=1, in_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64,
+        out_channels=16,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=16, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=2 * sample_size,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=te, tokenizer=tok, text_encoder_2=te2,
+        tokenizer_2=tok2, text_encoder_3=te3, tokenizer_3=tok3,
+    )
+    pipe = pipe.to(dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_pipeline(seed: int = 0, sample_size: int = 8, guidance_embeds: bool = True,
+                       dtype: torch.dtype = torch.float32):
+    """A FluxPipeline with tiny random weights (a CLIP encoder, a T5 encoder, a Flux transformer with a distilled
+    guidance embedding, a 4-channel VAE), built in code on CPU, with dynamic shifting like FLUX.1-dev. Latents are
+    packed: ``[(h/2)·(w/2), 4·4]`` for an ``h × w`` latent grid."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    tok, cfg = _tiny_clip_pair()
+    te = CLIPTextModel(cfg)
+    tok2 = tiny_t5_tokenizer()
+    te2 = _tiny_t5(len(tok2.get_vocab()))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 4, 8),
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=2 * sample_size,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=1.15, base_image_seq_len=16, max_image_seq_len=256)
+    pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=te, tokenizer=tok,
+                        text_encoder_2=te2, tokenizer_2=tok2)
+    pipe = pipe.to(dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

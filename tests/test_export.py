@@ -232,7 +232,7 @@ def test_default_guidance_and_keys(digits_pipe: Any, digits_sched: OLSSSchedule,
     from olss_fast.models.digits import DEFAULT_GUIDANCE_SCALE
 
     plan = plan_export(digits_pipe, digits_sched)
-    assert plan.guidance_scale == DEFAULT_GUIDANCE_SCALE and plan.uncond_ids == 10 and plan.cond_shape == (2,)
+    assert plan.guidance_scale == DEFAULT_GUIDANCE_SCALE and plan.uncond_ids == 10 and plan.cond[0].shape == (2,)
     assert plan_export(sd_pipe, sd_sched).guidance_scale == 7.5
     keys = {plan.key, plan_export(digits_pipe, digits_sched, guidance_scale=1.0).key,
             plan_export(digits_pipe, digits_sched, batch_size=2).key,
@@ -240,7 +240,7 @@ def test_default_guidance_and_keys(digits_pipe: Any, digits_sched: OLSSSchedule,
             plan_export(digits_pipe, digits_sched, dtype="float16").key}
     assert len(keys) == 5 and plan_export(digits_pipe, digits_sched).key == plan.key
     unguided = plan_export(digits_pipe, digits_sched, guidance_scale=1.0)
-    assert not unguided.guided and unguided.cond_shape == (1,)
+    assert not unguided.guided and unguided.cond[0].shape == (1,)
 
 
 def test_weights_stored_once(digits_pipe: Any, tmp_path: Path) -> None:
@@ -423,7 +423,7 @@ def test_bad_inputs(sd_pipe: Any, digits_pipe: Any, digits_sched: OLSSSchedule, 
         runner(input_ids=DIGITS, negative_input_ids=-1, noise=np.zeros(runner.latent_shape, np.float32))
     with pytest.raises(ValueError, match="exactly one of"):
         runner(noise=np.zeros(runner.latent_shape, np.float32))
-    with pytest.raises(ValueError, match="class-conditional"):
+    with pytest.raises(ValueError, match="class labels as `input_ids`"):
         runner(embeddings=np.zeros((8, 4, 4), np.float32), noise=np.zeros(runner.latent_shape, np.float32))
     for name in ("truncated", "rehashed", "manifest"):
         broken = tmp_path / f"broken_{name}"

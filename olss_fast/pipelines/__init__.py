@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from .base import CallOptions, ExportSpec, PipelineAdapter, Prepared
+from .base import CallOptions, CondInput, ExportSpec, PipelineAdapter, Prepared
 
-__all__ = ["CallOptions", "ExportSpec", "PipelineAdapter", "Prepared", "adapter_for", "register_adapter",
-           "supported_pipelines"]
+__all__ = ["CallOptions", "CondInput", "ExportSpec", "PipelineAdapter", "Prepared", "adapter_for",
+           "register_adapter", "supported_pipelines"]
 
 _ADAPTERS: list[type[PipelineAdapter]] = []
 
@@ -50,9 +50,10 @@ def adapter_for(pipe: Any, required: bool = True) -> Optional[PipelineAdapter]:
 def _register_builtin() -> None:
     from .digits import DigitsAdapter
     from .sd import StableDiffusionAdapter
+    from .sd3 import StableDiffusion3Adapter
     from .sdxl import StableDiffusionXLAdapter
 
-    for cls in (StableDiffusionAdapter, StableDiffusionXLAdapter, DigitsAdapter):
+    for cls in (StableDiffusionAdapter, StableDiffusionXLAdapter, StableDiffusion3Adapter, DigitsAdapter):
         register_adapter(cls)
 
 

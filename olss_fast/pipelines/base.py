@@ -51,27 +51,46 @@ class Prepared:
     inputs: dict[str, torch.Tensor]
 
 
+@dataclass(frozen=True)
+class CondInput:
+    """One conditioning input of the exported denoiser.
+
+    Attributes:
+        name: the ONNX input name (the denoiser module's argument, in order).
+        key: the :class:`Prepared` input it is fed from at run time.
+        shape: its static shape (the CFG-doubled batch first, when ``batched``).
+        dtype: ``"model"`` (the export dtype), ``"float32"`` or ``"int64"``.
+        batched: whether its first dimension is the (CFG-doubled) batch (position ids, say, are not).
+    """
+
+    name: str
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    batched: bool = True
+
+
 @dataclass
 class ExportSpec:
     """What the ONNX exporter needs from a pipeline family (torch modules with fixed signatures + shapes).
 
-    ``text_encoder``: ``input_ids [M, L] → embeddings [M, L, D]`` (None: class-conditional, labels go straight to the
-    denoiser); ``denoiser``: ``(sample [M, C, h, w], timestep 0-d, cond) → model output``; ``decoder``:
-    ``latents → image``. ``uncond`` is the unconditional row (the empty prompt's token ids, or the null class).
+    ``denoiser``: ``(sample [M, ...], timestep 0-d, *cond) → model output`` with the ``cond`` inputs in order;
+    ``decoder``: ``latents → image``; ``text_encoder`` (optional): ``input_ids [M, L] → `` the conditioning input
+    named ``text_input``. ``uncond`` is the unconditional row of the ids (the empty prompt's token ids, or the null
+    class) when the export takes ids, else None.
     """
 
     denoiser: torch.nn.Module
     decoder: torch.nn.Module
-    cond_input: str
-    cond_shape: tuple[int, ...]
-    cond_is_int: bool
-    uncond: Any
-    id_limit: int
+    cond: list[CondInput]
     image_range: str
     modules: dict[str, torch.nn.Module]
+    uncond: Any = None
+    id_limit: int = 0
+    id_input: Optional[str] = None
     text_encoder: Optional[torch.nn.Module] = None
+    text_input: Optional[str] = None
     token_length: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class PipelineAdapter:
@@ -86,6 +105,9 @@ class PipelineAdapter:
     options_supported: tuple[str, ...] = ("guidance_rescale",)
     #: why the ONNX/TensorRT export does not support the family (None: it does, see :meth:`export_spec`)
     export_unsupported: Optional[str] = "(not implemented for this family yet)"
+    #: the call argument that is the classifier-free guidance scale (Flux: ``true_cfg_scale``; its
+    #: ``guidance_scale`` is the distilled guidance embedding, an ordinary conditioning input)
+    cfg_argument = "guidance_scale"
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
@@ -131,6 +153,26 @@ class PipelineAdapter:
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ recording and provenance
+    def teacher_timestep_kwargs(self, teacher: Any, num_steps: int, height: int, width: int) -> dict[str, Any]:
+        """The arguments the pipeline's own loop passes to ``scheduler.set_timesteps`` for ``num_steps`` steps at
+        this size (so that the recorded teacher timesteps are the ones the pipeline runs)."""
+        return {"num_inference_steps": num_steps}
+
+    def flow_mu(self, height: int, width: int) -> Optional[float]:
+        """The resolution-dependent time shift ``mu`` the pipeline passes to a flow-matching scheduler with dynamic
+        shifting at this size (None when it passes none)."""
+        return None
+
+    def fitted_guidance(self, args: Mapping[str, Any], guidance: float, guided: bool) -> Optional[float]:
+        """The guidance value a schedule is fitted for, as this call uses it (the recording records the pipeline's
+        ``guidance_scale``): the CFG scale when guided, else None."""
+        return guidance if guided else None
+
+    def is_guided(self, args: Mapping[str, Any], guidance: float) -> bool:
+        """Whether the call runs classifier-free guidance (the denoiser sees the doubled batch)."""
+        return guidance > 1.0
+
     # ------------------------------------------------------------------ host side
     def check_options(self, options: CallOptions) -> None:
         unsupported = [name for name in ("clip_skip", "lora_scale", "guidance_rescale")
@@ -165,7 +207,7 @@ class PipelineAdapter:
             kw["cross_attention_kwargs"] = options.cross_attention_kwargs
         return denoiser(x, t, return_dict=False, **kw)[0]
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ export
@@ -175,10 +217,26 @@ class PipelineAdapter:
             raise ValueError(f"the ONNX/TensorRT export does not support {self.name} {self.export_unsupported}; use "
                              "backend='cuda_graph' or 'eager'")
 
-    def export_spec(self, batch: int, height: int, width: int, guided: bool) -> ExportSpec:
-        """The torch modules and shapes the exporter needs (families with ``export_unsupported = None``)."""
+    def export_spec(self, batch: int, height: int, width: int, guided: bool,
+                    args: Optional[Mapping[str, Any]] = None,
+                    example: Optional[Mapping[str, torch.Tensor]] = None) -> ExportSpec:
+        """The torch modules and shapes the exporter needs (families with ``export_unsupported = None``). The
+        conditioning shapes are ``example``'s (the host side's inputs of a call) or, without one, those of
+        placeholder prompts with the call arguments ``args`` (e.g. ``max_sequence_length``)."""
         self.check_exportable()
         raise NotImplementedError
+
+    def example_conditioning(self, batch: int, height: int, width: int, guided: bool,
+                             args: Optional[Mapping[str, Any]] = None,
+                             example: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+        """``example``, or the host side's conditioning for placeholder prompts (its shapes are the export's)."""
+        if example is not None:
+            return dict(example)
+        call = dict(self.placeholder_args(batch), **dict(args or {}))
+        if guided and "negative_prompt" not in call:
+            call["negative_prompt"] = ""
+        with torch.no_grad():
+            return self.prepare(call, guided, 1, False, height, width, CallOptions()).inputs
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .base import ExportSpec, PipelineAdapter, Prepared, repeat_each
+from .base import CondInput, ExportSpec, PipelineAdapter, Prepared, repeat_each
 
 
 class DigitsUNet(torch.nn.Module):
@@ -81,7 +81,7 @@ class DigitsAdapter(PipelineAdapter):
     def encode(self, inputs, mode, guided, options):  # type: ignore[override]
         return {"class_labels": inputs["labels"]}
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, height: int = 0, width: int = 0) -> torch.Tensor:
         return (latents.float() / 2 + 0.5).clamp(0, 1)
 
     def finish(self, image: torch.Tensor, output_type: str, return_dict: bool) -> Any:
@@ -96,13 +96,14 @@ class DigitsAdapter(PipelineAdapter):
             return (images,)
         return ImagePipelineOutput(images=images)
 
-    def export_spec(self, batch: int, height: int, width: int, guided: bool) -> ExportSpec:
+    def export_spec(self, batch: int, height: int, width: int, guided: bool, args: Any = None,
+                    example: Any = None) -> ExportSpec:
         from olss_fast.models.digits import NULL_CLASS
 
         m = 2 * batch if guided else batch
         return ExportSpec(
-            denoiser=DigitsUNet(self.denoiser), decoder=DigitsDecoder(), cond_input="class_labels", cond_shape=(m,),
-            cond_is_int=True, uncond=int(NULL_CLASS),
+            denoiser=DigitsUNet(self.denoiser), decoder=DigitsDecoder(),
+            cond=[CondInput("class_labels", "labels", (m,), "int64")], uncond=int(NULL_CLASS), id_input="class_labels",
             id_limit=int(self.denoiser.config.num_class_embeds or NULL_CLASS + 1), image_range="[0,1]",
             modules={"unet": self.denoiser},
         )

@@ -6,7 +6,9 @@ from typing import Any
 
 import torch
 
-from .base import ExportSpec, PipelineAdapter, Prepared, TextEncodingMixin, as_prompt_list, negatives, repeat_each
+from .base import (
+    CondInput, ExportSpec, PipelineAdapter, Prepared, TextEncodingMixin, as_prompt_list, negatives, repeat_each,
+)
 
 
 class TextEncoder(torch.nn.Module):
@@ -140,7 +142,7 @@ class StableDiffusionAdapter(TextEncodingMixin, PipelineAdapter):
                     emb = torch.cat([out[0][:half], emb[half:]])
         return {"encoder_hidden_states": emb.to(dtype=te.dtype)}
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, height: int = 0, width: int = 0) -> torch.Tensor:
         vae = self.pipe.vae
         return vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
 
@@ -154,7 +156,8 @@ class StableDiffusionAdapter(TextEncodingMixin, PipelineAdapter):
             return (images, None)
         return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
 
-    def export_spec(self, batch: int, height: int, width: int, guided: bool) -> ExportSpec:
+    def export_spec(self, batch: int, height: int, width: int, guided: bool, args: Any = None,
+                    example: Any = None) -> ExportSpec:
         te, tok = self.pipe.text_encoder, self.pipe.tokenizer
         if te is None or tok is None:
             raise ValueError("exporting a StableDiffusionPipeline needs its text_encoder and tokenizer")
@@ -164,9 +167,9 @@ class StableDiffusionAdapter(TextEncodingMixin, PipelineAdapter):
         length = int(tok.model_max_length)
         uncond = [int(v) for v in self.tokenize(tok, [""]).input_ids[0].tolist()]  # the default negative
         return ExportSpec(
-            text_encoder=TextEncoder(te), token_length=length, denoiser=SDUNet(self.denoiser),
-            decoder=VAEDecoder(self.pipe.vae), cond_input="encoder_hidden_states",
-            cond_shape=(m, length, int(te.config.hidden_size)), cond_is_int=False, uncond=uncond,
-            id_limit=int(te.config.vocab_size), image_range="[-1,1]",
+            text_encoder=TextEncoder(te), text_input="encoder_hidden_states", token_length=length,
+            denoiser=SDUNet(self.denoiser), decoder=VAEDecoder(self.pipe.vae),
+            cond=[CondInput("encoder_hidden_states", "embeds", (m, length, int(te.config.hidden_size)), "model")],
+            uncond=uncond, id_limit=int(te.config.vocab_size), image_range="[-1,1]",
             modules={"text_encoder": te, "unet": self.denoiser, "vae": self.pipe.vae},
         )

@@ -172,7 +172,7 @@ class StableDiffusionXLAdapter(TextEncodingMixin, PipelineAdapter):
             "added_cond_kwargs": {"text_embeds": pooled, "time_ids": inputs["time_ids"]},
         }
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, height: int = 0, width: int = 0) -> torch.Tensor:
         vae = self._vae32 if self._vae32 is not None else self.pipe.vae
         cfg = vae.config
         latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
