@@ -49,11 +49,13 @@ def adapter_for(pipe: Any, required: bool = True) -> Optional[PipelineAdapter]:
 
 def _register_builtin() -> None:
     from .digits import DigitsAdapter
+    from .flux import FluxAdapter
     from .sd import StableDiffusionAdapter
     from .sd3 import StableDiffusion3Adapter
     from .sdxl import StableDiffusionXLAdapter
 
-    for cls in (StableDiffusionAdapter, StableDiffusionXLAdapter, StableDiffusion3Adapter, DigitsAdapter):
+    for cls in (StableDiffusionAdapter, StableDiffusionXLAdapter, StableDiffusion3Adapter, FluxAdapter,
+                DigitsAdapter):
         register_adapter(cls)
 
 
