@@ -60,7 +60,7 @@ class _ExportedBackend:
     needs_weight_values = True
 
     def __init__(self, runner: Any) -> None:
-        from olss_fast.export.onnx_export import default_cache_dir
+        from olss_fast._io import default_cache_dir
 
         self.runner = runner
         cfg = runner.config

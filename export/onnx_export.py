@@ -60,7 +60,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from olss_fast._io import clean_stale_temporaries, current_umask, exclusive_lock, temporary_name
+from olss_fast._io import clean_stale_temporaries, current_umask, default_cache_dir, exclusive_lock, temporary_name
 from olss_fast.export.onnx_runner import (
     EXPORT_FORMAT,
     EXPORT_VERSION,
@@ -85,14 +85,8 @@ DEFAULT_OPSET = 17
 EXTERNAL_DATA_THRESHOLD = 1536 * 2**20
 EXPORTER_TORCHSCRIPT = "torch.onnx.export(dynamo=False)"
 EXPORTER_DYNAMO = "torch.onnx.export(dynamo=True)"
-CACHE_ENV = "OLSS_FAST_CACHE"
 _DTYPES = ("float32", "float16")
 _PREFIX = "olss/"  # names of every value and node the loop construction adds (never used by the exporters)
-
-
-def default_cache_dir() -> Path:
-    """``$OLSS_FAST_CACHE`` or ``~/.cache/olss_fast``: where ``compile_olss_pipeline`` keeps exports and engines."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "olss_fast")
 
 
 # ==================================================================================================== results

@@ -33,6 +33,16 @@ FLOAT32_MAX = 3.4028234663852886e38
 MAX_JSON_DEPTH = 64
 
 
+#: environment variable naming the cache folder (exports, engines, compiled artefacts)
+CACHE_ENV = "OLSS_FAST_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """``$OLSS_FAST_CACHE`` or ``~/.cache/olss_fast``: where ``compile_olss_pipeline`` keeps exports, engines and
+    compiled artefacts."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "olss_fast")
+
+
 # ---------------------------------------------------------------------------------------------- permissions
 def current_umask() -> int:
     """The process umask (read by setting and restoring it)."""

@@ -130,6 +130,10 @@ class CapturedGraph(Generic[T]):
         inputs: the :class:`StaticBuffers` the program reads.
         outputs: what the captured call returned (rewritten by every replay).
         state: anything else the program needs to keep alive (its work buffers).
+
+    ``pool`` (``torch.cuda.graph_pool_handle()``) lets several graphs share one memory pool. That is safe when they
+    replay one at a time on one stream, every output is copied out before another graph replays, and every tensor
+    that must survive between replays is allocated before capture (outside the pool) — as the OLSS runner does.
     """
 
     def __init__(
@@ -141,12 +145,13 @@ class CapturedGraph(Generic[T]):
         state: Any = None,
         warmup_iters: int = 2,
         device: Optional[torch.device] = None,
+        pool: Optional[Any] = None,
     ) -> None:
         self.key = key
         self.inputs = inputs
         self.state = state
         self._fn = fn
-        self.graph, self.outputs = capture_cuda_graph(fn, warmup_iters=warmup_iters, device=device)
+        self.graph, self.outputs = capture_cuda_graph(fn, warmup_iters=warmup_iters, pool=pool, device=device)
         logger.debug("captured a CUDA graph for %s", key)
 
     def replay(self, values: Mapping[str, torch.Tensor]) -> T:

@@ -94,10 +94,14 @@ def noise_schedule_id(config: Mapping[str, Any]) -> dict[str, Any]:
 def module_fingerprint(module: torch.nn.Module, samples_per_tensor: int = 16) -> str:
     """A cheap hash of a module's weights: every parameter's and buffer's name, shape, dtype and a few evenly spaced
     values (``samples_per_tensor`` each), so it costs milliseconds even for multi-GB models and changes with any
-    retraining, re-initialisation or fused LoRA."""
+    retraining, re-initialisation or fused LoRA. Fused attention projections (``to_qkv``, ``to_kv``,
+    ``to_added_qkv``: copies of the separate projections) are left out, so fusing does not change the digest."""
     h = hashlib.sha256()
     update_fingerprint(h, module, samples_per_tensor)
     return h.hexdigest()
+
+
+_FUSED_PROJECTIONS = frozenset({"to_qkv", "to_kv", "to_added_qkv"})
 
 
 def update_fingerprint(h: Any, module: torch.nn.Module, samples_per_tensor: int = 16) -> None:
@@ -105,6 +109,8 @@ def update_fingerprint(h: Any, module: torch.nn.Module, samples_per_tensor: int 
     tensors = dict(module.named_parameters())
     tensors.update(dict(module.named_buffers()))
     for name in sorted(tensors):
+        if _FUSED_PROJECTIONS.intersection(name.split(".")):
+            continue  # diffusers' fused attention projections are copies of to_q/to_k/to_v (fuse_qkv_projections)
         t = tensors[name].detach()
         h.update(f"{name}:{list(t.shape)}:{t.dtype};".encode())
         flat = t.reshape(-1)

@@ -11,7 +11,9 @@ interchangeable:
 
 * ``"eager"``: the fixed loop, uncaptured (any device, CPU included);
 * ``"cuda_graph"``: text encoder, all n denoiser calls, all n steps and the decoder captured in ONE CUDA graph per
-  input signature (:mod:`olss_fast.cuda_graph`), kept in a small LRU cache;
+  input signature (:mod:`olss_fast.cuda_graph`), kept in a small LRU cache, all graphs in one memory pool;
+* with ``compile``, either of these runs the modules ``torch.compile``-d, artefacts persisted across processes
+  (:mod:`olss_fast.compile_cache`);
 * ``"onnxruntime"`` / ``"tensorrt"``: the same program exported to static ONNX (and TensorRT engines), registered by
   :mod:`olss_fast.export` (:data:`BACKENDS` maps the names to their classes);
 * ``"auto"``: ``cuda_graph`` on CUDA, ``eager`` otherwise.
@@ -23,8 +25,9 @@ length in without re-capturing.
 **The runner follows its pipeline.** Components are read from the pipeline at call time; a reassigned
 ``pipe.unet``/``text_encoder``/``vae``, new parameter tensors or parameters changed in place by PyTorch ops are noticed
 before every call (module identities, parameter addresses and version counters) and the backend re-captures
-(cuda_graph), re-compiles (``compile_unet``) or re-exports (onnxruntime, tensorrt; these also compare a sampled
-digest of the weight values, which sees ``.data`` edits such as a fused LoRA). A schedule is checked against the
+(cuda_graph), re-compiles (``compile``; ``channels_last`` and ``fuse_qkv`` are applied to the new modules) or
+re-exports (onnxruntime, tensorrt; these also compare a sampled digest of the weight values, which sees ``.data``
+edits such as a fused LoRA). A schedule is checked against the
 pipeline it runs on (:mod:`olss_fast.provenance`): another model architecture, noise schedule or prediction type is
 refused unless ``allow_mismatch`` names it; another guidance scale or image size warns once.
 """
@@ -38,11 +41,14 @@ import numbers
 import os
 from dataclasses import dataclass
 from itertools import chain
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
 from olss_fast import provenance
+from olss_fast._io import default_cache_dir
+from olss_fast.compile_cache import CompileCache, cache_key, environment, inductor_counters
 from olss_fast.cuda_graph import CapturedGraph, GraphCache, StaticBuffers, tensor_signature
 from olss_fast.pipelines import CallOptions, PipelineAdapter, adapter_for
 from olss_fast.program import ProgramBuffers, allocate_buffers, run_loop
@@ -81,12 +87,24 @@ class RuntimeConfig:
         guidance_scale: classifier-free guidance scale (> 1 enables CFG); None: the default of the pipeline's
             ``__call__``; calls may override.
         dtype: convert the pipeline's modules to this dtype first (in place); None keeps the denoiser's.
-        compile_unet: ``torch.compile`` the denoiser (inductor, static shapes; ``compile_mode`` is passed on).
+        compile: ``torch.compile`` (inductor, static shapes) the program's modules: ``True`` for all of them, or a
+            tuple of ``"text_encoder"`` (the encoder that runs inside the program), ``"denoiser"`` and ``"decoder"``
+            (eager and cuda_graph backends; inside the one CUDA graph with ``cuda_graph``). The first call of each
+            input signature compiles (see ``warmup`` of :func:`compile_olss_pipeline`).
+        compile_mode: ``torch.compile``'s mode: None (its default), ``"max-autotune-no-cudagraphs"`` (opt-in: minutes
+            of autotuning per module on a GPU); ``"reduce-overhead"`` / ``"max-autotune"`` capture CUDA graphs of
+            their own and are refused with ``backend="cuda_graph"``, which captures the whole program already.
+        compile_cache: keep the compiled artefacts on disk under ``cache_dir/compile`` (:mod:`olss_fast.compile_cache`,
+            keyed by the modules' digests, shapes, dtype, software versions and device), so that another process
+            loads them instead of compiling again; a corrupted or stale entry is ignored with a warning.
+        channels_last: convert the pipeline's convolutional modules to ``torch.channels_last`` (in place).
+        fuse_qkv: fuse the attention projections of the modules diffusers offers it for (``fuse_qkv_projections``,
+            in place; refused on modules with LoRA adapters, whose fused weights would silently drop the LoRA).
         cache_size: program instances (captured graphs, exports) kept per runner.
         warmup_iters: eager iterations on a side stream before each CUDA-graph capture.
         step_backend: fused-step backend (``"auto"``, ``"triton"``, ``"reference"``).
-        cache_dir: where the onnxruntime / tensorrt backends keep exports and engines (default ``$OLSS_FAST_CACHE``
-            or ``~/.cache/olss_fast``).
+        cache_dir: where compiled artefacts, exports and engines are kept (default ``$OLSS_FAST_CACHE`` or
+            ``~/.cache/olss_fast``).
         allow_mismatch: accept a schedule fitted for another ``"model"``, ``"noise_schedule"`` or
             ``"prediction_type"`` (see :mod:`olss_fast.provenance`).
         providers, session_options: onnxruntime execution providers and session options (default: CUDA when the
@@ -100,8 +118,11 @@ class RuntimeConfig:
     batch_size: int = 1
     guidance_scale: Optional[float] = None
     dtype: Optional[torch.dtype] = None
-    compile_unet: bool = False
+    compile: Union[bool, tuple[str, ...]] = False
     compile_mode: Optional[str] = None
+    compile_cache: bool = True
+    channels_last: bool = False
+    fuse_qkv: bool = False
     cache_size: int = 4
     warmup_iters: int = 2
     step_backend: str = "auto"
@@ -128,9 +149,19 @@ class RuntimeConfig:
             raise ValueError(f"dtype must be a torch.dtype (e.g. torch.float16), got {self.dtype!r}")
         if self.step_backend not in ("auto", "triton", "reference"):
             raise ValueError(f"step_backend must be 'auto', 'triton' or 'reference', got {self.step_backend!r}")
-        for name in ("compile_unet", "use_cuda_graph"):
+        for name in ("use_cuda_graph", "compile_cache", "channels_last", "fuse_qkv"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        object.__setattr__(self, "compile", check_compile_parts(self.compile))
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
+        if self.compile_mode is not None and not self.compile:
+            raise ValueError(f"compile_mode={self.compile_mode!r} needs compile=True (or the modules to compile)")
+        if self.backend in ("onnxruntime", "tensorrt"):
+            torch_only = [name for name in ("compile", "channels_last", "fuse_qkv") if getattr(self, name)]
+            if torch_only:
+                raise ValueError(f"{torch_only} apply to the PyTorch backends ('eager', 'cuda_graph'), not to "
+                                 f"backend={self.backend!r}, which runs an exported program")
         object.__setattr__(self, "allow_mismatch", provenance.check_allow(self.allow_mismatch))
         if self.providers is not None:
             object.__setattr__(self, "providers", tuple(self.providers))
@@ -140,6 +171,26 @@ class RuntimeConfig:
         if self.backend == "auto":
             return "cuda_graph" if device.type == "cuda" else "eager"
         return self.backend
+
+
+#: the program's modules ``RuntimeConfig.compile`` can name, in program order
+COMPILE_PARTS = ("text_encoder", "denoiser", "decoder")
+#: ``torch.compile`` modes; the last two capture CUDA graphs of their own
+COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
+_CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def check_compile_parts(value: Any) -> tuple[str, ...]:
+    """``RuntimeConfig.compile`` → the tuple of module names to compile (``True``: all, ``False``: none)."""
+    if isinstance(value, bool):
+        return COMPILE_PARTS if value else ()
+    parts = (value,) if isinstance(value, str) else value
+    if not isinstance(parts, (tuple, list)) or not all(isinstance(p, str) for p in parts):
+        raise ValueError(f"compile must be True, False or a tuple of {COMPILE_PARTS}, got {value!r}")
+    unknown = sorted(set(parts) - set(COMPILE_PARTS))
+    if unknown:
+        raise ValueError(f"compile names unknown module(s) {unknown}; choose from {COMPILE_PARTS} (or True for all)")
+    return tuple(p for p in COMPILE_PARTS if p in parts)
 
 
 def check_guidance(g: Any) -> float:
@@ -296,33 +347,84 @@ class _Entry:
 
 class TorchBackend:
     """The program in PyTorch: eager (``runner.backend == "eager"``) or captured in one CUDA graph per input
-    signature (``"cuda_graph"``). Program instances (buffers, graphs) live in an LRU cache of ``cache_size``."""
+    signature (``"cuda_graph"``). Program instances (buffers, graphs) live in an LRU cache of ``cache_size``; the
+    graphs share one memory pool (safe: they replay one at a time, their outputs are copied out right after each
+    replay, and every tensor that outlives a replay — static inputs, work buffers — is allocated outside the pool).
+
+    With ``RuntimeConfig.compile`` the named modules run ``torch.compile``-d (static shapes), inside the captured graph
+    with ``cuda_graph``; with ``compile_cache`` their artefacts are loaded from and saved to disk
+    (:mod:`olss_fast.compile_cache`). ``channels_last`` / ``fuse_qkv`` are applied to the pipeline's modules here,
+    again whenever the runner notices new modules.
+    """
 
     #: whether a change of weight *values* (not only tensors) requires rebuilding the program
     needs_weight_values = False
 
     def __init__(self, runner: "OLSSRunner") -> None:
         self.runner = runner
-        self.cache: GraphCache[_Entry] = GraphCache(runner.config.cache_size)
+        cfg = runner.config
+        self.cache: GraphCache[_Entry] = GraphCache(cfg.cache_size)
         self.num_captures = 0
-        self._denoiser: Any = None
+        self.num_builds = 0
+        self._compiled: dict[str, Any] = {}
+        self._pool: Any = None
+        self._announced: set[tuple] = set()
+        self._warned_host_text = False
+        self.compile_cache: Optional[CompileCache] = None
+        if cfg.compile and cfg.compile_cache:
+            root = Path(cfg.cache_dir) if cfg.cache_dir is not None else default_cache_dir()
+            self.compile_cache = CompileCache(root / "compile")
+        self.prepare_modules()
 
     @property
     def capturing(self) -> bool:
         return self.runner.backend == "cuda_graph"
 
+    def prepare_modules(self) -> None:
+        """Apply ``channels_last`` / ``fuse_qkv`` to the pipeline's current modules (in place)."""
+        r, cfg = self.runner, self.runner.config
+        modules = {k: m for k, m in r.adapter.modules().items() if m is not None}
+        if cfg.channels_last:
+            for m in modules.values():
+                m.to(memory_format=torch.channels_last)
+        if cfg.fuse_qkv:
+            fusable = {k: m for k, m in modules.items() if hasattr(m, "fuse_qkv_projections")}
+            if not fusable:
+                _warn_once(("fuse_qkv", r.adapter.name),
+                           "fuse_qkv: no module of this %s offers fuse_qkv_projections; attention stays unfused",
+                           r.adapter.name)
+            for name, m in fusable.items():
+                if _has_lora_layers(m):
+                    raise ValueError(
+                        f"fuse_qkv cannot fuse the {name}'s attention: it has LoRA adapter layers, which the fused "
+                        "projection would silently leave out; fuse the LoRA into the weights and unload it first "
+                        "(pipe.fuse_lora(); pipe.unload_lora_weights()) or set fuse_qkv=False"
+                    )
+                try:
+                    m.fuse_qkv_projections()
+                except ValueError as exc:  # e.g. diffusers refuses models with added KV projections
+                    raise ValueError(f"fuse_qkv: the {name} cannot be fused ({exc}); set fuse_qkv=False") from None
+
     def invalidate(self) -> None:
-        """The pipeline's modules changed: drop every captured program and compiled wrapper."""
+        """The pipeline's modules changed: drop every captured program and compiled wrapper, prepare the new
+        modules."""
         self.cache.clear()
-        self._denoiser = None
+        self._compiled.clear()
+        self._pool = None
+        self.prepare_modules()
+
+    def _maybe_compiled(self, part: str, fn: Any) -> Any:
+        """``fn`` itself, or its ``torch.compile``-d wrapper when ``RuntimeConfig.compile`` names ``part``."""
+        cfg = self.runner.config
+        if part not in cfg.compile:
+            return fn
+        compiled = self._compiled.get(part)
+        if compiled is None:
+            compiled = self._compiled[part] = torch.compile(fn, mode=cfg.compile_mode, dynamic=False)
+        return compiled
 
     def denoiser(self) -> Any:
-        r = self.runner
-        if self._denoiser is None:
-            module = r.adapter.denoiser
-            self._denoiser = torch.compile(module, mode=r.config.compile_mode, dynamic=False) \
-                if r.config.compile_unet else module
-        return self._denoiser
+        return self._maybe_compiled("denoiser", self.runner.adapter.denoiser)
 
     def _key(self, req: ProgramRequest) -> tuple:
         return (self.runner.backend, req.mode, req.guided, req.decode, str(self.runner.dtype), req.options,
@@ -331,24 +433,81 @@ class TorchBackend:
     def _program(self, entry: _Entry) -> torch.Tensor:
         """The static program: [text encoder] → run_loop → [decode]. Capturable."""
         r = self.runner
+        adapter = r.adapter
         with torch.no_grad():
-            cond = r.adapter.encode(entry.inputs, entry.mode, entry.guided, entry.options)
+            encode = self._maybe_compiled("text_encoder", adapter.encode) if entry.mode == "tokens" else adapter.encode
+            cond = encode(dict(entry.inputs.items()), entry.mode, entry.guided, entry.options)
             denoiser = self.denoiser()
             timesteps = r._timesteps
 
             def step(j: int, x: torch.Tensor) -> torch.Tensor:
-                return r.adapter.denoise(denoiser, x, timesteps[j], cond, entry.options)
+                return adapter.denoise(denoiser, x, timesteps[j], cond, entry.options)
 
             final = run_loop(step, entry.inputs["latents"], entry.buffers, r._coeffs,
                              r._guidance if entry.guided else None, step_backend=r.config.step_backend,
                              guidance_rescale=entry.options.guidance_rescale, on_step=entry.on_step)
-            return r.adapter.decode(final, entry.height, entry.width) if entry.decode else final
+            if not entry.decode:
+                return final
+            return self._maybe_compiled("decoder", adapter.decode)(final, entry.height, entry.width)
+
+    def _graph_pool(self) -> Any:
+        if self._pool is None and torch.cuda.is_available():
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
+
+    def _compile_description(self, req: ProgramRequest) -> dict[str, Any]:
+        """What the compiled code of a program depends on (:func:`olss_fast.compile_cache.cache_key`)."""
+        r, cfg = self.runner, self.runner.config
+        return {
+            "pipeline": r.adapter.name, "backend": r.backend, "dtype": str(r.dtype),
+            "program": {"mode": req.mode, "guided": req.guided, "decode": req.decode, "height": req.height,
+                        "width": req.width, "options": dataclasses.asdict(req.options),
+                        "inputs": [[name, list(shape), dtype] for name, shape, dtype, _ in
+                                   tensor_signature(req.inputs)]},
+            "compile": list(cfg.compile), "compile_mode": cfg.compile_mode, "channels_last": cfg.channels_last,
+            "fuse_qkv": cfg.fuse_qkv,
+            "modules": {name: provenance.model_id(m) for name, m in sorted(r.adapter.modules().items())
+                        if m is not None},
+            **environment(r.device),
+        }
+
+    def _announce(self, key: tuple, req: ProgramRequest) -> None:
+        """Log once per new input signature that this call builds (compiles / captures) a program."""
+        r = self.runner
+        if key in self._announced or not (self.capturing or r.config.compile):
+            return
+        self._announced.add(key)
+        what = " and ".join(w for w, on in (("compiles", bool(r.config.compile)), ("captures", self.capturing)) if on)
+        lat = list(req.inputs["latents"].shape)
+        if r.warming_up:
+            logger.info("warm-up: %s the %d-step program for latents %s (%s, %s mode, %dx%d)", what,
+                        r.num_inference_steps, lat, r.dtype, req.mode, req.height, req.width)
+        else:
+            logger.warning(
+                "this call %s the %d-step program for a new input (latents %s, %s mode, %dx%d, %s): it is slow "
+                "once; build it ahead with compile_olss_pipeline(..., warmup=[(batch, height, width), ...])",
+                what, r.num_inference_steps, lat, req.mode, req.height, req.width,
+                "decoded" if req.decode else "latent output",
+            )
 
     def run(self, req: ProgramRequest) -> torch.Tensor:
         r = self.runner
         key = self._key(req)
         entry = self.cache.get(key)
+        pending: Optional[tuple[str, dict[str, Any], dict[str, int]]] = None
         if entry is None:
+            self._announce(key, req)
+            if "text_encoder" in r.config.compile and req.mode != "tokens" and not self._warned_host_text:
+                self._warned_host_text = True
+                logger.warning("compile: the text encoder of this %s runs on the host for these calls (embeddings "
+                               "given, or the family encodes outside the program) and is not compiled",
+                               r.adapter.name)
+            if self.compile_cache is not None:
+                desc = self._compile_description(req)
+                ck = cache_key(desc)
+                if ck not in self.compile_cache.loaded and ck not in self.compile_cache.saved:
+                    self.compile_cache.load(ck, desc)
+                pending = (ck, desc, inductor_counters())
             lat = req.inputs["latents"]
             entry = _Entry(key=key, mode=req.mode, guided=req.guided, decode=req.decode, options=req.options,
                            height=req.height, width=req.width, inputs=StaticBuffers(req.inputs),
@@ -363,25 +522,63 @@ class TorchBackend:
                             r.num_inference_steps, list(lat.shape), r.dtype, req.mode)
                 try:
                     entry.graph = CapturedGraph(key, lambda e=entry: self._program(e), entry.inputs, state=entry,
-                                                warmup_iters=r.config.warmup_iters, device=r.device)
+                                                warmup_iters=r.config.warmup_iters, device=r.device,
+                                                pool=self._graph_pool())
                 except Exception as exc:  # noqa: BLE001 - re-raised with context by the front end
                     raise _CaptureFailed(req.mode, exc) from exc
-            self.num_captures += 1
+                self.num_captures += 1
+            self.num_builds += 1
             self.cache.put(key, entry)
         entry.runs += 1
         if entry.graph is not None:
-            return entry.graph.replay(req.inputs).clone()
-        entry.inputs.load(req.inputs)
-        entry.on_step = req.on_step
-        try:
-            return self._program(entry).clone()
-        finally:
-            entry.on_step = None
+            out = entry.graph.replay(req.inputs).clone()
+        else:
+            entry.inputs.load(req.inputs)
+            entry.on_step = req.on_step
+            try:
+                out = self._program(entry).clone()
+            finally:
+                entry.on_step = None
+        if pending is not None:
+            self._save_compiled(*pending)
+        return out
+
+    def _save_compiled(self, ck: str, desc: dict[str, Any], before: dict[str, int]) -> None:
+        """Persist what the first run of a program compiled, unless its entry was loaded and nothing new was
+        compiled since."""
+        assert self.compile_cache is not None
+        after = inductor_counters()
+        compiled_new = after.get("fxgraph_cache_miss", 1) > before.get("fxgraph_cache_miss", 0)
+        if (ck in self.compile_cache.loaded or ck in self.compile_cache.saved) and not compiled_new:
+            return
+        self.compile_cache.save(ck, desc)
 
     def cache_info(self) -> dict[str, Any]:
         c = self.cache
-        return {"entries": c.keys(), "size": len(c), "max_size": c.max_size, "hits": c.hits,
-                "misses": c.misses, "evictions": c.evictions, "captures": self.num_captures}
+        info = {"entries": c.keys(), "size": len(c), "max_size": c.max_size, "hits": c.hits,
+                "misses": c.misses, "evictions": c.evictions, "captures": self.num_captures, "builds": self.num_builds}
+        if self.compile_cache is not None:
+            info["compile_cache"] = {"folder": str(self.compile_cache.folder),
+                                     "loaded": sorted(self.compile_cache.loaded),
+                                     "saved": sorted(self.compile_cache.saved)}
+        return info
+
+
+_WARNED: set[Any] = set()
+
+
+def _warn_once(key: Any, msg: str, *args: Any) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        logger.warning(msg, *args)
+
+
+def _has_lora_layers(module: torch.nn.Module) -> bool:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return False
+    return any(isinstance(m, BaseTunerLayer) for m in module.modules())
 
 
 def _backend_class(name: str) -> Any:
@@ -430,19 +627,23 @@ class OLSSRunner:
         config = config or RuntimeConfig()
         self.pipe = pipe
         self.adapter: PipelineAdapter = adapter_for(pipe)
-        if config.dtype is not None and self.adapter.dtype != config.dtype:
-            if config.backend in ("onnxruntime", "tensorrt"):
-                pass  # the exported backends export a converted copy; the pipeline stays as it is
-            else:
-                logger.info("converting the pipeline's modules to %s", config.dtype)
-                pipe.to(dtype=config.dtype)
         self.config = config
         self.device = self.adapter.device
-        self.dtype = config.dtype if (config.dtype is not None and config.backend in ("onnxruntime", "tensorrt")) \
-            else self.adapter.dtype
         self.backend = config.resolve_backend(self.device)
+        if self.backend == "cuda_graph" and config.compile_mode in _CUDAGRAPH_MODES:
+            raise ValueError(
+                f"compile_mode={config.compile_mode!r} captures CUDA graphs of its own, which cannot run inside the "
+                "cuda_graph backend's capture of the whole program; use compile_mode='max-autotune-no-cudagraphs' "
+                "(or None), or backend='eager'"
+            )
         if self.backend == "cuda_graph" and (self.device.type != "cuda" or not torch.cuda.is_available()):
             raise ValueError(f"backend='cuda_graph' needs the pipeline on a CUDA device, it is on {self.device}")
+        if config.dtype is not None and self.adapter.dtype != config.dtype \
+                and config.backend not in ("onnxruntime", "tensorrt"):  # those export a converted copy
+            logger.info("converting the pipeline's modules to %s", config.dtype)
+            pipe.to(dtype=config.dtype)
+        self.dtype = config.dtype if (config.dtype is not None and config.backend in ("onnxruntime", "tensorrt")) \
+            else self.adapter.dtype
         dh, dw = self.adapter.default_size()
         self.height, self.width = int(config.height or dh), int(config.width or dw)
         self.adapter.check_size(self.height, self.width)
@@ -455,6 +656,7 @@ class OLSSRunner:
         self._coeffs = schedule.coeffs.to(device=self.device, dtype=torch.float32).contiguous()
         self._timesteps = _timesteps_tensor(schedule, self.device)
         self._guidance = torch.full((1,), self.guidance_scale, dtype=torch.float32, device=self.device)
+        self.warming_up = False
         self._program = _backend_class(self.backend)(self)
         self._token = modules_token(self.adapter.modules(), self._program.needs_weight_values)
 
@@ -462,10 +664,6 @@ class OLSSRunner:
     @property
     def num_inference_steps(self) -> int:
         return self.schedule.num_steps
-
-    @property
-    def compile_unet(self) -> bool:
-        return self.config.compile_unet
 
     def _actual(self, guidance: float, height: int, width: int, model: bool) -> dict[str, Any]:
         actual: dict[str, Any] = {
@@ -536,8 +734,8 @@ class OLSSRunner:
         logger.info("the pipeline's modules or weights changed since the last call: rebuilding the %s program",
                     self.backend)
         self.adapter.refresh()
-        self._program.invalidate()
-        self._token = token
+        self._program.invalidate()  # may change the modules again (channels_last, fuse_qkv)
+        self._token = modules_token(self.adapter.modules(), self._program.needs_weight_values)
         fitted = dict(self.schedule.fitted_for, prediction_type=self.schedule.prediction_type)
         provenance.check_fitted_for(
             fitted, self._actual(self.guidance_scale, self.height, self.width, model=True),
@@ -727,11 +925,19 @@ class OLSSRunner:
     # ------------------------------------------------------------------ utilities
     def warmup(self, batch_size: Optional[int] = None, height: Optional[int] = None, width: Optional[int] = None,
                output_type: str = "pil") -> None:
-        """Build (capture, export) the program for ``batch_size`` × ``height`` × ``width`` ahead of the first call."""
+        """Build (compile, capture, export) the program for ``batch_size`` × ``height`` × ``width`` (the configured
+        ones by default) ahead of the first call, so that serving never builds on a request."""
+        for name, v in (("batch_size", batch_size), ("height", height), ("width", width)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
+                raise ValueError(f"warm-up {name} must be a positive integer, got {v!r}")
         batch = int(batch_size or self.batch_size)
         h, w = int(height or self.height), int(width or self.width)
-        self(**self.adapter.placeholder_args(batch), height=h, width=w, output_type=output_type,
-             latents=torch.zeros(self.adapter.latent_shape(batch, h, w), device=self.device, dtype=self.dtype))
+        self.warming_up = True
+        try:
+            self(**self.adapter.placeholder_args(batch), height=h, width=w, output_type=output_type,
+                 latents=torch.zeros(self.adapter.latent_shape(batch, h, w), device=self.device, dtype=self.dtype))
+        finally:
+            self.warming_up = False
 
     def cache_info(self) -> dict[str, Any]:
         """The backend's program cache: entries (least recently used first), hits, misses, evictions, captures."""
@@ -744,7 +950,7 @@ class OLSSRunner:
     def __repr__(self) -> str:
         return (
             f"OLSSRunner({self.adapter.name}, backend={self.backend!r}, steps={self.num_inference_steps}, "
-            f"dtype={self.dtype}, device={self.device}, compile_unet={self.config.compile_unet})"
+            f"dtype={self.dtype}, device={self.device}, compile={self.config.compile})"
         )
 
 
@@ -761,7 +967,7 @@ def compile_olss_pipeline(
     *,
     num_inference_steps: Optional[int] = None,
     config: Optional[RuntimeConfig] = None,
-    warmup: bool = False,
+    warmup: Union[bool, Sequence[Sequence[int]]] = False,
     **options: Any,
 ) -> OLSSRunner:
     """Build an :class:`OLSSRunner` that samples ``pipe`` with an OLSS schedule as one static program.
@@ -774,7 +980,9 @@ def compile_olss_pipeline(
         num_inference_steps: which schedule of a scheduler to run.
         config: a :class:`RuntimeConfig`; or pass its fields as keywords (``backend="cuda_graph"``,
             ``guidance_scale=5.0``, ...) — not both.
-        warmup: build (capture / export) the program for the configured batch and size now.
+        warmup: build (compile / capture / export) programs now, so that no request pays for it: ``True`` for the
+            configured batch and size, or a list of ``(batch_size, height, width)`` shapes. A call with a shape not
+            warmed up builds its program then and logs a warning once.
 
     Raises:
         ValueError: unsupported pipeline or backend, a schedule that does not fit the pipeline (or was fitted for
@@ -792,10 +1000,28 @@ def compile_olss_pipeline(
         config = RuntimeConfig(**options)
     elif not isinstance(config, RuntimeConfig):
         raise ValueError(f"config must be a RuntimeConfig, got {type(config).__name__}")
+    shapes = _warmup_shapes(warmup)
     adapter_for(pipe)  # ValueError for unsupported pipelines before anything else
     resolved = resolve_schedule(schedule, num_inference_steps, pipe)
     runner = OLSSRunner(pipe, resolved, config)
-    if warmup:
-        runner.warmup()
+    for shape in shapes:
+        runner.warmup(*shape)
     return runner
+
+
+def _warmup_shapes(warmup: Any) -> list[tuple[Optional[int], ...]]:
+    """``warmup`` of :func:`compile_olss_pipeline` → the shapes to build (``(None, None, None)``: the configured)."""
+    if isinstance(warmup, bool):
+        return [(None, None, None)] if warmup else []
+    if not isinstance(warmup, (list, tuple)) or not warmup:
+        raise ValueError(f"warmup must be True, False or a non-empty list of (batch_size, height, width), got "
+                         f"{warmup!r}")
+    shapes = []
+    for item in warmup:
+        if not isinstance(item, (list, tuple)) or len(item) != 3 or any(
+                isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in item):
+            raise ValueError(f"each warm-up shape must be (batch_size, height, width) with positive integers, got "
+                             f"{item!r}")
+        shapes.append(tuple(int(v) for v in item))
+    return shapes
 

@@ -230,13 +230,13 @@ def test_sd_num_images_per_prompt_and_cache(tokenizer_dir: Path) -> None:
     ref = pipe(PROMPTS, num_images_per_prompt=2, num_inference_steps=3, latents=lat, output_type="pt").images
     out = runner(PROMPTS, num_images_per_prompt=2, latents=lat, output_type="pt").images
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
-    assert runner.cache_info()["captures"] == 1
+    assert runner.cache_info()["builds"] == 1
     runner(PROMPTS, num_images_per_prompt=2, latents=lat, output_type="pt")
-    assert runner.cache_info()["captures"] == 1 and runner.cache_info()["hits"] >= 1  # same signature: reused
+    assert runner.cache_info()["builds"] == 1 and runner.cache_info()["hits"] >= 1  # same signature: reused
     runner(PROMPTS[0], latents=lat[:1], output_type="pt")  # new batch -> new program instance
     runner(PROMPTS[0], latents=_noise((1, 4, 8, 8), 0), height=16, width=16, output_type="pt")  # new size
     info = runner.cache_info()
-    assert info["captures"] == 3 and info["size"] == 2 and info["evictions"] == 1
+    assert info["builds"] == 3 and info["size"] == 2 and info["evictions"] == 1
 
 
 def test_sd_update_schedule(tokenizer_dir: Path) -> None:
@@ -247,9 +247,9 @@ def test_sd_update_schedule(tokenizer_dir: Path) -> None:
     lat = _noise((1, 4, 16, 16), seed=9)
     first = runner(PROMPTS[0], latents=lat, output_type="pt").images
     runner.update_schedule(s2)
-    assert runner.schedule is s2 and runner.cache_info()["captures"] == 1
+    assert runner.schedule is s2 and runner.cache_info()["builds"] == 1
     second = runner(PROMPTS[0], latents=lat, output_type="pt").images
-    assert runner.cache_info()["captures"] == 1  # the same buffers, new coefficients
+    assert runner.cache_info()["builds"] == 1  # the same buffers, new coefficients
     ref = with_olss_scheduler(pipe, s2)(PROMPTS[0], num_inference_steps=N_STEPS, latents=lat, output_type="pt").images
     torch.testing.assert_close(second, ref, atol=2e-5, rtol=1e-4)
     assert (first - second).abs().max() > 1e-3
@@ -423,7 +423,7 @@ class _FakeCapture:
     fail_modes: tuple = ()
 
     def __init__(self, key: Any, fn: Any, inputs: Any, *, state: Any = None, warmup_iters: int = 2,
-                 device: Any = None) -> None:
+                 device: Any = None, pool: Any = None) -> None:
         mode = key[1]
         for _ in range(warmup_iters):
             fn()
@@ -590,12 +590,13 @@ def test_gpu_sdxl_and_digits_graphs(tokenizer_dir: Path) -> None:
 @pytest.mark.gpu
 @gpu
 @pytest.mark.skipif(not __import__("os").environ.get("OLSS_FAST_TEST_COMPILE"),
-                    reason="torch.compile of the UNet takes a while; set OLSS_FAST_TEST_COMPILE=1")
-def test_gpu_compiled_unet_in_graph(tokenizer_dir: Path) -> None:
+                    reason="torch.compile of every module takes a while; set OLSS_FAST_TEST_COMPILE=1")
+def test_gpu_compiled_program_in_graph(tokenizer_dir: Path, tmp_path: Path) -> None:
     pipe = _gpu_sd(tokenizer_dir)
     sched = perturbed(ddim_schedule(pipe.scheduler.config, 3), seed=9)
     lat = _noise((1, 4, 16, 16), seed=1, dtype=torch.float16, device="cuda")
-    a = compile_olss_pipeline(pipe, sched, backend="cuda_graph", compile_unet=True)(PROMPTS[0], latents=lat,
-                                                                                  output_type="pt").images
+    runner = compile_olss_pipeline(pipe, sched, backend="cuda_graph", compile=True, cache_dir=tmp_path)
+    assert runner.text_encoder_in_graph
+    a = runner(PROMPTS[0], latents=lat, output_type="pt").images
     b = compile_olss_pipeline(pipe, sched, backend="eager")(PROMPTS[0], latents=lat, output_type="pt").images
     torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
