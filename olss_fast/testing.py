@@ -306,7 +306,7 @@ def _tiny_t5(vocab_size: int, d_model: int = 32):
 
 
 def _tiny_clip_pair(projection_dim: int = 32, hidden: int = 32):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig
 
     tok = tiny_clip_tokenizer()
     cfg = CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=hidden, intermediate_size=37,

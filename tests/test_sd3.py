@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from olss_fast import OLSSScheduler, compile_olss_pipeline, fit_olss_scheduler
+from olss_fast import compile_olss_pipeline, fit_olss_scheduler
 from olss_fast.pipelines import adapter_for
 from olss_fast.testing import assert_close_scaled, tiny_sd3_pipeline
 

@@ -17,7 +17,7 @@ runner follows components reassigned on the pipeline. Adapters register themselv
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
