@@ -1,29 +1,40 @@
 if ls .whl/*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD; fi
 # ----------------------------------------------------------------------------------------------------------------
-# GPU check for compile_olss_pipeline / the fused Triton OLSS step (issue #4). Run from the repository root:
+# GPU check for compile_olss_pipeline, the fused Triton OLSS step, whole-program compilation and the flow-matching
+# pipelines. Run from the repository root:
 #
-#     bash benchmarks/gpu_check.sh
+#     bash benchmarks/gpu_check.sh                                   # everything, within GPU_CHECK_BUDGET_S
+#     GPU_STAGES="tests latency" bash benchmarks/gpu_check.sh        # first call of a split run
+#     GPU_STAGES="flow extras" bash benchmarks/gpu_check.sh          # second call
 #
 # 1. makes olss_fast importable from this checkout without installing it: a shim package /tmp/olss_site/olss_fast
 #    whose entries link to olss_fast/*, with kernels/ and export/ linked in as olss_fast.kernels / olss_fast.export
 #    (PYTHONSAFEPATH=1 keeps the checkout's own olss_fast/ — which lacks those two — from shadowing the shim);
-# 2. runs the GPU-marked tests (pytest -m gpu, without the kernel file), then the whole kernel test file
-#    (interpreted + compiled Triton kernel);
-# 3. runs benchmarks/latency.py --quick within what is left of the time budget (torch.compile only if >= 120 s left);
-# 4. prints a short summary and the latency table last.
+# 2. tests: the GPU-marked tests (pytest -m gpu, without the kernel file; OLSS_FAST_TEST_COMPILE=1 runs the
+#    whole-program compiled runner inside a CUDA graph), then the whole kernel test file (interpreted + compiled);
+# 3. latency: benchmarks/latency.py --quick on the SD1.5 architecture: diffusers DPM-Solver++ / DDIM, OLSS eager /
+#    cuda_graph / cuda_graph + compile=True at 5/10/20 steps, the floor, cold and warm first-image times of the
+#    compiled runner in fresh processes, peak memory (compiled sections only if >= 120 s of the budget are left);
+# 4. flow: latency.py --model sd3-medium and --model flux-dev (random weights, real shapes, bf16, 1024x1024): the
+#    diffusers pipeline at 28 steps vs OLSS 8 steps eager / cuda_graph, the per-step floor, peak memory;
+# 5. extras: the demo on CUDA and the search-speed benchmark on CUDA;
+# 6. prints a short summary and the latency tables last.
 #
-# Logs, JUnit XML, latency.json and latency_table.txt go to $OUT (or /tmp/olss_gpu_check). Environment knobs:
-#   GPU_CHECK_BUDGET_S (default 350: the whole script), GPU_TESTS (default "tests"), PYTHON (default python3),
-#   GPU_STAGES (default "tests latency extras"; extras = the demo and the search-speed benchmark on CUDA),
-#   BENCH_ARGS (extra arguments for latency.py, e.g. "--skip-compile").
-# Without CUDA the GPU tests skip and the benchmark is not run (a CPU dry run of everything else).
+# The device image lacks diffusers and pytest: carry their wheels in .whl/ (git-ignored; line 1 installs them), e.g.
+#     pip download --no-deps -d .whl diffusers==0.42.1 pytest pluggy iniconfig   (then run(carry=[".whl"]))
+#
+# Logs, JUnit XML, latency*.json and latency*_table.txt go to $OUT (or /tmp/olss_gpu_check). Environment knobs:
+#   GPU_CHECK_BUDGET_S (default 560: the whole script), GPU_TESTS (default "tests"), PYTHON (default python3),
+#   GPU_STAGES (default "tests latency flow extras"), BENCH_ARGS (extra arguments for latency.py, e.g.
+#   "--skip-compile"), FLOW_MODELS (default "sd3-medium flux-dev").
+# Without CUDA the GPU tests skip and the benchmarks are not run (a CPU dry run of everything else).
 # ----------------------------------------------------------------------------------------------------------------
 set -u
 START=$(date +%s)
 REPO=$(pwd)
 PY=${PYTHON:-python3}
 OUTDIR=${OUT:-/tmp/olss_gpu_check}
-BUDGET=${GPU_CHECK_BUDGET_S:-350}
+BUDGET=${GPU_CHECK_BUDGET_S:-560}
 GPU_TESTS=${GPU_TESTS:-tests}
 mkdir -p "$OUTDIR"
 elapsed() { echo $(( $(date +%s) - START )); }
@@ -85,11 +96,11 @@ run_pytest() {  # name, timeout, args...
 }
 
 # ---- 2. tests -----------------------------------------------------------------------------------------------
-STAGES=" ${GPU_STAGES:-tests latency extras} "
+STAGES=" ${GPU_STAGES:-tests latency flow extras} "
 has_stage() { case "$STAGES" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 GPU_RC=skipped; KERNEL_RC=skipped
 if [ $HAVE_PYTEST -eq 1 ] && has_stage tests; then
-  run_pytest gpu_tests 150 -m gpu $GPU_TESTS --ignore=tests/test_kernels.py; GPU_RC=$?
+  OLSS_FAST_TEST_COMPILE=1 run_pytest gpu_tests 200 -m gpu $GPU_TESTS --ignore=tests/test_kernels.py; GPU_RC=$?
   run_pytest kernel_tests 120 tests/test_kernels.py; KERNEL_RC=$?
 fi
 
@@ -112,7 +123,24 @@ else
   echo "== latency benchmark skipped: no CUDA device (CPU dry run)"
 fi
 
-# ---- 4. extras: the demo on CUDA, the search-speed benchmark on CUDA -------------------------------------------
+# ---- 4. flow-matching pipelines at their real shapes ------------------------------------------------------------
+FLOW_RC=skipped
+if [ "$HAVE_CUDA" = "1" ] && has_stage flow; then
+  FLOW_RC=0
+  for model in ${FLOW_MODELS:-sd3-medium flux-dev}; do
+    REM=$(( $(left) - 10 ))
+    if [ $REM -lt 90 ]; then
+      echo "== $model benchmark skipped: only ${REM}s of the budget left"; FLOW_RC=partial; continue
+    fi
+    echo "== $model benchmark (--time-budget $((REM - 15))s)"
+    timeout --kill-after=10 "$REM" $PY benchmarks/latency.py "$OUTDIR/latency_$model.json" --model "$model" --quick \
+      --skip-compile --time-budget $((REM - 15)) --table-out "$OUTDIR/latency_${model}_table.txt" \
+      > "$OUTDIR/latency_$model.log" 2>&1 || FLOW_RC=1
+    grep -E "ERROR|Traceback|skipping" "$OUTDIR/latency_$model.log" | head -n 8
+  done
+fi
+
+# ---- 5. extras: the demo on CUDA, the search-speed benchmark on CUDA -------------------------------------------
 EXTRA_RC=skipped
 if [ "$HAVE_CUDA" = "1" ] && has_stage extras; then
   REM=$(( $(left) - 10 ))
@@ -131,10 +159,13 @@ if [ "$HAVE_CUDA" = "1" ] && has_stage extras; then
   fi
 fi
 
-# ---- 5. summary ---------------------------------------------------------------------------------------------
+# ---- 6. summary ---------------------------------------------------------------------------------------------
 echo
 echo "== summary ($(elapsed)s; outputs in $OUTDIR)"
-echo "gpu tests rc=$GPU_RC | kernel tests rc=$KERNEL_RC | latency benchmark rc=$BENCH_RC | extras rc=$EXTRA_RC"
+echo "gpu tests rc=$GPU_RC | kernel tests rc=$KERNEL_RC | latency benchmark rc=$BENCH_RC | flow rc=$FLOW_RC | extras rc=$EXTRA_RC"
+for model in ${FLOW_MODELS:-sd3-medium flux-dev}; do
+  [ -f "$OUTDIR/latency_${model}_table.txt" ] && cat "$OUTDIR/latency_${model}_table.txt"
+done
 if [ -f "$OUTDIR/latency_table.txt" ]; then
   cat "$OUTDIR/latency_table.txt"
 elif [ -f "$OUTDIR/latency.json" ]; then
