@@ -1,0 +1,109 @@
+"""The path search judged after the re-fit (refine.refit_path_search, path="refit"): never worse than uniform on its own
+objective, which is the student's true final error (checked by running OLSSScheduler through the pipeline), and
+its entry points' errors."""
+import pytest
+import torch
+
+from olss_fast import FitConfig, OLSSScheduler, fit_olss_scheduler, refine_schedule, search_schedule
+from olss_fast.cli import main
+from olss_fast.models.gmm import make_gmm
+from olss_fast.recording import make_work_items, record_trajectories
+from olss_fast.refine import refit_path_search
+from olss_fast.search import uniform_path
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    pipe = make_gmm((2, 4, 4), num_components=3, seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    items = make_work_items([None] * 40)
+    kept = []
+    stats = record_trajectories(pipe, [None] * 40, teacher_steps=30, batch_size=40, progress=False, items=items,
+                                on_batch=lambda it, x, e: kept.append(x))
+    return pipe, stats, kept[0]
+
+
+def student_mse(pipe, schedule, x0, target):
+    """The student's final-latent MSE, run by OLSSScheduler through the pipeline (independent of the search)."""
+    pipe.scheduler = OLSSScheduler.from_schedules([schedule], config=dict(pipe.scheduler.config))
+    out = pipe(prompt=x0.shape[0], latents=x0.clone(), num_inference_steps=schedule.num_steps).sample
+    return float((out.double() - target.double()).pow(2).mean())
+
+
+@pytest.mark.parametrize("n", [3, 5])
+def test_refit_search_never_worse_than_uniform_on_its_objective(recorded, n):
+    pipe, stats, x_path = recorded
+    den = lambda x, t: pipe.unet(x, t).sample  # noqa: E731
+    res = refit_path_search(stats.timesteps, x_path[0], x_path, den, n, progress=False)
+    assert len(res.indices) == n and res.indices[0] == 0 and res.indices == sorted(set(res.indices))
+    assert res.error <= res.start_error
+    # the objective is the final error of the re-fitted student, measured independently by sampling with it
+    found = refine_schedule(search_schedule(stats, n, path=res.indices), den, x_path[0], x_path, progress=False)
+    uniform = refine_schedule(search_schedule(stats, n), den, x_path[0], x_path, progress=False)
+    found_mse = student_mse(pipe, found, x_path[0], x_path[-1])
+    uniform_mse = student_mse(pipe, uniform, x_path[0], x_path[-1])
+    assert found_mse == pytest.approx(res.error, rel=1e-3)
+    assert uniform_mse == pytest.approx(res.start_error, rel=1e-3)
+    assert found_mse <= uniform_mse * (1 + 1e-6)
+    # and the search moved: on this mixture the uniform path is not a coordinate-wise optimum
+    assert res.indices != uniform_path(30, n) and res.error < 0.9 * res.start_error
+    assert res.evaluations < res.paths_tried * n  # tries re-use the model outputs of the unchanged prefix
+
+
+def test_refit_search_from_a_start_and_with_no_sweeps(recorded):
+    pipe, stats, x_path = recorded
+    den = lambda x, t: pipe.unet(x, t).sample  # noqa: E731
+    start = [0, 2, 20]
+    res = refit_path_search(stats.timesteps, x_path[0], x_path, den, 3, start=start, sweeps=0, progress=False)
+    assert res.indices == start and res.error == res.start_error and res.evaluations == 3
+
+
+def test_fit_with_path_refit(recorded):
+    pipe = make_gmm((2, 4, 4), num_components=3, seed=0)
+    res = fit_olss_scheduler(pipe, [None] * 24, teacher_steps=20, num_steps=(3, 4), batch_size=12,
+                             path="refit", search_samples=12, progress=False)
+    for n, sched in res.schedules.items():
+        paper = res.paper_schedules[n]
+        assert sched.path == "refit" and sched.refined and sched.indices == paper.indices
+        info = paper.meta["refit_search"]
+        assert info["samples"] == 12 and info["error"] <= info["uniform_error"]
+    assert res.scheduler.available_steps == [3, 4]
+
+
+def test_refit_path_errors(recorded):
+    pipe, stats, x_path = recorded
+    den = lambda x, t: pipe.unet(x, t).sample  # noqa: E731
+    with pytest.raises(ValueError, match=r"integer in \[1, 30\]"):
+        refit_path_search(stats.timesteps, x_path[0], x_path, den, 31, progress=False)
+    with pytest.raises(ValueError, match=r"integer in \[1, 30\]"):
+        refit_path_search(stats.timesteps, x_path[0], x_path, den, 0, progress=False)
+    with pytest.raises(ValueError, match="T\\+1"):
+        refit_path_search(stats.timesteps, x_path[0], x_path[:-1], den, 3, progress=False)
+    with pytest.raises(ValueError, match="initial latent"):
+        refit_path_search(stats.timesteps, torch.randn_like(x_path[0]), x_path, den, 3, progress=False)
+    with pytest.raises(ValueError, match="start must be"):
+        refit_path_search(stats.timesteps, x_path[0], x_path, den, 3, start=[0, 5, 5], progress=False)
+    with pytest.raises(ValueError, match="sweeps"):
+        refit_path_search(stats.timesteps, x_path[0], x_path, den, 3, sweeps=-1, progress=False)
+    with pytest.raises(ValueError, match="fewer than"):
+        refit_path_search(stats.timesteps, x_path[0][:1, :1, :1, :2], x_path[:, :1, :1, :1, :2], den, 3,
+                          progress=False)
+    with pytest.raises(ValueError, match="runs the model: use fit_olss_scheduler"):
+        search_schedule(stats, 3, path="refit")
+    with pytest.raises(ValueError, match="cannot be combined with refine=False"):
+        FitConfig(path="refit", refine=False)
+    with pytest.raises(ValueError, match="search_samples"):
+        FitConfig(path="refit", search_samples=0)
+    with pytest.raises(ValueError, match="search_sweeps"):
+        FitConfig(search_sweeps=-1)
+    assert FitConfig(refine=False).path == "uniform"  # the default without the re-fit is a statistics path
+
+
+def test_cli_refuses_refit_without_the_refit(tmp_path, capsys):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text('["3"]')
+    rc = main(["search", "--pipeline", "digits", "--prompts", str(prompts), "--out", str(tmp_path / "o"),
+               "--path", "refit", "--no-refine", "--teacher-steps", "4", "--steps", "2", "--quiet"])
+    assert rc != 0
+    assert "--path refit judges each path by the error after the re-fit: it cannot be combined with --no-refine" \
+        in capsys.readouterr().err
