@@ -311,8 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--height", type=positive_int, default=None, help="image height (default: the pipeline's)")
     s.add_argument("--width", type=positive_int, default=None, help="image width (default: the pipeline's)")
     s.add_argument("--path", default=None, choices=list(PATHS),
-                   help=f"path search: uniform teacher indices, the paper's minimax search, or 'refit' (coordinate "
-                        f"descent on the error after the re-fit; needs the re-fit). Default: {DEFAULT_PATH} "
+                   help=f"path search: uniform teacher indices, the paper's minimax search, or 'refit' (judged by "
+                        f"the error after the re-fit; needs the re-fit). Default: {DEFAULT_PATH} "
                         f"({DEFAULT_STATS_PATH} with --no-refine)")
     s.add_argument("--granularity", default="global", choices=["global", "channel"],
                    help="one coefficient set (global, the paper's) or one per latent channel")
@@ -320,9 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--refine-samples", type=positive_int, default=None,
                    help="samples the re-fit uses (default: all recorded, at most 64)")
     s.add_argument("--search-samples", type=positive_int, default=None,
-                   help="--path refit: re-fit samples that judge the paths (default: all of them, at most 32)")
-    s.add_argument("--search-sweeps", type=nonnegative_int, default=2,
-                   help="--path refit: at most this many coordinate-descent passes (default 2)")
+                   help="--path refit: re-fit samples that judge the paths (default: all of them)")
+    s.add_argument("--search-sweeps", type=nonnegative_int, default=0,
+                   help="--path refit: coordinate-descent passes after the programme (default 0)")
     s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="dtype the pipeline is loaded in (default float32)")

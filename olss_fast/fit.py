@@ -44,15 +44,18 @@ class FitConfig:
 
     Attributes:
         num_steps: student step counts to search (one schedule each): an int or a list of ints.
-        path: "uniform", "minimax" (the paper's search on the statistics) or "refit" (coordinate descent on the
-            error after the re-fit, :func:`olss_fast.refine.refit_path_search`; needs ``refine=True``). Default
-            (None): ``search.DEFAULT_PATH`` with the re-fit, ``search.DEFAULT_STATS_PATH`` without it.
+        path: "uniform", "minimax" (the paper's search on the statistics) or "refit" (the path judged by the final
+            error after the re-fit: OSS's dynamic programme with the re-fit inside, then optional coordinate
+            descent, :func:`olss_fast.refine.refit_path_search`; needs ``refine=True``). Default (None):
+            ``search.DEFAULT_PATH`` with the re-fit, ``search.DEFAULT_STATS_PATH`` without it.
         granularity: "global" or "channel".
         refine: run the student-in-the-loop re-fit after the search (recommended).
         refine_samples: how many of the recorded samples the re-fit uses (default: all, up to 64).
-        search_samples: how many of the re-fit samples (the first ones) judge paths in ``path="refit"``
-            (default: all re-fit samples, up to 32).
-        search_sweeps: at most this many coordinate-descent passes of ``path="refit"``.
+        search_samples: how many of the re-fit samples (spread over them) judge paths in ``path="refit"``
+            (default: all re-fit samples). Its cost is about ``max(num_steps) × teacher_steps`` model evaluations
+            of this many samples.
+        search_sweeps: coordinate-descent passes after the programme in ``path="refit"`` (default 0: on held-out
+            noise the descent's gains on the search samples did not carry over, benchmarks/RESULTS.md issue 14).
     """
 
     num_steps: Sequence[int] = (5, 10)
@@ -61,7 +64,7 @@ class FitConfig:
     refine: bool = True
     refine_samples: int | None = None
     search_samples: int | None = None
-    search_sweeps: int = 2
+    search_sweeps: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.num_steps, numbers.Integral) and not isinstance(self.num_steps, bool):
@@ -385,12 +388,13 @@ def fit_olss_scheduler(
             record_trajectories(pipe, prompts, teacher=teacher, config=record, items=rerun, on_batch=keeper,
                                 progress=progress, distributed=ctx)
     T = stats.num_teacher_steps
-    latents = keeper.teacher_latents(T, ctx) if fit.path == "refit" else None  # every teacher index
+    latents = None
     paper: dict[int, OLSSSchedule] = {}
-    for n in tqdm(sorted(fit.num_steps), desc="searching schedules", disable=not progress or not ctx.is_main):
-        if fit.path == "refit":
-            paper[n] = _refit_path_schedule(pipe, stats, n, items[:limit], latents, record, fit, progress, ctx)
-        else:
+    if fit.path == "refit":
+        latents = keeper.teacher_latents(T, ctx)  # every teacher index
+        paper = _refit_path_schedules(pipe, stats, items[:limit], latents, record, fit, progress, ctx)
+    else:
+        for n in tqdm(sorted(fit.num_steps), desc="searching schedules", disable=not progress or not ctx.is_main):
             paper[n] = _search_on_rank0(stats, n, fit, ctx)
     final: dict[int, OLSSSchedule] = {}
     if fit.refine:
@@ -468,27 +472,31 @@ def _search_on_rank0(stats: GramStats, n: int, fit: FitConfig, ctx: DistContext)
     return result
 
 
-def _refit_path_schedule(pipe: Any, stats: GramStats, n: int, refine_items: Sequence[WorkItem],
-                         latents: torch.Tensor, record: RecordConfig, fit: FitConfig, progress: bool,
-                         ctx: DistContext) -> OLSSSchedule:
-    """``path="refit"``: the path of :func:`refit_path_search` on ``search_samples`` of the re-fit samples (spread
-    evenly over them, so over the prompts), with the paper's fit on it (the re-fit that follows re-fits it on all
-    re-fit samples)."""
-    count = min(len(refine_items), fit.search_samples or 32)
+def _refit_path_schedules(pipe: Any, stats: GramStats, refine_items: Sequence[WorkItem], latents: torch.Tensor,
+                          record: RecordConfig, fit: FitConfig, progress: bool,
+                          ctx: DistContext) -> dict[int, OLSSSchedule]:
+    """``path="refit"``: the paths of :func:`refit_path_search` (one programme for all step counts) on
+    ``search_samples`` of the re-fit samples (spread evenly over them, so over the prompts), each with the paper's
+    fit on it (the re-fit that follows re-fits it on all re-fit samples)."""
+    count = min(len(refine_items), fit.search_samples or len(refine_items))
     pick = sorted({round(k * (len(refine_items) - 1) / max(count - 1, 1)) for k in range(count)})
     items = [refine_items[k] for k in pick]
     shape = latent_shape(pipe, record.height, record.width)
     x0 = item_noise(items, shape, "cpu", torch.float32).to(pipeline_dtype(pipe)).to(torch.float32)
     found = refit_path_search(
-        stats.timesteps, x0, latents[:, pick], pipeline_denoiser(pipe, items, record, distributed=ctx), n,
-        sweeps=fit.search_sweeps, granularity=fit.granularity, progress=progress and ctx.is_main,
-        agree=(lambda v: broadcast_object(v, ctx)) if ctx.enabled else None,
+        stats.timesteps, x0, latents[:, pick], pipeline_denoiser(pipe, items, record, distributed=ctx),
+        sorted(fit.num_steps), sweeps=fit.search_sweeps, granularity=fit.granularity,
+        progress=progress and ctx.is_main, agree=(lambda v: broadcast_object(v, ctx)) if ctx.enabled else None,
     )
-    schedule = search_schedule(stats, n, path=found.indices, granularity=fit.granularity)
-    meta = dict(schedule.meta, refit_search={"samples": len(items), "error": found.error,
-                                             "uniform_error": found.start_error, "paths_tried": found.paths_tried,
-                                             "evaluations": found.evaluations})
-    return dataclasses.replace(schedule, path="refit", meta=meta)
+    out = {}
+    for n, res in found.items():
+        schedule = search_schedule(stats, n, path=res.indices, granularity=fit.granularity)
+        meta = dict(schedule.meta, refit_search={
+            "samples": len(items), "error": res.error, "uniform_error": res.start_error,
+            "proposal": res.proposal, "proposal_error": res.proposal_error, "paths_tried": res.paths_tried,
+            "evaluations": res.evaluations, "programme_evaluations": res.meta.get("programme_evaluations", 0)})
+        out[n] = dataclasses.replace(schedule, path="refit", meta=meta)
+    return out
 
 
 def _check_noise_schedules(base_config: dict[str, Any], stats: GramStats | None, teacher: Any) -> None:

@@ -8,7 +8,7 @@ and the student is then advanced with the fitted step. Same path, new coefficien
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -229,21 +229,131 @@ def refine_schedule(
 
 @dataclass(frozen=True)
 class RefitSearchResult:
-    """What :func:`refit_path_search` found.
+    """What :func:`refit_path_search` found for one step count.
 
     Attributes:
         indices: the chosen path (teacher indices, ``indices[0] == 0``).
         error: its final-latent MSE after the re-fit on the search samples (the search's objective).
-        start_error: the same for the starting path (uniform unless another start was given).
-        evaluations: model evaluations made (each over all search samples).
-        paths_tried: distinct paths whose objective was computed (the start included).
+        start_error: the same for the uniform path.
+        proposal: the path the dynamic programme proposed (None without it) and ``proposal_error`` its objective.
+        evaluations: model evaluations of the descent and of judging the starts (each over all search samples; the
+            programme's, shared by all step counts, are in ``meta["programme_evaluations"]``).
+        paths_tried: distinct paths whose objective was computed.
     """
 
     indices: list[int]
     error: float
     start_error: float
+    proposal: list[int] | None
+    proposal_error: float | None
     evaluations: int
     paths_tried: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _teacher_dots(teacher_latents: torch.Tensor, channels: int) -> torch.Tensor:
+    """Teacher latents as float64 ``[C, T+1, B·rest]`` (channel-major), for batched inner products."""
+    y = teacher_latents.to(torch.float32).to(torch.float64)
+    if y.dim() < 4:  # [T+1, B, D]: one channel
+        return y.reshape(1, y.shape[0], -1)
+    return y.transpose(1, 2).reshape(y.shape[0], channels, -1).transpose(0, 1)
+
+
+def _fit_errors(state: _RefitState, j: int, ys: torch.Tensor) -> torch.Tensor:
+    """MSE of fitting row j of ``state`` (basis x0, e_0 … e_j) to each target in ``ys`` ``[C, J, B·rest]`` at once
+    (the same least squares as :meth:`_RefitState.fit`, batched over targets)."""
+    from .lstsq import solve_spd
+
+    m = j + 2
+    basis = torch.stack([v.to(torch.float64) for v in [state.x0f] + state.history[: j + 1]])  # [m, B, C, ...]
+    if basis.dim() < 4:
+        bc = basis.reshape(1, m, -1)
+    else:
+        bc = basis.transpose(1, 2).reshape(m, state.channels, -1).transpose(0, 1)  # [C, m, B·rest]
+    cross = ys @ bc.transpose(1, 2)  # [C, J, m]
+    yy = ys.pow(2).sum(-1)  # [C, J]
+    a = state.basis_gram[:, :m, :m]
+    if state.granularity == "global":
+        cross, yy, a = cross.sum(0, keepdim=True), yy.sum(0, keepdim=True), a.sum(0, keepdim=True)
+    a = a.unsqueeze(1).expand(-1, cross.shape[1], -1, -1)  # [G, J, m, m]
+    coef = solve_spd(a, cross, state.ridge)
+    quad = (coef.unsqueeze(-2) @ a @ coef.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+    sse = (yy - 2 * (coef * cross).sum(-1) + quad).clamp_min(0.0)
+    return sse.sum(0) / state.denom
+
+
+def refit_programme(
+    timesteps: Sequence[Any],
+    noise: torch.Tensor,
+    teacher_latents: torch.Tensor,
+    denoise: Callable[[torch.Tensor, Any], torch.Tensor],
+    num_steps: Sequence[int],
+    *,
+    granularity: str = "global",
+    ridge: float = 1e-8,
+    progress: bool = True,
+) -> tuple[dict[int, tuple[list[int], float]], int]:
+    """OSS's dynamic programme (:mod:`olss_fast.oss`) with the student-in-the-loop re-fit as the solver step.
+
+    State ``(k, i)``: the re-fitted student after k steps standing at teacher index i (its rows 0 … k−1 fitted on
+    the targets of its path), the best such k-step student by its error at i. Transition ``i → j``: evaluate the model
+    at the state's latent (once per state, shared by every j), fit row k to the teacher latent at j; that fit's
+    error is the cost. The error into the final latent is exactly the re-fit's objective of the whole path; the
+    recursion (keep the best state per node) is OSS's approximation. Returns ``{n: (path, final MSE)}`` and the
+    number of model evaluations (``O(max n · T)``, shared by every n).
+    """
+    T = len(timesteps)
+    steps = sorted(set(int(n) for n in num_steps))
+    n_max = steps[-1]
+    x0 = noise.to(torch.float32)
+    root = _RefitState(x0, n_max, granularity, ridge)
+    ys = _teacher_dots(teacher_latents, root.channels)  # [C, T+1, B·rest]
+
+    def useful(k: int, j: int) -> bool:
+        return j < T and any(n > k and n - k <= T - j for n in steps)
+
+    layer: dict[int, _RefitState] = {0: root}
+    parents: list[dict[int, int]] = [{0: -1}]
+    finals: dict[int, tuple[float, int]] = {}
+    evaluations = 0
+    total = 1 + sum(1 for k in range(1, n_max) for j in range(k, T) if useful(k, j))
+    bar = tqdm(total=total, desc="refit programme", unit="eval", disable=not progress, leave=False)
+    for k in range(n_max):
+        best: dict[int, tuple[float, int]] = {}  # node j -> (error at j, predecessor node)
+        for i in sorted(layer):
+            state = layer[i]
+            e = _check_output(denoise(state.latent(k), timesteps[i]), x0, k)
+            evaluations += 1
+            bar.update(1)
+            state.add_output(e)
+            targets = [j for j in range(i + 1, T + 1)
+                       if (j == T and k + 1 in steps) or (j < T and useful(k + 1, j))]
+            if not targets:
+                continue
+            errs = _fit_errors(state, k, ys[:, targets]).tolist()
+            for j, err in zip(targets, errs):
+                if j == T:
+                    if k + 1 not in finals or err < finals[k + 1][0]:
+                        finals[k + 1] = (err, i)
+                elif j not in best or err < best[j][0]:
+                    best[j] = (err, i)
+        nxt: dict[int, _RefitState] = {}
+        for j, (_, i) in best.items():
+            child = layer[i].fork(k + 1)  # its outputs e_0 … e_k, rows 0 … k-1
+            child.fit(k, teacher_latents[j])
+            nxt[j] = child
+        parents.append({j: i for j, (_, i) in best.items()})
+        layer = nxt
+    bar.close()
+    out = {}
+    for n in steps:
+        err, node = finals[n]
+        path = [node]
+        for k in range(n - 1, 0, -1):
+            path.append(parents[k][path[-1]])
+        path.reverse()
+        out[n] = (path, err)
+    return out, evaluations
 
 
 def refit_path_search(
@@ -251,44 +361,56 @@ def refit_path_search(
     noise: torch.Tensor,
     teacher_latents: torch.Tensor,
     denoise: Callable[[torch.Tensor, Any], torch.Tensor],
-    num_steps: int,
+    num_steps: int | Sequence[int],
     *,
+    programme: bool = True,
+    sweeps: int = 0,
     start: Sequence[int] | None = None,
-    sweeps: int = 2,
     granularity: str = "global",
     ridge: float = 1e-8,
     progress: bool = True,
-    agree: Callable[[float], float] | None = None,
-) -> RefitSearchResult:
+    agree: Callable[[Any], Any] | None = None,
+) -> dict[int, RefitSearchResult]:
     """Path search judged after the student-in-the-loop re-fit (docs/design.md, "Path search"; beyond the paper).
 
     The objective of a path is the final-latent MSE against the teacher of the student *after* the re-fit
-    (:func:`sequential_refit`) on ``noise``, i.e. what the re-fit reports as its last error. Coordinate descent from
-    the uniform path (or ``start``): for each position p = 1 … n−1 in turn, try moving ``i_p`` by ±s teacher steps
-    (s from a quarter of the free interval, halved down to 1, repeated while a move helps); a move is kept only if
-    it lowers the objective, so the result is never worse than the start on it. A try that moves ``i_p`` re-uses the
-    model outputs of steps 0 … p−1 and costs n − p model evaluations. Sweeps repeat until one changes nothing.
+    (:func:`sequential_refit`) on ``noise``, i.e. what the re-fit reports as its last error. For each step count:
+
+    1. the uniform path (and ``start``, if given) and, with ``programme``, the path proposed by
+       :func:`refit_programme` (OSS's dynamic programme with the re-fit inside, run once for all step counts) are
+       judged exactly; the best becomes the current path (ties keep uniform);
+    2. ``sweeps`` passes of coordinate descent: for each position p = 1 … n−1, try moving ``i_p`` by ±s teacher
+       steps (s from a quarter of the free interval, halved down to 1, repeated while a move helps); a try re-uses
+       the model outputs of steps 0 … p−1 and costs n − p model evaluations; a move is kept only if it lowers the
+       objective.
+
+    Only improvements are accepted, so the result is never worse than the uniform path on the objective.
 
     Args:
         timesteps: the teacher's T timesteps (``stats.timesteps``).
         noise: ``[B, ...]`` the search samples' initial noise (``teacher_latents[0]``).
         teacher_latents: ``[T+1, B, ...]`` the teacher's latents on that noise.
         denoise: ``denoise(x, t) -> e`` the (guided) model output for all B latents at timestep t.
-        num_steps: n.
-        start: the starting path (default: uniform).
-        sweeps: at most this many passes over the positions.
+        num_steps: n, or several (one result each).
+        programme: propose a path with :func:`refit_programme`.
+        sweeps: passes of coordinate descent (0: none).
+        start: another path to judge as a start (for one step count only).
         granularity, ridge: as in :func:`sequential_refit`.
         agree: maps each objective value to the one every process uses (rank 0's under torch.distributed), so
             that all processes take the same decisions; default: as computed.
 
     Raises:
-        ValueError: shapes that do not fit, n outside 1 … T, a bad start path, too few samples, NaN model outputs.
+        ValueError: shapes that do not fit, step counts outside 1 … T, a bad start path, too few samples, NaN model
+            outputs.
     """
     from .search import uniform_path
 
     T = len(timesteps)
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= T:
-        raise ValueError(f"num_steps must be an integer in [1, {T}] (the teacher's steps), got {num_steps!r}")
+    single = isinstance(num_steps, int) and not isinstance(num_steps, bool)
+    counts = [num_steps] if single else list(num_steps)
+    if not counts or any(isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= T for n in counts):
+        raise ValueError(f"num_steps must be integers in [1, {T}] (the teacher's steps), got {num_steps!r}")
+    counts = sorted(set(counts))
     if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
         raise ValueError(f"sweeps must be a non-negative integer, got {sweeps!r}")
     if teacher_latents.shape[0] != T + 1 or teacher_latents.shape[1:] != noise.shape:
@@ -298,13 +420,35 @@ def refit_path_search(
         )
     if not torch.allclose(noise.to(teacher_latents.dtype), teacher_latents[0], rtol=1e-4, atol=1e-5):
         raise ValueError("noise must be the teacher run's initial latent (teacher_latents[0])")
-    n = num_steps
-    _check_equations(noise, n, granularity)
-    path = uniform_path(T, n) if start is None else [int(i) for i in start]
-    if len(path) != n or path[0] != 0 or any(a >= b for a, b in zip(path, path[1:])) or path[-1] >= T:
-        raise ValueError(f"start must be {n} teacher indices starting at 0, strictly increasing, below {T}: {path}")
+    _check_equations(noise, counts[-1], granularity)
+    if start is not None:
+        start = [int(i) for i in start]
+        if len(counts) != 1 or len(start) != counts[0] or start[0] != 0 or \
+                any(a >= b for a, b in zip(start, start[1:])) or start[-1] >= T:
+            raise ValueError(f"start must be {counts[0]} teacher indices starting at 0, strictly increasing, below "
+                             f"{T}, for a single step count: {start}")
     agree = agree or (lambda v: v)
     x0 = noise.to(torch.float32)
+    proposals: dict[int, tuple[list[int], float]] = {}
+    prog_evals = 0
+    if programme:
+        proposals, prog_evals = refit_programme(timesteps, noise, teacher_latents, denoise, counts,
+                                                granularity=granularity, ridge=ridge, progress=progress)
+        proposals = agree(proposals)
+    results = {}
+    for n in counts:
+        results[n] = _descend(timesteps, x0, teacher_latents, denoise, n, uniform_path(T, n), start,
+                              proposals[n][0] if n in proposals else None, sweeps, granularity, ridge, progress,
+                              agree)
+        results[n].meta["programme_evaluations"] = prog_evals
+    return results[counts[0]] if single else results
+
+
+def _descend(timesteps: Sequence[Any], x0: torch.Tensor, teacher_latents: torch.Tensor,
+             denoise: Callable[[torch.Tensor, Any], torch.Tensor], n: int, uniform: list[int],
+             start: list[int] | None, proposal: list[int] | None, sweeps: int, granularity: str, ridge: float,
+             progress: bool, agree: Callable[[Any], Any]) -> RefitSearchResult:
+    T = len(timesteps)
     evaluations = 0
     bar = tqdm(desc=f"refit path search ({n} steps)", unit="path", disable=not progress, leave=False)
 
@@ -326,9 +470,22 @@ def refit_path_search(
         bar.update(1)
         return state, float(agree(state.errors[-1]))
 
-    current, best = run(path)
-    start_error = best
+    current, best = run(uniform)
+    path, start_error = list(uniform), best
     seen = {tuple(path): best}
+    proposal_error = None
+    for other in (start, proposal):
+        if other is None:
+            continue
+        if tuple(other) in seen:
+            err = seen[tuple(other)]
+        else:
+            state, err = run(other)
+            seen[tuple(other)] = err
+            if err < best:
+                current, best, path = state, err, list(other)
+        if other is proposal:
+            proposal_error = err
     for _ in range(sweeps):
         changed = False
         for p in range(1, n):
@@ -355,7 +512,8 @@ def refit_path_search(
         if not changed:
             break
     bar.close()
-    logger.info("refit path search, %d steps: %s, final MSE %.4g (start %.4g), %d paths, %d model evaluations",
-                n, path, best, start_error, len(seen), evaluations)
-    return RefitSearchResult(indices=list(path), error=best, start_error=start_error, evaluations=evaluations,
-                             paths_tried=len(seen))
+    logger.info("refit path search, %d steps: %s, final MSE %.4g (uniform %.4g, proposal %s: %s), %d paths, "
+                "%d model evaluations", n, path, best, start_error, proposal, proposal_error, len(seen), evaluations)
+    return RefitSearchResult(indices=list(path), error=best, start_error=start_error,
+                             proposal=list(proposal) if proposal is not None else None, proposal_error=proposal_error,
+                             evaluations=evaluations, paths_tried=len(seen))

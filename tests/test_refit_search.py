@@ -1,6 +1,6 @@
 """The path search judged after the re-fit (refine.refit_path_search, path="refit"): never worse than uniform on its own
-objective, which is the student's true final error (checked by running OLSSScheduler through the pipeline), and
-its entry points' errors."""
+objective, which is the student's true final error (checked by running OLSSScheduler through the pipeline); the
+programme with the re-fit inside against brute force; the entry points' errors."""
 import pytest
 import torch
 
@@ -8,7 +8,7 @@ from olss_fast import FitConfig, OLSSScheduler, fit_olss_scheduler, refine_sched
 from olss_fast.cli import main
 from olss_fast.models.gmm import make_gmm
 from olss_fast.recording import make_work_items, record_trajectories
-from olss_fast.refine import refit_path_search
+from olss_fast.refine import refit_path_search, refit_programme
 from olss_fast.search import uniform_path
 
 
@@ -34,9 +34,9 @@ def student_mse(pipe, schedule, x0, target):
 def test_refit_search_never_worse_than_uniform_on_its_objective(recorded, n):
     pipe, stats, x_path = recorded
     den = lambda x, t: pipe.unet(x, t).sample  # noqa: E731
-    res = refit_path_search(stats.timesteps, x_path[0], x_path, den, n, progress=False)
+    res = refit_path_search(stats.timesteps, x_path[0], x_path, den, n, sweeps=2, progress=False)
     assert len(res.indices) == n and res.indices[0] == 0 and res.indices == sorted(set(res.indices))
-    assert res.error <= res.start_error
+    assert res.error <= res.start_error and res.error <= res.proposal_error
     # the objective is the final error of the re-fitted student, measured independently by sampling with it
     found = refine_schedule(search_schedule(stats, n, path=res.indices), den, x_path[0], x_path, progress=False)
     uniform = refine_schedule(search_schedule(stats, n), den, x_path[0], x_path, progress=False)
@@ -50,12 +50,37 @@ def test_refit_search_never_worse_than_uniform_on_its_objective(recorded, n):
     assert res.evaluations < res.paths_tried * n  # tries re-use the model outputs of the unchanged prefix
 
 
+def test_programme_is_exact_for_two_steps_and_reports_the_refit_error(recorded):
+    """With two steps every path [0, i] is a state of the programme, so its proposal must be the best by brute force
+    over all of them (each judged by a fresh re-fit); for more steps the error it reports for its proposal is the
+    re-fit's final error on that path."""
+    pipe, stats, x_path = recorded
+    den = lambda x, t: pipe.unet(x, t).sample  # noqa: E731
+    prop, evaluations = refit_programme(stats.timesteps, x_path[0], x_path, den, [2, 4], progress=False)
+    assert evaluations <= 1 + 3 * 29
+    errs = {i: refine_schedule(search_schedule(stats, 2, path=[0, i]), den, x_path[0], x_path,
+                               progress=False).errors[-1] for i in range(1, 30)}
+    best = min(errs, key=errs.get)
+    assert prop[2][0] == [0, best] and prop[2][1] == pytest.approx(errs[best], rel=1e-9)
+    assert max(errs.values()) > 2 * errs[best]
+    path4, err4 = prop[4]
+    assert len(path4) == 4 and path4[0] == 0
+    redo = refine_schedule(search_schedule(stats, 4, path=path4), den, x_path[0], x_path, progress=False)
+    assert err4 == pytest.approx(redo.errors[-1], rel=1e-9)
+
+
 def test_refit_search_from_a_start_and_with_no_sweeps(recorded):
     pipe, stats, x_path = recorded
     den = lambda x, t: pipe.unet(x, t).sample  # noqa: E731
     start = [0, 2, 20]
-    res = refit_path_search(stats.timesteps, x_path[0], x_path, den, 3, start=start, sweeps=0, progress=False)
-    assert res.indices == start and res.error == res.start_error and res.evaluations == 3
+    res = refit_path_search(stats.timesteps, x_path[0], x_path, den, 3, start=start, programme=False, sweeps=0,
+                            progress=False)
+    uniform = refine_schedule(search_schedule(stats, 3), den, x_path[0], x_path, progress=False).errors[-1]
+    started = refine_schedule(search_schedule(stats, 3, path=start), den, x_path[0], x_path,
+                              progress=False).errors[-1]
+    assert res.proposal is None and res.evaluations == 6
+    assert res.indices == (start if started < uniform else uniform_path(30, 3))
+    assert res.error == pytest.approx(min(started, uniform), rel=1e-12)
 
 
 def test_fit_with_path_refit(recorded):
@@ -73,10 +98,10 @@ def test_fit_with_path_refit(recorded):
 def test_refit_path_errors(recorded):
     pipe, stats, x_path = recorded
     den = lambda x, t: pipe.unet(x, t).sample  # noqa: E731
-    with pytest.raises(ValueError, match=r"integer in \[1, 30\]"):
+    with pytest.raises(ValueError, match=r"integers in \[1, 30\]"):
         refit_path_search(stats.timesteps, x_path[0], x_path, den, 31, progress=False)
-    with pytest.raises(ValueError, match=r"integer in \[1, 30\]"):
-        refit_path_search(stats.timesteps, x_path[0], x_path, den, 0, progress=False)
+    with pytest.raises(ValueError, match=r"integers in \[1, 30\]"):
+        refit_path_search(stats.timesteps, x_path[0], x_path, den, [3, 0], progress=False)
     with pytest.raises(ValueError, match="T\\+1"):
         refit_path_search(stats.timesteps, x_path[0], x_path[:-1], den, 3, progress=False)
     with pytest.raises(ValueError, match="initial latent"):
