@@ -120,10 +120,10 @@ def test_fit_oss_baselines_reports_what_its_scheduler_does():
     pipe.set_progress_bar_config(disable=True)
     out = fit_oss_baselines(pipe, [None] * 24, ("ddim", "dpmsolver++"), (3, 5), teacher_steps=20, batch_size=12,
                             progress=False)
-    from olss_fast.recording import item_noise, make_work_items
+    from olss_fast.recording import default_teacher, item_noise, make_work_items
 
     x0 = item_noise(make_work_items([None] * 24), (2, 3, 3))
-    teacher = sample(pipe, DDIMScheduler.from_config(dict(pipe.scheduler.config)), [None] * 24, x0, 20)
+    teacher = sample(pipe, default_teacher(pipe.scheduler), [None] * 24, x0, 20)  # the reference OSS followed
     for solver, (res, sched) in out.items():
         assert isinstance(sched, CustomTimestepsScheduler) and sched.available_steps == [3, 5]
         assert res.evaluations <= 1 + 4 * 19
