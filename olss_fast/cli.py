@@ -23,7 +23,8 @@ FLAG_NAMES = {
     "seeds_per_prompt": "--seeds-per-prompt", "base_seed": "--seed", "batch_size": "--batch-size",
     "refine_samples": "--refine-samples", "refine=False": "--no-refine", "allow_mismatch": "--allow-mismatch",
     "num_inference_steps": "--steps", "checkpoint_every": "--checkpoint-every", "resume=True": "--resume",
-    "search_samples": "--search-samples", "search_sweeps": "--search-sweeps", "path='refit'": "--path refit",
+    "search_samples": "--search-samples", "search_sweeps": "--search-sweeps", "search_stride": "--search-stride",
+    "path='refit'": "--path refit",
 }
 
 
@@ -244,7 +245,8 @@ def _search(args: argparse.Namespace, ctx: "DistContext") -> int:
     )
     fit = FitConfig(num_steps=tuple(args.steps), path=args.path, granularity=args.granularity,
                     refine=not args.no_refine, refine_samples=args.refine_samples,
-                    search_samples=args.search_samples, search_sweeps=args.search_sweeps)
+                    search_samples=args.search_samples, search_sweeps=args.search_sweeps,
+                    search_stride=args.search_stride)
     pipe = None
     if args.pipeline:
         device = args.device
@@ -321,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples the re-fit uses (default: all recorded, at most 64)")
     s.add_argument("--search-samples", type=positive_int, default=None,
                    help="--path refit: re-fit samples that judge the paths (default: all of them)")
+    s.add_argument("--search-stride", type=positive_int, default=1,
+                   help="--path refit: steps on every this-many-th teacher index only (default 1; 2 halves the cost)")
     s.add_argument("--search-sweeps", type=nonnegative_int, default=0,
                    help="--path refit: coordinate-descent passes after the programme (default 0)")
     s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")

@@ -207,7 +207,7 @@ def fit_oss_baselines(
     progress: bool = True,
 ) -> dict[str, tuple["OSSResult", CustomTimestepsScheduler]]:
     """OSS baselines (:func:`olss_fast.oss.oss_search`) for ``pipe``: record the teacher on the training work items
-    (prompts × seeds, the first ``samples`` of them), run the dynamic programme along its trajectories for each
+    (prompts × seeds; ``samples`` of them spread evenly, default all), run the dynamic programme along its trajectories for each
     solver, and wrap the chosen timesteps as diffusers schedulers. Returns ``{solver: (result, scheduler)}``.
 
     The teacher defaults to the one OLSS records (:func:`olss_fast.recording.default_teacher`), its grid being the
@@ -225,7 +225,8 @@ def fit_oss_baselines(
     if samples is not None:
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ValueError(f"samples must be a positive integer (or None for all work items), got {samples!r}")
-        items = items[:samples]
+        count = min(samples, len(items))  # spread over the work items, so over the prompts
+        items = [items[k] for k in sorted({round(i * (len(items) - 1) / max(count - 1, 1)) for i in range(count)})]
     teacher = teacher if teacher is not None else default_teacher(pipe.scheduler)
     if "FlowMatch" in type(teacher).__name__:
         raise ValueError("OSS baselines are implemented for VP (DDIM / DPM-Solver++) samplers, not flow matching")

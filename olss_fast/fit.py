@@ -54,6 +54,8 @@ class FitConfig:
         search_samples: how many of the re-fit samples (spread over them) judge paths in ``path="refit"``
             (default: all re-fit samples). Its cost is about ``max(num_steps) × teacher_steps`` model evaluations
             of this many samples.
+        search_stride: the programme of ``path="refit"`` places steps on every this-many-th teacher index only
+            (default 1: all; 2 halves its cost).
         search_sweeps: coordinate-descent passes after the programme in ``path="refit"`` (default 0: on held-out
             noise the descent's gains on the search samples did not carry over, benchmarks/RESULTS.md issue 14).
     """
@@ -64,6 +66,7 @@ class FitConfig:
     refine: bool = True
     refine_samples: int | None = None
     search_samples: int | None = None
+    search_stride: int = 1
     search_sweeps: int = 0
 
     def __post_init__(self) -> None:
@@ -93,6 +96,7 @@ class FitConfig:
         if self.search_samples is not None:
             check_int("search_samples", self.search_samples, 1, 2**31)
         check_int("search_sweeps", self.search_sweeps, 0, 1000)
+        check_int("search_stride", self.search_stride, 1, MAX_TEACHER_STEPS)
 
 
 @dataclass
@@ -485,7 +489,7 @@ def _refit_path_schedules(pipe: Any, stats: GramStats, refine_items: Sequence[Wo
     x0 = item_noise(items, shape, "cpu", torch.float32).to(pipeline_dtype(pipe)).to(torch.float32)
     found = refit_path_search(
         stats.timesteps, x0, latents[:, pick], pipeline_denoiser(pipe, items, record, distributed=ctx),
-        sorted(fit.num_steps), sweeps=fit.search_sweeps, granularity=fit.granularity,
+        sorted(fit.num_steps), stride=fit.search_stride, sweeps=fit.search_sweeps, granularity=fit.granularity,
         progress=progress and ctx.is_main, agree=(lambda v: broadcast_object(v, ctx)) if ctx.enabled else None,
     )
     out = {}

@@ -291,6 +291,7 @@ def refit_programme(
     *,
     granularity: str = "global",
     ridge: float = 1e-8,
+    stride: int = 1,
     progress: bool = True,
 ) -> tuple[dict[int, tuple[list[int], float]], int]:
     """OSS's dynamic programme (:mod:`olss_fast.oss`) with the student-in-the-loop re-fit as the solver step.
@@ -300,17 +301,22 @@ def refit_programme(
     at the state's latent (once per state, shared by every j), fit row k to the teacher latent at j; that fit's
     error is the cost. The error into the final latent is exactly the re-fit's objective of the whole path; the
     recursion (keep the best state per node) is OSS's approximation. Returns ``{n: (path, final MSE)}`` and the
-    number of model evaluations (``O(max n · T)``, shared by every n).
+    number of model evaluations (``O(max n · T / stride)``, shared by every n). ``stride`` > 1 restricts the
+    students' timesteps to every stride-th teacher index (a cheaper, coarser programme).
     """
     T = len(timesteps)
     steps = sorted(set(int(n) for n in num_steps))
     n_max = steps[-1]
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1 or n_max > (T - 1) // stride + 1:
+        raise ValueError(f"stride must be a positive integer leaving at least {n_max} of the {T} teacher indices "
+                         f"(every stride-th), got {stride!r}")
     x0 = noise.to(torch.float32)
     root = _RefitState(x0, n_max, granularity, ridge)
     ys = _teacher_dots(teacher_latents, root.channels)  # [C, T+1, B·rest]
 
-    def useful(k: int, j: int) -> bool:
-        return j < T and any(n > k and n - k <= T - j for n in steps)
+    def useful(k: int, j: int) -> bool:  # (k, j) is a node that can still end at T with a wanted step count
+        return j < T and j % stride == 0 and any(n > k and n - k - 1 <= (T - 1) // stride - j // stride
+                                                 for n in steps)
 
     layer: dict[int, _RefitState] = {0: root}
     parents: list[dict[int, int]] = [{0: -1}]
@@ -364,6 +370,7 @@ def refit_path_search(
     num_steps: int | Sequence[int],
     *,
     programme: bool = True,
+    stride: int = 1,
     sweeps: int = 0,
     start: Sequence[int] | None = None,
     granularity: str = "global",
@@ -393,6 +400,7 @@ def refit_path_search(
         denoise: ``denoise(x, t) -> e`` the (guided) model output for all B latents at timestep t.
         num_steps: n, or several (one result each).
         programme: propose a path with :func:`refit_programme`.
+        stride: the programme's grid: every stride-th teacher index (1: all; larger is cheaper and coarser).
         sweeps: passes of coordinate descent (0: none).
         start: another path to judge as a start (for one step count only).
         granularity, ridge: as in :func:`sequential_refit`.
@@ -433,7 +441,8 @@ def refit_path_search(
     prog_evals = 0
     if programme:
         proposals, prog_evals = refit_programme(timesteps, noise, teacher_latents, denoise, counts,
-                                                granularity=granularity, ridge=ridge, progress=progress)
+                                                granularity=granularity, ridge=ridge, stride=stride,
+                                                progress=progress)
         proposals = agree(proposals)
     results = {}
     for n in counts:

@@ -32,8 +32,8 @@ PATHS = STATS_PATHS + ("refit",)
 #: the exact ODE). Without the re-fit the paper's fit on either path can blow up on held-out noise (GMM, 10–15 NFE).
 #: Uniform stays the default: equal or better on the real model, and never worse than DDIM's own path.
 DEFAULT_STATS_PATH = "uniform"
-#: The default path of ``fit_olss_scheduler`` / the CLI (see ``DEFAULT_STATS_PATH`` and the decision below).
-DEFAULT_PATH = "uniform"
+#: The default path of ``fit_olss_scheduler`` / the CLI (with the re-fit): see the decision below.
+DEFAULT_PATH = "refit"
 
 
 @dataclass(frozen=True)

@@ -132,3 +132,28 @@ def test_cli_refuses_refit_without_the_refit(tmp_path, capsys):
     assert rc != 0
     assert "--path refit judges each path by the error after the re-fit: it cannot be combined with --no-refine" \
         in capsys.readouterr().err
+
+
+def test_programme_stride_places_steps_on_the_coarse_grid_and_stays_never_worse_than_uniform(recorded):
+    """stride=3: every proposed index is a multiple of 3, the programme costs fewer model evaluations than on the full
+    grid, its reported error is the re-fit's on that path, and the search still keeps uniform when it is better."""
+    pipe, stats, x_path = recorded
+    den = lambda x, t: pipe.unet(x, t).sample  # noqa: E731
+    full, full_evals = refit_programme(stats.timesteps, x_path[0], x_path, den, [3, 5], progress=False)
+    coarse, coarse_evals = refit_programme(stats.timesteps, x_path[0], x_path, den, [3, 5], stride=3,
+                                           progress=False)
+    assert coarse_evals < 0.5 * full_evals
+    for n in (3, 5):
+        path, err = coarse[n]
+        assert len(path) == n and path[0] == 0 and all(i % 3 == 0 for i in path) and path == sorted(set(path))
+        redo = refine_schedule(search_schedule(stats, n, path=path), den, x_path[0], x_path, progress=False)
+        assert err == pytest.approx(redo.errors[-1], rel=1e-9)
+    res = refit_path_search(stats.timesteps, x_path[0], x_path, den, [3, 5], stride=3, progress=False)
+    for n in (3, 5):
+        assert res[n].error <= res[n].start_error and res[n].proposal == coarse[n][0]
+    with pytest.raises(ValueError, match="stride must be a positive integer leaving at least 5"):
+        refit_programme(stats.timesteps, x_path[0], x_path, den, [5], stride=8, progress=False)
+    with pytest.raises(ValueError, match="stride"):
+        refit_programme(stats.timesteps, x_path[0], x_path, den, [3], stride=0, progress=False)
+    with pytest.raises(ValueError, match="search_stride"):
+        FitConfig(search_stride=0)
