@@ -23,6 +23,8 @@ FLAG_NAMES = {
     "seeds_per_prompt": "--seeds-per-prompt", "base_seed": "--seed", "batch_size": "--batch-size",
     "refine_samples": "--refine-samples", "refine=False": "--no-refine", "allow_mismatch": "--allow-mismatch",
     "num_inference_steps": "--steps", "checkpoint_every": "--checkpoint-every", "resume=True": "--resume",
+    "search_samples": "--search-samples", "search_sweeps": "--search-sweeps", "search_stride": "--search-stride",
+    "path='refit'": "--path refit",
 }
 
 
@@ -36,6 +38,17 @@ def cli_message(message: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- argument types
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:
@@ -231,7 +244,9 @@ def _search(args: argparse.Namespace, ctx: "DistContext") -> int:
         base_seed=args.seed, guidance_scale=args.guidance_scale, height=args.height, width=args.width,
     )
     fit = FitConfig(num_steps=tuple(args.steps), path=args.path, granularity=args.granularity,
-                    refine=not args.no_refine, refine_samples=args.refine_samples)
+                    refine=not args.no_refine, refine_samples=args.refine_samples,
+                    search_samples=args.search_samples, search_sweeps=args.search_sweeps,
+                    search_stride=args.search_stride)
     pipe = None
     if args.pipeline:
         device = args.device
@@ -254,7 +269,8 @@ def _search(args: argparse.Namespace, ctx: "DistContext") -> int:
     summary = {
         "pipeline": args.pipeline, "prompts": len(prompts), "samples": result.stats.num_samples,
         "teacher": result.stats.teacher, "processes": ctx.world_size,
-        "schedules": {n: {"timesteps": s.timesteps, "final_error": s.errors[-1], "refined": s.refined}
+        "schedules": {n: {"timesteps": s.timesteps, "final_error": s.errors[-1], "refined": s.refined,
+                          "path": s.path}
                       for n, s in result.schedules.items()},
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
@@ -268,6 +284,7 @@ def _search(args: argparse.Namespace, ctx: "DistContext") -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .search import DEFAULT_PATH, DEFAULT_STATS_PATH, PATHS
 
     parser = argparse.ArgumentParser(prog="olss-fast", description=__doc__)
     parser.add_argument("--version", action="version", version=f"olss-fast {__version__}",
@@ -295,13 +312,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=positive_int, default=4, help="samples per pipeline call (default 4)")
     s.add_argument("--height", type=positive_int, default=None, help="image height (default: the pipeline's)")
     s.add_argument("--width", type=positive_int, default=None, help="image width (default: the pipeline's)")
-    s.add_argument("--path", default="uniform", choices=["uniform", "minimax"],
-                   help="path search: uniform teacher indices (default) or the paper's minimax search")
+    s.add_argument("--path", default=None, choices=list(PATHS),
+                   help=f"path search: uniform teacher indices, the paper's minimax search, or 'refit' (judged by "
+                        f"the error after the re-fit; needs the re-fit). Default: {DEFAULT_PATH} "
+                        f"({DEFAULT_STATS_PATH} with --no-refine)")
     s.add_argument("--granularity", default="global", choices=["global", "channel"],
                    help="one coefficient set (global, the paper's) or one per latent channel")
     s.add_argument("--no-refine", action="store_true", help="skip the student-in-the-loop re-fit (paper's fit)")
     s.add_argument("--refine-samples", type=positive_int, default=None,
                    help="samples the re-fit uses (default: all recorded, at most 64)")
+    s.add_argument("--search-samples", type=positive_int, default=None,
+                   help="--path refit: re-fit samples that judge the paths (default: all of them)")
+    s.add_argument("--search-stride", type=positive_int, default=1,
+                   help="--path refit: steps on every this-many-th teacher index only (default 1; 2 halves the cost)")
+    s.add_argument("--search-sweeps", type=nonnegative_int, default=0,
+                   help="--path refit: coordinate-descent passes after the programme (default 0)")
     s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="dtype the pipeline is loaded in (default float32)")

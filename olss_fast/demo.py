@@ -1,11 +1,15 @@
 """``olss-fast demo``: OLSS on the bundled digits model against diffusers' samplers, on held-out classes and seeds.
 
-Steps: load the bundled class-conditional digits model; record a DDIM-100 teacher on the *training* classes and seeds;
-search and refine OLSS schedules for several step counts; then, on *held-out* classes and seeds, run OLSS and
-diffusers' DDIM, DPM-Solver++(2M), UniPC, DEIS, PNDM and Euler at the same number of model evaluations (NFE), all
-with trailing timesteps, and measure RMSE/PSNR against the teacher's sample from the same noise, the Fréchet distance
-to the real digits of the evaluated classes in the shipped classifier's feature space, and the class accuracy.
-Writes ``results.json`` (every number), ``grid.png`` and ``quality.png`` into the output folder.
+Steps: load the bundled class-conditional digits model; record the default teacher (DPM-Solver++(2M), 100 trailing
+steps) on the *training* classes and seeds; search and refine OLSS schedules for several step counts (the default
+path search, judged after the re-fit, with a reduced budget: ``search_samples``/``search_stride``); then, on
+*held-out* classes and seeds, run OLSS and diffusers' DDIM, DPM-Solver++(2M), UniPC, DEIS, PNDM and Euler at the same
+number of model evaluations (NFE), all with trailing timesteps, and measure RMSE/PSNR against the teacher's sample
+from the same noise, the Fréchet distance to the real digits of the evaluated classes in the shipped classifier's
+feature space, and the class accuracy. Optional samplers (not in the default set, to keep the demo at about three
+minutes on two CPU cores): ``oss-ddim`` and ``oss-dpmsolver++`` (learned-timestep baselines, :mod:`olss_fast.oss`,
+fitted on ``oss_samples`` of the training noises: about 1.5 min each on 2 cores) and ``olss-uniform`` (the re-fit on
+the uniform path). Writes ``results.json`` (every number), ``grid.png`` and ``quality.png`` into the output folder.
 """
 from __future__ import annotations
 
@@ -20,13 +24,15 @@ from typing import Any, Sequence
 import torch
 
 from ._io import atomic_write_text, atomic_write_with
-from .evaluate import baseline_scheduler, compare_samplers, sample
+from .evaluate import baseline_scheduler, compare_samplers, fit_oss_baselines, sample
 from .fit import fit_olss_scheduler
-from .recording import item_noise, latent_shape, make_work_items
+from .recording import default_teacher, item_noise, latent_shape, make_work_items
 
 logger = logging.getLogger(__name__)
 
 SAMPLERS = ("olss", "ddim", "dpmsolver++", "unipc", "deis", "pndm", "euler")
+#: samplers the demo can add (``--samplers``): learned-timestep baselines and OLSS on the uniform path
+OPTIONAL_SAMPLERS = ("oss-ddim", "oss-dpmsolver++", "olss-uniform")
 
 
 @dataclass
@@ -46,13 +52,16 @@ class DemoConfig:
     seed: int = 0
     grid_nfe: int = 5
     grid_columns: int = 10
+    search_samples: int | None = 25  # of the training noises, for the path search (None: all; reduced for time)
+    search_stride: int = 2  # the path search's grid: every 2nd teacher index (reduced for time)
+    oss_samples: int | None = 25  # of the training noises, for the OSS baselines (None: all)
     out: str = "demo_out"
     model_path: str | None = None  # a copy of the bundled model folder (default: the package's own)
 
     def validate(self) -> None:
-        unknown = [s for s in self.samplers if s not in SAMPLERS]
+        unknown = [s for s in self.samplers if s not in SAMPLERS + OPTIONAL_SAMPLERS]
         if unknown:
-            raise ValueError(f"unknown sampler(s) {unknown}; choose from {list(SAMPLERS)}")
+            raise ValueError(f"unknown sampler(s) {unknown}; choose from {list(SAMPLERS + OPTIONAL_SAMPLERS)}")
         if not self.steps or any(int(n) < 1 for n in self.steps):
             raise ValueError(f"steps must be >= 1, got {list(self.steps)}")
         if self.teacher_steps < max(self.steps):
@@ -64,6 +73,15 @@ class DemoConfig:
             raise ValueError("train_seeds and eval_seeds must be >= 1")
         if self.grid_nfe not in self.steps:
             raise ValueError(f"grid_nfe ({self.grid_nfe}) must be one of the step counts {list(self.steps)}")
+        for name in ("search_samples", "oss_samples"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer (or None for all training noises), got {value!r}")
+        if isinstance(self.search_stride, bool) or not isinstance(self.search_stride, int) or self.search_stride < 1:
+            raise ValueError(f"search_stride must be a positive integer, got {self.search_stride!r}")
+        if (self.teacher_steps - 1) // self.search_stride + 1 < max(self.steps):
+            raise ValueError(f"search_stride {self.search_stride} leaves fewer than {max(self.steps)} of the "
+                             f"{self.teacher_steps} teacher steps for the path search: use --search-stride 1")
 
 
 def check_output_folder(out: Path) -> None:
@@ -131,13 +149,25 @@ def _run_demo(config: DemoConfig, progress: bool) -> dict[str, Any]:
     steps = sorted({int(n) for n in config.steps})
 
     # 1. record + search + refine on the training classes and seeds
+    train = dict(teacher_steps=config.teacher_steps, seeds_per_prompt=config.train_seeds, base_seed=config.seed,
+                 batch_size=config.batch_size, guidance_scale=config.guidance_scale, progress=progress)
     fit = fit_olss_scheduler(
-        pipe, list(config.train_classes), teacher_steps=config.teacher_steps, num_steps=tuple(steps),
-        seeds_per_prompt=config.train_seeds, base_seed=config.seed, batch_size=config.batch_size,
-        refine_samples=len(config.train_classes) * config.train_seeds, progress=progress,
-        guidance_scale=config.guidance_scale,
+        pipe, list(config.train_classes), num_steps=tuple(steps),
+        refine_samples=len(config.train_classes) * config.train_seeds, search_samples=config.search_samples,
+        search_stride=config.search_stride, **train,
     )
     t_search = time.perf_counter() - t_start
+    extra: dict[str, Any] = {}
+    if "olss-uniform" in config.samplers:
+        extra["olss-uniform"] = fit_olss_scheduler(
+            pipe, list(config.train_classes), num_steps=tuple(steps), stats=fit.stats, path="uniform",
+            refine_samples=len(config.train_classes) * config.train_seeds, **train).scheduler
+    solvers = [s for s in ("ddim", "dpmsolver++") if f"oss-{s}" in config.samplers]
+    if solvers:
+        oss = fit_oss_baselines(pipe, list(config.train_classes), solvers, steps, samples=config.oss_samples,
+                                **train)
+        extra.update({f"oss-{s}": sched for s, (_, sched) in oss.items()})
+    t_fit = time.perf_counter() - t_start
 
     # 2. held-out classes and seeds (a different base seed: no noise is shared with the search)
     items = make_work_items(list(config.eval_classes), config.eval_seeds, base_seed=config.seed + 1_000_003)
@@ -145,15 +175,15 @@ def _run_demo(config: DemoConfig, progress: bool) -> dict[str, Any]:
     labels = torch.tensor(prompts)
     x0 = item_noise(items, latent_shape(pipe), "cpu")
     cfg = dict(pipe.scheduler.config)
-    teacher_sched = baseline_scheduler("ddim", cfg)
+    teacher_sched = default_teacher(pipe.scheduler)  # the teacher OLSS (and OSS) learnt from
     teacher = sample(pipe, teacher_sched, prompts, x0, config.teacher_steps, call, config.batch_size)
     quality = digits_quality(teacher, labels, config.eval_classes, classifier)
 
     results: dict[str, Any] = {
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
-        "teacher": {"sampler": f"ddim-{config.teacher_steps}", **quality(teacher)},
-        "schedules": {str(n): {"timesteps": s.timesteps, "coeffs": s.coeffs.tolist(), "refit_errors": s.errors}
-                      for n, s in fit.schedules.items()},
+        "teacher": {"sampler": f"{type(teacher_sched).__name__}-{config.teacher_steps}", **quality(teacher)},
+        "schedules": {str(n): {"timesteps": s.timesteps, "path": s.path, "coeffs": s.coeffs.tolist(),
+                               "refit_errors": s.errors} for n, s in fit.schedules.items()},
         "nfe": steps,
     }
     grid_rows: dict[str, torch.Tensor] = {}
@@ -165,10 +195,12 @@ def _run_demo(config: DemoConfig, progress: bool) -> dict[str, Any]:
         if n == config.grid_nfe:
             grid_rows[name] = samples[cols]
 
-    samplers = {name: fit.scheduler if name == "olss" else baseline_scheduler(name, cfg) for name in config.samplers}
+    samplers = {name: fit.scheduler if name == "olss" else extra[name] if name in extra
+                else baseline_scheduler(name, cfg) for name in config.samplers}
     results["samplers"] = compare_samplers(pipe, samplers, steps, prompts, x0, quality, call, config.batch_size,
                                            progress, keep)
-    results["time_s"] = {"search": round(t_search, 2), "total": round(time.perf_counter() - t_start, 2)}
+    results["time_s"] = {"search": round(t_search, 2), "fit_all": round(t_fit, 2),
+                         "total": round(time.perf_counter() - t_start, 2)}
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
@@ -253,8 +285,10 @@ def add_demo_parser(subparsers: Any) -> None:
                    help=f"teacher DDIM steps (default {d.teacher_steps})")
     p.add_argument("--steps", type=positive_int, nargs="+", default=list(d.steps),
                    help=f"model evaluations (NFE) to compare at (default {' '.join(map(str, d.steps))})")
-    p.add_argument("--samplers", nargs="+", default=list(d.samplers), choices=list(SAMPLERS),
-                   help="samplers to compare (default: all)")
+    p.add_argument("--samplers", nargs="+", default=list(d.samplers), choices=list(SAMPLERS + OPTIONAL_SAMPLERS),
+                   help=f"samplers to compare (default: {' '.join(SAMPLERS)}; also {' '.join(OPTIONAL_SAMPLERS)}: "
+                        "OSS learned-timestep baselines, about 1.5 min each on 2 CPU cores, and OLSS on the uniform "
+                        "path)")
     p.add_argument("--train-classes", type=any_int, nargs="+", default=list(d.train_classes),
                    help="digit classes the search sees (default 0-4)")
     p.add_argument("--eval-classes", type=any_int, nargs="+", default=list(d.eval_classes),
@@ -268,6 +302,13 @@ def add_demo_parser(subparsers: Any) -> None:
     p.add_argument("--grid-nfe", type=positive_int, default=d.grid_nfe,
                    help="NFE of the samples shown in grid.png")
     p.add_argument("--seed", type=any_int, default=d.seed, help="base seed of the training and held-out noises")
+    p.add_argument("--search-samples", type=positive_int, default=d.search_samples,
+                   help=f"training noises the path search judges paths on (default {d.search_samples}, reduced to "
+                        "keep the demo short; the library default is all re-fit samples)")
+    p.add_argument("--search-stride", type=positive_int, default=d.search_stride,
+                   help=f"the path search's grid: every N-th teacher index (default {d.search_stride}; library: 1)")
+    p.add_argument("--oss-samples", type=positive_int, default=d.oss_samples,
+                   help=f"training noises the OSS baselines are fitted on (default {d.oss_samples})")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
@@ -281,11 +322,12 @@ def cmd_demo(args: Any) -> int:
         train_classes=tuple(args.train_classes), eval_classes=tuple(args.eval_classes),
         train_seeds=args.train_seeds, eval_seeds=args.eval_seeds, guidance_scale=args.guidance_scale,
         batch_size=args.batch_size, device=args.device, seed=args.seed, grid_nfe=args.grid_nfe, out=args.out,
+        search_samples=args.search_samples, search_stride=args.search_stride, oss_samples=args.oss_samples,
     )
     results = run_demo(config, progress=not args.quiet)
     print(f"OLSS on the bundled digits model: searched on classes {list(config.train_classes)}, evaluated on "
           f"held-out classes {list(config.eval_classes)} x {config.eval_seeds} new seeds "
-          f"(teacher DDIM-{config.teacher_steps}, trailing timesteps)\n")
+          f"(teacher {results['teacher']['sampler']}, trailing timesteps)\n")
     print(format_table(results))
     print(f"search {results['time_s']['search']} s, total {results['time_s']['total']} s; "
           f"wrote {config.out}/results.json, grid.png, quality.png")

@@ -1,17 +1,22 @@
 """Fair comparisons of samplers at the same number of model evaluations (docs/design.md, "Fair comparisons").
 
 Every sampler runs through the same pipeline from the same initial noise, with trailing timesteps; quality is
-measured on held-out noise/prompts against the teacher's final sample from that noise.
+measured on held-out noise/prompts against the teacher's final sample from that noise. Learned-step baselines
+(OSS, :mod:`olss_fast.oss`) run as diffusers' own schedulers on the timesteps they chose
+(:class:`CustomTimestepsScheduler`).
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from .metrics import rmse  # noqa: F401  (re-exported for the comparison scripts)
 from .recording import _quiet_progress, swapped_scheduler
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .oss import OSSResult
 
 logger = logging.getLogger(__name__)
 
@@ -109,4 +114,142 @@ def compare_samplers(
         out.setdefault(name, {})[str(n)] = quality(samples)
         if keep is not None:
             keep(name, n, samples)
+    return out
+
+
+#: the diffusers scheduler each OSS solver runs as, on the timesteps the dynamic programme chose (custom timesteps).
+#: First-order DPM-Solver++ in data-prediction form *is* DDIM (eta = 0), in the VP space with init_noise_sigma = 1
+#: and ending at σ = 0 like the DDIM teacher; diffusers' DDIMScheduler itself takes no custom timesteps.
+OSS_RUNNERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 1}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+}
+
+
+class CustomTimestepsScheduler:
+    """A diffusers scheduler run on given timesteps for each step count (``set_timesteps(timesteps=...)``).
+
+    ``set_timesteps(n)`` (what pipelines call) sets the timesteps stored for n and refuses other step counts with a
+    ``ValueError``; every other attribute is the wrapped scheduler's, so pipelines see its ``step``,
+    ``scale_model_input``, ``init_noise_sigma``, ``order``, config.
+    """
+
+    def __init__(self, scheduler: Any, timesteps: dict[int, Sequence[int]]) -> None:
+        if not timesteps:
+            raise ValueError("no timesteps given: pass {num_steps: [t_0, ..., t_(n-1)]}")
+        table = {}
+        for n, ts in timesteps.items():
+            ts = [int(t) for t in ts]
+            if len(ts) != int(n) or any(a <= b for a, b in zip(ts, ts[1:])):
+                raise ValueError(f"the timesteps for {n} steps must be {n} strictly decreasing integers, got {ts}")
+            table[int(n)] = ts
+        object.__setattr__(self, "scheduler", scheduler)
+        object.__setattr__(self, "table", table)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.scheduler, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.scheduler, name, value)
+
+    @property
+    def available_steps(self) -> list[int]:
+        return sorted(self.table)
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device: Any = None, **kwargs: Any) -> None:
+        if kwargs.get("timesteps") is not None or kwargs.get("sigmas") is not None:
+            raise ValueError("this scheduler runs its own timesteps; do not pass timesteps/sigmas")
+        if num_inference_steps not in self.table:
+            raise ValueError(f"no timesteps for {num_inference_steps} steps; this sampler has {self.available_steps}")
+        self.scheduler.set_timesteps(device=device, timesteps=list(self.table[num_inference_steps]))
+
+    def __repr__(self) -> str:
+        return f"CustomTimestepsScheduler({type(self.scheduler).__name__}, {self.table})"
+
+
+def oss_scheduler(result: "OSSResult", config: dict[str, Any]) -> CustomTimestepsScheduler:
+    """The diffusers scheduler of ``result.solver`` (:data:`OSS_RUNNERS`) on the noise schedule of ``config``,
+    running the timesteps OSS chose for each step count."""
+    import diffusers
+
+    if result.solver not in OSS_RUNNERS:
+        raise ValueError(f"no runner for OSS solver {result.solver!r}; known: {sorted(OSS_RUNNERS)}")
+    cls_name, extra = OSS_RUNNERS[result.solver]
+    base = {k: v for k, v in dict(config).items() if k != "schedules"}
+    base.update(extra, final_sigmas_type="zero", lower_order_final=True, euler_at_final=False,
+                use_karras_sigmas=False, thresholding=False)
+    return CustomTimestepsScheduler(getattr(diffusers, cls_name).from_config(base), result.timesteps)
+
+
+def final_alpha_bar(teacher: Any) -> float:
+    """ᾱ where a teacher scheduler ends sampling (1.0 = clean data)."""
+    if hasattr(teacher, "final_alpha_cumprod"):  # DDIM
+        return float(teacher.final_alpha_cumprod)
+    cfg = dict(getattr(teacher, "config", {}) or {})
+    if cfg.get("final_sigmas_type", "zero") == "zero":
+        return 1.0
+    return float(teacher.alphas_cumprod[0])
+
+
+def fit_oss_baselines(
+    pipe: Any,
+    prompts: Sequence[Any],
+    solvers: Sequence[str] = ("ddim", "dpmsolver++"),
+    num_steps: Sequence[int] = (5, 10),
+    *,
+    teacher: Any | None = None,
+    teacher_steps: int = 100,
+    seeds_per_prompt: int = 1,
+    base_seed: int = 0,
+    samples: int | None = None,
+    batch_size: int = 4,
+    guidance_scale: float | None = None,
+    progress: bool = True,
+) -> dict[str, tuple["OSSResult", CustomTimestepsScheduler]]:
+    """OSS baselines (:func:`olss_fast.oss.oss_search`) for ``pipe``: record the teacher on the training work items
+    (prompts × seeds; ``samples`` of them spread evenly, default all), run the dynamic programme along its trajectories for each
+    solver, and wrap the chosen timesteps as diffusers schedulers. Returns ``{solver: (result, scheduler)}``.
+
+    The teacher defaults to the one OLSS records (:func:`olss_fast.recording.default_teacher`), its grid being the
+    teacher's timesteps plus its end, which must be clean data (σ = 0), where diffusers' DPM-Solver++ ends.
+    """
+    from .fit import pipeline_denoiser
+    from .oss import oss_search
+    from .recording import (RecordConfig, default_teacher, make_work_items, record_trajectories,
+                            teacher_prediction_type)
+
+    unknown = [s for s in solvers if s not in OSS_RUNNERS]
+    if unknown or not solvers:
+        raise ValueError(f"unknown OSS solver(s) {unknown or list(solvers)}; choose from {sorted(OSS_RUNNERS)}")
+    items = make_work_items(prompts, seeds_per_prompt, base_seed)
+    if samples is not None:
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"samples must be a positive integer (or None for all work items), got {samples!r}")
+        count = min(samples, len(items))  # spread over the work items, so over the prompts
+        items = [items[k] for k in sorted({round(i * (len(items) - 1) / max(count - 1, 1)) for i in range(count)})]
+    teacher = teacher if teacher is not None else default_teacher(pipe.scheduler)
+    if "FlowMatch" in type(teacher).__name__:
+        raise ValueError("OSS baselines are implemented for VP (DDIM / DPM-Solver++) samplers, not flow matching")
+    end = final_alpha_bar(teacher)
+    if abs(end - 1.0) > 1e-12:
+        raise ValueError(
+            f"the teacher ends at ᾱ = {end:.6g}, not at clean data (σ = 0) where the OSS runners end: use a teacher "
+            "with set_alpha_to_one=True (DDIM) or final_sigmas_type='zero'"
+        )
+    record = RecordConfig(teacher_steps=teacher_steps, batch_size=batch_size, guidance_scale=guidance_scale)
+    kept: list[torch.Tensor] = []
+    record_trajectories(pipe, [it.prompt for it in items], teacher=teacher, config=record, items=items,
+                        on_batch=lambda its, x, e: kept.append(x.detach().to("cpu", torch.float32)),
+                        progress=progress, distributed=False)
+    reference = torch.cat(kept, dim=1)
+    timesteps = [t.item() for t in teacher.timesteps]
+    ac = teacher.alphas_cumprod.to(torch.float64)
+    alpha_bars = [float(ac[int(t)]) for t in timesteps] + [end]
+    denoise = pipeline_denoiser(pipe, items, record, distributed=False)
+    cfg = dict(pipe.scheduler.config)
+    out = {}
+    for solver in solvers:
+        res = oss_search(denoise, reference, timesteps, alpha_bars, list(num_steps), solver,
+                         prediction_type=teacher_prediction_type(teacher), progress=progress)
+        out[solver] = (res, oss_scheduler(res, cfg))
     return out

@@ -8,12 +8,13 @@ refinement sample for an n-step schedule.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import numbers
 import os
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -26,12 +27,12 @@ from .recording import (
 from .provenance import recording_context
 from .checkpoint import checkpoint_info
 from .distributed import LOCAL, DistContext, all_gather_object, broadcast_object, gather_by_sum, resolve_context
-from .refine import sequential_refit
+from .refine import refit_path_search, sequential_refit
 from .schedule import OLSSSchedule
 from .step import olss_combine
 from .scheduler import OLSSScheduler
 from .schedule import GRANULARITIES
-from .search import DEFAULT_PATH, PATHS, search_schedule, uniform_path
+from .search import DEFAULT_PATH, DEFAULT_STATS_PATH, PATHS, STATS_PATHS, search_schedule, uniform_path
 from .stats import GramStats
 
 logger = logging.getLogger(__name__)
@@ -43,17 +44,30 @@ class FitConfig:
 
     Attributes:
         num_steps: student step counts to search (one schedule each): an int or a list of ints.
-        path: "uniform" (default, best held-out quality) or "minimax" (the paper's).
+        path: "uniform", "minimax" (the paper's search on the statistics) or "refit" (the path judged by the final
+            error after the re-fit: OSS's dynamic programme with the re-fit inside, then optional coordinate
+            descent, :func:`olss_fast.refine.refit_path_search`; needs ``refine=True``). Default (None):
+            ``search.DEFAULT_PATH`` with the re-fit, ``search.DEFAULT_STATS_PATH`` without it.
         granularity: "global" or "channel".
         refine: run the student-in-the-loop re-fit after the search (recommended).
         refine_samples: how many of the recorded samples the re-fit uses (default: all, up to 64).
+        search_samples: how many of the re-fit samples (spread over them) judge paths in ``path="refit"``
+            (default: all re-fit samples). Its cost is about ``max(num_steps) × teacher_steps`` model evaluations
+            of this many samples.
+        search_stride: the programme of ``path="refit"`` places steps on every this-many-th teacher index only
+            (default 1: all; 2 halves its cost).
+        search_sweeps: coordinate-descent passes after the programme in ``path="refit"`` (default 0: on held-out
+            noise the descent's gains on the search samples did not carry over, benchmarks/RESULTS.md issue 14).
     """
 
     num_steps: Sequence[int] = (5, 10)
-    path: str = DEFAULT_PATH
+    path: str | None = None
     granularity: str = "global"
     refine: bool = True
     refine_samples: int | None = None
+    search_samples: int | None = None
+    search_stride: int = 1
+    search_sweeps: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.num_steps, numbers.Integral) and not isinstance(self.num_steps, bool):
@@ -66,14 +80,23 @@ class FitConfig:
         if len(set(steps)) != len(steps):
             raise ValueError(f"num_steps has duplicates: {steps}")
         self.num_steps = tuple(steps)
-        if self.path not in PATHS:
-            raise ValueError(f"unknown path {self.path!r}; choose one of {PATHS}")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"unknown granularity {self.granularity!r}; choose one of {GRANULARITIES}")
         if not isinstance(self.refine, bool):
             raise ValueError(f"refine must be True or False, got {self.refine!r}")
+        if self.path is None:
+            self.path = DEFAULT_PATH if self.refine else DEFAULT_STATS_PATH
+        if self.path not in PATHS:
+            raise ValueError(f"unknown path {self.path!r}; choose one of {PATHS}")
+        if self.path == "refit" and not self.refine:
+            raise ValueError("path='refit' judges each path by the error after the re-fit: it cannot be combined "
+                             f"with refine=False; without the re-fit choose a path of {STATS_PATHS}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"unknown granularity {self.granularity!r}; choose one of {GRANULARITIES}")
         if self.refine_samples is not None:
             check_int("refine_samples", self.refine_samples, 1, 2**31)
+        if self.search_samples is not None:
+            check_int("search_samples", self.search_samples, 1, 2**31)
+        check_int("search_sweeps", self.search_sweeps, 0, 1000)
+        check_int("search_stride", self.search_stride, 1, MAX_TEACHER_STEPS)
 
 
 @dataclass
@@ -175,6 +198,54 @@ class _SingleStepProbe:
         raise StopSampling()
 
 
+def pipeline_denoiser(
+    pipe: Any, items: Sequence[WorkItem], record: RecordConfig, *, distributed: bool | DistContext | None = None,
+) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """``denoise(z, t) -> e``: the (guided) model output of ``pipe`` at latents ``z`` ``[len(items), ...]`` and
+    timestep t, for the prompts of ``items``, computed by the pipeline itself (one-timestep probe scheduler, see the
+    module docstring), in ``record.batch_size`` batches, on CPU in float32.
+
+    Under torch.distributed batch k is evaluated by rank ``k % world_size`` and the outputs are all-gathered exactly
+    (collective: every rank must call ``denoise`` with the same arguments).
+    """
+    ctx = resolve_context(distributed)
+    device, dtype = pipeline_device(pipe), pipeline_dtype(pipe)
+    kwargs = record.pipeline_kwargs()
+    bs = record.batch_size
+    base = OLSSScheduler.from_config({k: v for k, v in dict(pipe.scheduler.config).items() if k != "schedules"})
+    items = list(items)
+
+    def denoise(z: torch.Tensor, t: Any) -> torch.Tensor:
+        if z.shape[0] != len(items):
+            raise ValueError(f"denoise got {z.shape[0]} latents for {len(items)} work items")
+        probe = _SingleStepProbe(base, t)
+        outs = []
+        with swapped_scheduler(pipe, probe), _quiet_progress(pipe):
+            for k, s in enumerate(range(0, len(items), bs)):
+                if k % ctx.world_size != ctx.rank:
+                    continue
+                batch = items[s : s + bs]
+                probe.output = None
+                try:
+                    run_pipeline(pipe, batch, z[s : s + bs].to(device, dtype), 1, kwargs)
+                except StopSampling:
+                    pass
+                if probe.output is None:
+                    raise ValueError(
+                        f"{type(pipe).__name__} never called scheduler.step: the re-fit (and OSS) evaluate the model "
+                        "through a pipeline whose loop iterates scheduler.timesteps and calls scheduler.step"
+                    )
+                outs.append((s, probe.output.to("cpu", torch.float32)))
+        if not ctx.enabled:
+            return torch.cat([o for _, o in outs])
+        full = torch.zeros((len(items), *z.shape[1:]), dtype=torch.float32)
+        for s, o in outs:
+            full[s : s + o.shape[0]] = o
+        return gather_by_sum(full, ctx)
+
+    return denoise
+
+
 def refine_through_pipeline(
     pipe: Any,
     schedule: OLSSSchedule,
@@ -196,42 +267,17 @@ def refine_through_pipeline(
     """
     ctx = resolve_context(distributed)
     shape = latent_shape(pipe, record.height, record.width)
-    device, dtype = pipeline_device(pipe), pipeline_dtype(pipe)
+    dtype = pipeline_dtype(pipe)
     # the noise as the pipeline sees it (rounded to its dtype), in float32 like OLSSScheduler's x0
     x0 = item_noise(items, shape, "cpu", torch.float32).to(dtype).to(torch.float32)
     T = schedule.teacher_steps
     targets = teacher_latents[list(schedule.indices[1:]) + [T]]
-    kwargs = record.pipeline_kwargs()
-    bs = record.batch_size
-    base = OLSSScheduler.from_config({k: v for k, v in dict(pipe.scheduler.config).items() if k != "schedules"})
+    denoise = pipeline_denoiser(pipe, items, record, distributed=ctx)
 
     def evaluate(j: int, coeffs: torch.Tensor, history: Sequence[torch.Tensor]) -> torch.Tensor:
         # the student's latent at step j, computed exactly as OLSSScheduler.step computes it at inference
         z = x0 if j == 0 else olss_combine(coeffs, j - 1, x0, history)
-        probe = _SingleStepProbe(base, schedule.timesteps[j])
-        outs = []
-        with swapped_scheduler(pipe, probe), _quiet_progress(pipe):
-            for k, s in enumerate(range(0, len(items), bs)):
-                if k % ctx.world_size != ctx.rank:
-                    continue
-                batch = list(items[s : s + bs])
-                probe.output = None
-                try:
-                    run_pipeline(pipe, batch, z[s : s + bs].to(device, dtype), 1, kwargs)
-                except StopSampling:
-                    pass
-                if probe.output is None:
-                    raise ValueError(
-                        f"{type(pipe).__name__} never called scheduler.step: the re-fit needs a pipeline whose loop "
-                        "iterates scheduler.timesteps and calls scheduler.step"
-                    )
-                outs.append((s, probe.output.to("cpu", torch.float32)))
-        if not ctx.enabled:
-            return torch.cat([o for _, o in outs])
-        full = torch.zeros(x0.shape, dtype=torch.float32)
-        for s, o in outs:
-            full[s : s + o.shape[0]] = o
-        return gather_by_sum(full, ctx)
+        return denoise(z, schedule.timesteps[j])
 
     def evaluate_with_rank0_coeffs(j: int, coeffs: torch.Tensor, history: Sequence[torch.Tensor]) -> torch.Tensor:
         return evaluate(j, broadcast_object(coeffs, ctx), history)
@@ -346,14 +392,20 @@ def fit_olss_scheduler(
             rerun = [it for b in sorted({i // bs for i in missing}) for it in items[b * bs : (b + 1) * bs]]
             record_trajectories(pipe, prompts, teacher=teacher, config=record, items=rerun, on_batch=keeper,
                                 progress=progress, distributed=ctx)
+    T = stats.num_teacher_steps
+    latents = None
     paper: dict[int, OLSSSchedule] = {}
-    for n in tqdm(sorted(fit.num_steps), desc="searching schedules", disable=not progress or not ctx.is_main):
-        paper[n] = _search_on_rank0(stats, n, fit, ctx)
+    if fit.path == "refit":
+        latents = keeper.teacher_latents(T, ctx)  # every teacher index
+        paper = _refit_path_schedules(pipe, stats, items[:limit], latents, record, fit, progress, ctx)
+    else:
+        for n in tqdm(sorted(fit.num_steps), desc="searching schedules", disable=not progress or not ctx.is_main):
+            paper[n] = _search_on_rank0(stats, n, fit, ctx)
     final: dict[int, OLSSSchedule] = {}
     if fit.refine:
-        T = stats.num_teacher_steps
-        rows = sorted({i for s in paper.values() for i in s.indices[1:]} | {T})
-        latents = keeper.teacher_latents(T, ctx, rows)
+        if latents is None:
+            rows = sorted({i for s in paper.values() for i in s.indices[1:]} | {T})
+            latents = keeper.teacher_latents(T, ctx, rows)
         refine_items = items[:limit]
         for n in sorted(fit.num_steps):
             final[n] = refine_through_pipeline(pipe, paper[n], refine_items, latents, record, fit.granularity,
@@ -423,6 +475,33 @@ def _search_on_rank0(stats: GramStats, n: int, fit: FitConfig, ctx: DistContext)
     if error is not None:
         raise ValueError(error)
     return result
+
+
+def _refit_path_schedules(pipe: Any, stats: GramStats, refine_items: Sequence[WorkItem], latents: torch.Tensor,
+                          record: RecordConfig, fit: FitConfig, progress: bool,
+                          ctx: DistContext) -> dict[int, OLSSSchedule]:
+    """``path="refit"``: the paths of :func:`refit_path_search` (one programme for all step counts) on
+    ``search_samples`` of the re-fit samples (spread evenly over them, so over the prompts), each with the paper's
+    fit on it (the re-fit that follows re-fits it on all re-fit samples)."""
+    count = min(len(refine_items), fit.search_samples or len(refine_items))
+    pick = sorted({round(k * (len(refine_items) - 1) / max(count - 1, 1)) for k in range(count)})
+    items = [refine_items[k] for k in pick]
+    shape = latent_shape(pipe, record.height, record.width)
+    x0 = item_noise(items, shape, "cpu", torch.float32).to(pipeline_dtype(pipe)).to(torch.float32)
+    found = refit_path_search(
+        stats.timesteps, x0, latents[:, pick], pipeline_denoiser(pipe, items, record, distributed=ctx),
+        sorted(fit.num_steps), stride=fit.search_stride, sweeps=fit.search_sweeps, granularity=fit.granularity,
+        progress=progress and ctx.is_main, agree=(lambda v: broadcast_object(v, ctx)) if ctx.enabled else None,
+    )
+    out = {}
+    for n, res in found.items():
+        schedule = search_schedule(stats, n, path=res.indices, granularity=fit.granularity)
+        meta = dict(schedule.meta, refit_search={
+            "samples": len(items), "error": res.error, "uniform_error": res.start_error,
+            "proposal": res.proposal, "proposal_error": res.proposal_error, "paths_tried": res.paths_tried,
+            "evaluations": res.evaluations, "programme_evaluations": res.meta.get("programme_evaluations", 0)})
+        out[n] = dataclasses.replace(schedule, path="refit", meta=meta)
+    return out
 
 
 def _check_noise_schedules(base_config: dict[str, Any], stats: GramStats | None, teacher: Any) -> None:

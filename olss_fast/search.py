@@ -20,14 +20,20 @@ from .stats import GramStats
 
 logger = logging.getLogger(__name__)
 
-PATHS = ("uniform", "minimax")
-#: The default path, chosen on held-out quality (benchmarks/quality.py, benchmarks/RESULTS.md "Quality"): with the
-#: re-fit, on the bundled digits model the uniform path is as good as or better than the paper's minimax path
-#: (which mostly falls back to uniform there; 8 NFE: 0.0408 vs 0.0419 teacher RMSE); on the Gaussian mixture the
-#: refined minimax path is better at 4–8 NFE (e.g. 0.082 vs 0.138 at 6 NFE against the exact ODE). Without the
-#: re-fit the paper's fit on either path can blow up on held-out noise (GMM, 10–15 NFE). Uniform stays the default:
-#: equal or better on the real model, and never worse than DDIM's own path.
-DEFAULT_PATH = "uniform"
+#: paths :func:`search_schedule` computes from the statistics alone
+STATS_PATHS = ("uniform", "minimax")
+#: every path option of ``FitConfig.path`` / ``olss-fast search --path``; "refit" judges each path by the error after
+#: the student-in-the-loop re-fit and needs the model (:func:`olss_fast.refine.refit_path_search`)
+PATHS = STATS_PATHS + ("refit",)
+#: The default path of :func:`search_schedule`, chosen on held-out quality (benchmarks/quality.py,
+#: benchmarks/RESULTS.md "Quality"): with the re-fit, on the bundled digits model the uniform path is as good as or
+#: better than the paper's minimax path (which mostly falls back to uniform there; 8 NFE: 0.0408 vs 0.0419 teacher
+#: RMSE); on the Gaussian mixture the refined minimax path is better at 4–8 NFE (e.g. 0.082 vs 0.138 at 6 NFE against
+#: the exact ODE). Without the re-fit the paper's fit on either path can blow up on held-out noise (GMM, 10–15 NFE).
+#: Uniform stays the default: equal or better on the real model, and never worse than DDIM's own path.
+DEFAULT_STATS_PATH = "uniform"
+#: The default path of ``fit_olss_scheduler`` / the CLI (with the re-fit): see the decision below.
+DEFAULT_PATH = "refit"
 
 
 @dataclass(frozen=True)
@@ -35,22 +41,34 @@ class SearchConfig:
     """Options of :func:`search_schedule`.
 
     Attributes:
-        path: "uniform" (``i_j = round(j·T/n)``) or "minimax" (the paper's: minimise the largest per-step error).
+        path: "uniform" (``i_j = round(j·T/n)``) or "minimax" (the paper's: minimise the largest per-step error);
+            "refit" needs the model and is refused here (use ``fit_olss_scheduler(..., path="refit")``).
         granularity: "global" (one coefficient set, the paper's) or "channel" (one set per latent channel).
         bisection_iters: bisection steps on the error bound of the minimax search.
     """
 
-    path: str = DEFAULT_PATH
+    path: str = DEFAULT_STATS_PATH
     granularity: str = "global"
     bisection_iters: int = 60
 
     def __post_init__(self) -> None:
-        if self.path not in PATHS:
-            raise ValueError(f"unknown path {self.path!r}; choose one of {PATHS}")
+        check_stats_path(self.path)
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"unknown granularity {self.granularity!r}; choose one of {GRANULARITIES}")
         if self.bisection_iters < 1:
             raise ValueError("bisection_iters must be >= 1")
+
+
+def check_stats_path(path: str) -> None:
+    """``ValueError`` unless ``path`` is a path option :func:`search_schedule` can compute from statistics."""
+    if path == "refit":
+        raise ValueError(
+            "path='refit' judges each path by the error after the student-in-the-loop re-fit, which runs the model: "
+            "use fit_olss_scheduler(pipe, ..., path='refit') (CLI: olss-fast search --path refit) or "
+            "olss_fast.refine.refit_path_search, then search_schedule(stats, n, path=<its indices>)"
+        )
+    if path not in STATS_PATHS:
+        raise ValueError(f"unknown path {path!r}; choose one of {PATHS}")
 
 
 class _Fitter:
@@ -198,7 +216,8 @@ def search_schedule(
         stats: teacher statistics (:class:`GramStats`).
         num_steps: n, the number of student steps (model evaluations).
         path: "uniform" (default), "minimax" (the paper's search; falls back to uniform when uniform is better on
-            the search's own criterion, the largest per-step error), or an explicit list of teacher indices.
+            the search's own criterion, the largest per-step error), or an explicit list of teacher indices (e.g.
+            the result of :func:`olss_fast.refine.refit_path_search`, which needs the model).
         granularity: "global" (default, the paper's single coefficient set) or "channel" (per latent channel).
         config: a :class:`SearchConfig` instead of ``path``/``granularity`` (giving both is refused).
 
@@ -213,7 +232,7 @@ def search_schedule(
             raise ValueError(f"config must be a SearchConfig, got {type(config).__name__}")
         path = config.path
     else:
-        path = DEFAULT_PATH if path is None else path
+        path = DEFAULT_STATS_PATH if path is None else path
         config = SearchConfig(path=path if isinstance(path, str) else "uniform",
                               granularity="global" if granularity is None else granularity)
     if not isinstance(stats, GramStats):

@@ -79,7 +79,7 @@ def test_schedules_record_what_they_were_fitted_for(sd):
     assert f["model"]["class"] == "UNet2DConditionModel" and len(f["model"]["weights_sha256"]) == 64
     assert f["noise_schedule"] == OLSSScheduler.from_config(sd.scheduler.config).noise_schedule_id()
     assert f["guidance_scale"] == 2.5 and f["latent_shape"] == [4, 8, 8] and f["num_samples"] == 2
-    assert f["teacher"]["class"] == "DDIMScheduler" and f["teacher"]["steps"] == 8
+    assert f["teacher"]["class"] == "DPMSolverMultistepScheduler" and f["teacher"]["steps"] == 8  # the default
     assert res.stats.context["prompts_sha256"] == f["prompts_sha256"]
     assert res.schedules[2].prediction_type == "epsilon"
     # a v-prediction model labels its statistics and schedules so

@@ -261,6 +261,9 @@ def ode_solution(
         return math.sqrt((1 - ab) / ab)
 
     def eps(xbar: torch.Tensor, sigma: float) -> torch.Tensor:
+        if sigma == 0.0:
+            # the limit at clean data: ε = σ·Σ_k r_k (x − μ_k)/(s_k² + σ²) → 0 (the closed form divides 0 by 0)
+            return torch.zeros_like(xbar)
         ab = 1.0 / (1.0 + sigma * sigma)
         xt = xbar * math.sqrt(ab)
         abt = torch.full((b,), ab, dtype=torch.float64, device=x.device)

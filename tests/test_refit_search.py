@@ -1,0 +1,159 @@
+"""The path search judged after the re-fit (refine.refit_path_search, path="refit"): never worse than uniform on its own
+objective, which is the student's true final error (checked by running OLSSScheduler through the pipeline); the
+programme with the re-fit inside against brute force; the entry points' errors."""
+import pytest
+import torch
+
+from olss_fast import FitConfig, OLSSScheduler, fit_olss_scheduler, refine_schedule, search_schedule
+from olss_fast.cli import main
+from olss_fast.models.gmm import make_gmm
+from olss_fast.recording import make_work_items, record_trajectories
+from olss_fast.refine import refit_path_search, refit_programme
+from olss_fast.search import uniform_path
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    pipe = make_gmm((2, 4, 4), num_components=3, seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    items = make_work_items([None] * 40)
+    kept = []
+    stats = record_trajectories(pipe, [None] * 40, teacher_steps=30, batch_size=40, progress=False, items=items,
+                                on_batch=lambda it, x, e: kept.append(x))
+    return pipe, stats, kept[0]
+
+
+def student_mse(pipe, schedule, x0, target):
+    """The student's final-latent MSE, run by OLSSScheduler through the pipeline (independent of the search)."""
+    pipe.scheduler = OLSSScheduler.from_schedules([schedule], config=dict(pipe.scheduler.config))
+    out = pipe(prompt=x0.shape[0], latents=x0.clone(), num_inference_steps=schedule.num_steps).sample
+    return float((out.double() - target.double()).pow(2).mean())
+
+
+@pytest.mark.parametrize("n", [3, 5])
+def test_refit_search_never_worse_than_uniform_on_its_objective(recorded, n):
+    pipe, stats, x_path = recorded
+    den = lambda x, t: pipe.unet(x, t).sample  # noqa: E731
+    res = refit_path_search(stats.timesteps, x_path[0], x_path, den, n, sweeps=2, progress=False)
+    assert len(res.indices) == n and res.indices[0] == 0 and res.indices == sorted(set(res.indices))
+    assert res.error <= res.start_error and res.error <= res.proposal_error
+    # the objective is the final error of the re-fitted student, measured independently by sampling with it
+    found = refine_schedule(search_schedule(stats, n, path=res.indices), den, x_path[0], x_path, progress=False)
+    uniform = refine_schedule(search_schedule(stats, n), den, x_path[0], x_path, progress=False)
+    found_mse = student_mse(pipe, found, x_path[0], x_path[-1])
+    uniform_mse = student_mse(pipe, uniform, x_path[0], x_path[-1])
+    assert found_mse == pytest.approx(res.error, rel=1e-3)
+    assert uniform_mse == pytest.approx(res.start_error, rel=1e-3)
+    assert found_mse <= uniform_mse * (1 + 1e-6)
+    # and the search moved: on this mixture the uniform path is not a coordinate-wise optimum
+    assert res.indices != uniform_path(30, n) and res.error < 0.9 * res.start_error
+    assert res.evaluations < res.paths_tried * n  # tries re-use the model outputs of the unchanged prefix
+
+
+def test_programme_is_exact_for_two_steps_and_reports_the_refit_error(recorded):
+    """With two steps every path [0, i] is a state of the programme, so its proposal must be the best by brute force
+    over all of them (each judged by a fresh re-fit); for more steps the error it reports for its proposal is the
+    re-fit's final error on that path."""
+    pipe, stats, x_path = recorded
+    den = lambda x, t: pipe.unet(x, t).sample  # noqa: E731
+    prop, evaluations = refit_programme(stats.timesteps, x_path[0], x_path, den, [2, 4], progress=False)
+    assert evaluations <= 1 + 3 * 29
+    errs = {i: refine_schedule(search_schedule(stats, 2, path=[0, i]), den, x_path[0], x_path,
+                               progress=False).errors[-1] for i in range(1, 30)}
+    best = min(errs, key=errs.get)
+    assert prop[2][0] == [0, best] and prop[2][1] == pytest.approx(errs[best], rel=1e-9)
+    assert max(errs.values()) > 2 * errs[best]
+    path4, err4 = prop[4]
+    assert len(path4) == 4 and path4[0] == 0
+    redo = refine_schedule(search_schedule(stats, 4, path=path4), den, x_path[0], x_path, progress=False)
+    assert err4 == pytest.approx(redo.errors[-1], rel=1e-9)
+
+
+def test_refit_search_from_a_start_and_with_no_sweeps(recorded):
+    pipe, stats, x_path = recorded
+    den = lambda x, t: pipe.unet(x, t).sample  # noqa: E731
+    start = [0, 2, 20]
+    res = refit_path_search(stats.timesteps, x_path[0], x_path, den, 3, start=start, programme=False, sweeps=0,
+                            progress=False)
+    uniform = refine_schedule(search_schedule(stats, 3), den, x_path[0], x_path, progress=False).errors[-1]
+    started = refine_schedule(search_schedule(stats, 3, path=start), den, x_path[0], x_path,
+                              progress=False).errors[-1]
+    assert res.proposal is None and res.evaluations == 6
+    assert res.indices == (start if started < uniform else uniform_path(30, 3))
+    assert res.error == pytest.approx(min(started, uniform), rel=1e-12)
+
+
+def test_fit_with_path_refit(recorded):
+    pipe = make_gmm((2, 4, 4), num_components=3, seed=0)
+    res = fit_olss_scheduler(pipe, [None] * 24, teacher_steps=20, num_steps=(3, 4), batch_size=12,
+                             path="refit", search_samples=12, progress=False)
+    for n, sched in res.schedules.items():
+        paper = res.paper_schedules[n]
+        assert sched.path == "refit" and sched.refined and sched.indices == paper.indices
+        info = paper.meta["refit_search"]
+        assert info["samples"] == 12 and info["error"] <= info["uniform_error"]
+    assert res.scheduler.available_steps == [3, 4]
+
+
+def test_refit_path_errors(recorded):
+    pipe, stats, x_path = recorded
+    den = lambda x, t: pipe.unet(x, t).sample  # noqa: E731
+    with pytest.raises(ValueError, match=r"integers in \[1, 30\]"):
+        refit_path_search(stats.timesteps, x_path[0], x_path, den, 31, progress=False)
+    with pytest.raises(ValueError, match=r"integers in \[1, 30\]"):
+        refit_path_search(stats.timesteps, x_path[0], x_path, den, [3, 0], progress=False)
+    with pytest.raises(ValueError, match="T\\+1"):
+        refit_path_search(stats.timesteps, x_path[0], x_path[:-1], den, 3, progress=False)
+    with pytest.raises(ValueError, match="initial latent"):
+        refit_path_search(stats.timesteps, torch.randn_like(x_path[0]), x_path, den, 3, progress=False)
+    with pytest.raises(ValueError, match="start must be"):
+        refit_path_search(stats.timesteps, x_path[0], x_path, den, 3, start=[0, 5, 5], progress=False)
+    with pytest.raises(ValueError, match="sweeps"):
+        refit_path_search(stats.timesteps, x_path[0], x_path, den, 3, sweeps=-1, progress=False)
+    with pytest.raises(ValueError, match="fewer than"):
+        refit_path_search(stats.timesteps, x_path[0][:1, :1, :1, :2], x_path[:, :1, :1, :1, :2], den, 3,
+                          progress=False)
+    with pytest.raises(ValueError, match="runs the model: use fit_olss_scheduler"):
+        search_schedule(stats, 3, path="refit")
+    with pytest.raises(ValueError, match="cannot be combined with refine=False"):
+        FitConfig(path="refit", refine=False)
+    with pytest.raises(ValueError, match="search_samples"):
+        FitConfig(path="refit", search_samples=0)
+    with pytest.raises(ValueError, match="search_sweeps"):
+        FitConfig(search_sweeps=-1)
+    assert FitConfig(refine=False).path == "uniform"  # the default without the re-fit is a statistics path
+
+
+def test_cli_refuses_refit_without_the_refit(tmp_path, capsys):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text('["3"]')
+    rc = main(["search", "--pipeline", "digits", "--prompts", str(prompts), "--out", str(tmp_path / "o"),
+               "--path", "refit", "--no-refine", "--teacher-steps", "4", "--steps", "2", "--quiet"])
+    assert rc != 0
+    assert "--path refit judges each path by the error after the re-fit: it cannot be combined with --no-refine" \
+        in capsys.readouterr().err
+
+
+def test_programme_stride_places_steps_on_the_coarse_grid_and_stays_never_worse_than_uniform(recorded):
+    """stride=3: every proposed index is a multiple of 3, the programme costs fewer model evaluations than on the full
+    grid, its reported error is the re-fit's on that path, and the search still keeps uniform when it is better."""
+    pipe, stats, x_path = recorded
+    den = lambda x, t: pipe.unet(x, t).sample  # noqa: E731
+    full, full_evals = refit_programme(stats.timesteps, x_path[0], x_path, den, [3, 5], progress=False)
+    coarse, coarse_evals = refit_programme(stats.timesteps, x_path[0], x_path, den, [3, 5], stride=3,
+                                           progress=False)
+    assert coarse_evals < 0.5 * full_evals
+    for n in (3, 5):
+        path, err = coarse[n]
+        assert len(path) == n and path[0] == 0 and all(i % 3 == 0 for i in path) and path == sorted(set(path))
+        redo = refine_schedule(search_schedule(stats, n, path=path), den, x_path[0], x_path, progress=False)
+        assert err == pytest.approx(redo.errors[-1], rel=1e-9)
+    res = refit_path_search(stats.timesteps, x_path[0], x_path, den, [3, 5], stride=3, progress=False)
+    for n in (3, 5):
+        assert res[n].error <= res[n].start_error and res[n].proposal == coarse[n][0]
+    with pytest.raises(ValueError, match="stride must be a positive integer leaving at least 5"):
+        refit_programme(stats.timesteps, x_path[0], x_path, den, [5], stride=8, progress=False)
+    with pytest.raises(ValueError, match="stride"):
+        refit_programme(stats.timesteps, x_path[0], x_path, den, [3], stride=0, progress=False)
+    with pytest.raises(ValueError, match="search_stride"):
+        FitConfig(search_stride=0)
