@@ -480,7 +480,8 @@ def _search_on_rank0(stats: GramStats, n: int, fit: FitConfig, ctx: DistContext)
 def _refit_path_schedules(pipe: Any, stats: GramStats, refine_items: Sequence[WorkItem], latents: torch.Tensor,
                           record: RecordConfig, fit: FitConfig, progress: bool,
                           ctx: DistContext) -> dict[int, OLSSSchedule]:
-    """``path="refit"``: the paths of :func:`refit_path_search` (one programme for all step counts) on
+    """``path="refit"``: the paths of :func:`refit_path_search` (one programme for all step counts; the uniform and
+    the min-max path of ``stats`` are judged too, so the result is never worse than either on the search samples) on
     ``search_samples`` of the re-fit samples (spread evenly over them, so over the prompts), each with the paper's
     fit on it (the re-fit that follows re-fits it on all re-fit samples)."""
     count = min(len(refine_items), fit.search_samples or len(refine_items))
@@ -490,7 +491,8 @@ def _refit_path_schedules(pipe: Any, stats: GramStats, refine_items: Sequence[Wo
     x0 = item_noise(items, shape, "cpu", torch.float32).to(pipeline_dtype(pipe)).to(torch.float32)
     found = refit_path_search(
         stats.timesteps, x0, latents[:, pick], pipeline_denoiser(pipe, items, record, distributed=ctx),
-        sorted(fit.num_steps), stride=fit.search_stride, sweeps=fit.search_sweeps, granularity=fit.granularity,
+        sorted(fit.num_steps), start={n: search_schedule(stats, n, path="minimax", granularity=fit.granularity).indices
+                                     for n in fit.num_steps}, stride=fit.search_stride, sweeps=fit.search_sweeps, granularity=fit.granularity,
         progress=progress and ctx.is_main, agree=(lambda v: broadcast_object(v, ctx)) if ctx.enabled else None,
     )
     out = {}

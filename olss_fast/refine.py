@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -372,7 +372,7 @@ def refit_path_search(
     programme: bool = True,
     stride: int = 1,
     sweeps: int = 0,
-    start: Sequence[int] | None = None,
+    start: Sequence[int] | Mapping[int, Sequence[int]] | None = None,
     granularity: str = "global",
     ridge: float = 1e-8,
     progress: bool = True,
@@ -383,7 +383,7 @@ def refit_path_search(
     The objective of a path is the final-latent MSE against the teacher of the student *after* the re-fit
     (:func:`sequential_refit`) on ``noise``, i.e. what the re-fit reports as its last error. For each step count:
 
-    1. the uniform path (and ``start``, if given) and, with ``programme``, the path proposed by
+    1. the uniform path (and ``start``, if given: ``fit_olss_scheduler`` passes the paper's min-max path) and, with ``programme``, the path proposed by
        :func:`refit_programme` (OSS's dynamic programme with the re-fit inside, run once for all step counts) are
        judged exactly; the best becomes the current path (ties keep uniform);
     2. ``sweeps`` passes of coordinate descent: for each position p = 1 … n−1, try moving ``i_p`` by ±s teacher
@@ -402,7 +402,7 @@ def refit_path_search(
         programme: propose a path with :func:`refit_programme`.
         stride: the programme's grid: every stride-th teacher index (1: all; larger is cheaper and coarser).
         sweeps: passes of coordinate descent (0: none).
-        start: another path to judge as a start (for one step count only).
+        start: another path to judge as a start (for one step count), or ``{n: path}`` for several.
         granularity, ridge: as in :func:`sequential_refit`.
         agree: maps each objective value to the one every process uses (rank 0's under torch.distributed), so
             that all processes take the same decisions; default: as computed.
@@ -429,12 +429,21 @@ def refit_path_search(
     if not torch.allclose(noise.to(teacher_latents.dtype), teacher_latents[0], rtol=1e-4, atol=1e-5):
         raise ValueError("noise must be the teacher run's initial latent (teacher_latents[0])")
     _check_equations(noise, counts[-1], granularity)
-    if start is not None:
-        start = [int(i) for i in start]
-        if len(counts) != 1 or len(start) != counts[0] or start[0] != 0 or \
-                any(a >= b for a, b in zip(start, start[1:])) or start[-1] >= T:
-            raise ValueError(f"start must be {counts[0]} teacher indices starting at 0, strictly increasing, below "
-                             f"{T}, for a single step count: {start}")
+    if start is None:
+        starts: dict[int, list[int]] = {}
+    elif isinstance(start, Mapping):
+        starts = {int(n): [int(i) for i in p] for n, p in start.items()}
+        if not set(starts) <= set(counts):
+            raise ValueError(f"start has paths for step counts {sorted(set(starts) - set(counts))} that are not "
+                             f"searched ({counts})")
+    elif len(counts) == 1:
+        starts = {counts[0]: [int(i) for i in start]}
+    else:
+        raise ValueError(f"a single start path needs a single step count; give {{n: path}} for {counts}")
+    for n, p in starts.items():
+        if len(p) != n or p[0] != 0 or any(a >= b for a, b in zip(p, p[1:])) or p[-1] >= T:
+            raise ValueError(f"start must be {n} teacher indices starting at 0, strictly increasing, below {T}, "
+                             f"for {n} steps: {p}")
     agree = agree or (lambda v: v)
     x0 = noise.to(torch.float32)
     proposals: dict[int, tuple[list[int], float]] = {}
@@ -446,7 +455,7 @@ def refit_path_search(
         proposals = agree(proposals)
     results = {}
     for n in counts:
-        results[n] = _descend(timesteps, x0, teacher_latents, denoise, n, uniform_path(T, n), start,
+        results[n] = _descend(timesteps, x0, teacher_latents, denoise, n, uniform_path(T, n), starts.get(n),
                               proposals[n][0] if n in proposals else None, sweeps, granularity, ridge, progress,
                               agree)
         results[n].meta["programme_evaluations"] = prog_evals

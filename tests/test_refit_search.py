@@ -157,3 +157,24 @@ def test_programme_stride_places_steps_on_the_coarse_grid_and_stays_never_worse_
         refit_programme(stats.timesteps, x_path[0], x_path, den, [3], stride=0, progress=False)
     with pytest.raises(ValueError, match="search_stride"):
         FitConfig(search_stride=0)
+
+
+def test_refit_search_judges_a_start_per_step_count(recorded):
+    """fit_olss_scheduler passes the min-max path of every step count as a start: the result is never worse than
+    either that path or uniform on the re-fit objective, judged by an independent re-fit."""
+    pipe, stats, x_path = recorded
+    den = lambda x, t: pipe.unet(x, t).sample  # noqa: E731
+    starts = {n: search_schedule(stats, n, path="minimax").indices for n in (3, 5)}
+    res = refit_path_search(stats.timesteps, x_path[0], x_path, den, [3, 5], start=starts, programme=False,
+                            progress=False)
+    for n in (3, 5):
+        errs = [refine_schedule(search_schedule(stats, n, path=p), den, x_path[0], x_path, progress=False).errors[-1]
+                for p in (starts[n], uniform_path(30, n))]
+        assert res[n].error == pytest.approx(min(errs), rel=1e-9)
+        assert res[n].indices == (starts[n] if errs[0] < errs[1] else uniform_path(30, n))
+    with pytest.raises(ValueError, match="not searched"):
+        refit_path_search(stats.timesteps, x_path[0], x_path, den, [3], start={4: [0, 1, 2, 3]}, progress=False)
+    with pytest.raises(ValueError, match="single start path needs a single step count"):
+        refit_path_search(stats.timesteps, x_path[0], x_path, den, [3, 5], start=[0, 1, 2], progress=False)
+    with pytest.raises(ValueError, match="start must be 5 teacher indices"):
+        refit_path_search(stats.timesteps, x_path[0], x_path, den, [3, 5], start={5: [0, 1, 2]}, progress=False)
