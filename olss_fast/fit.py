@@ -97,6 +97,12 @@ class FitConfig:
             check_int("search_samples", self.search_samples, 1, 2**31)
         check_int("search_sweeps", self.search_sweeps, 0, 1000)
         check_int("search_stride", self.search_stride, 1, MAX_TEACHER_STEPS)
+        unused = [name for name, value, default in (("search_samples", self.search_samples, None),
+                                                    ("search_stride", self.search_stride, 1),
+                                                    ("search_sweeps", self.search_sweeps, 0)) if value != default]
+        if unused and self.path != "refit":
+            raise ValueError(f"{', '.join(unused)} only apply to path='refit' (the path search judged after the "
+                             f"re-fit), not to path={self.path!r}: drop them or use path='refit'")
 
 
 @dataclass
@@ -489,10 +495,12 @@ def _refit_path_schedules(pipe: Any, stats: GramStats, refine_items: Sequence[Wo
     items = [refine_items[k] for k in pick]
     shape = latent_shape(pipe, record.height, record.width)
     x0 = item_noise(items, shape, "cpu", torch.float32).to(pipeline_dtype(pipe)).to(torch.float32)
+    minimax = {n: search_schedule(stats, n, path="minimax", granularity=fit.granularity).indices
+               for n in fit.num_steps}
     found = refit_path_search(
         stats.timesteps, x0, latents[:, pick], pipeline_denoiser(pipe, items, record, distributed=ctx),
-        sorted(fit.num_steps), start={n: search_schedule(stats, n, path="minimax", granularity=fit.granularity).indices
-                                     for n in fit.num_steps}, stride=fit.search_stride, sweeps=fit.search_sweeps, granularity=fit.granularity,
+        sorted(fit.num_steps), start=minimax, stride=fit.search_stride, sweeps=fit.search_sweeps,
+        granularity=fit.granularity,
         progress=progress and ctx.is_main, agree=(lambda v: broadcast_object(v, ctx)) if ctx.enabled else None,
     )
     out = {}

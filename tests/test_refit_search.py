@@ -178,3 +178,11 @@ def test_refit_search_judges_a_start_per_step_count(recorded):
         refit_path_search(stats.timesteps, x_path[0], x_path, den, [3, 5], start=[0, 1, 2], progress=False)
     with pytest.raises(ValueError, match="start must be 5 teacher indices"):
         refit_path_search(stats.timesteps, x_path[0], x_path, den, [3, 5], start={5: [0, 1, 2]}, progress=False)
+
+
+def test_search_options_need_the_refit_path():
+    with pytest.raises(ValueError, match="search_stride only apply to path='refit'"):
+        FitConfig(path="uniform", search_stride=2)
+    with pytest.raises(ValueError, match="search_samples, search_sweeps only apply to path='refit'"):
+        FitConfig(refine=False, search_samples=4, search_sweeps=1)
+    assert FitConfig(search_stride=2, search_samples=4).path == "refit"
