@@ -68,3 +68,21 @@ def test_demo_refuses_corrupted_weights_and_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="diffusion_pytorch_model.safetensors"):
         run_demo(DemoConfig(model_path=str(model), out=str(out)))
     assert not out.exists()
+
+
+def test_demo_optional_learned_step_rows_and_search_budget(tmp_path):
+    """The learned-timestep baselines and OLSS on the uniform path are extra rows of the same table; the
+    reduced search budget is validated."""
+    config = DemoConfig(teacher_steps=10, steps=(2, 3), samplers=("olss", "olss-uniform", "oss-ddim", "ddim"),
+                        train_classes=(0, 1), eval_classes=(7, 8), train_seeds=3, eval_seeds=4, grid_nfe=3,
+                        search_samples=4, search_stride=1, oss_samples=4, out=str(tmp_path / "demo"))
+    results = run_demo(config, progress=False)
+    assert set(results["samplers"]) == {"olss", "olss-uniform", "oss-ddim", "ddim"}
+    for name in ("olss-uniform", "oss-ddim"):
+        assert all(results["samplers"][name][n]["rmse"] > 0 for n in ("2", "3"))
+    assert results["teacher"]["sampler"] == "DPMSolverMultistepScheduler-10"
+    assert results["time_s"]["fit_all"] >= results["time_s"]["search"]
+    with pytest.raises(ValueError, match="search_stride 5 leaves fewer than 3"):
+        run_demo(DemoConfig(teacher_steps=10, steps=(2, 3), grid_nfe=3, search_stride=5, out=str(tmp_path / "b")))
+    with pytest.raises(ValueError, match="oss_samples must be a positive integer"):
+        run_demo(DemoConfig(oss_samples=0, out=str(tmp_path / "c")))
