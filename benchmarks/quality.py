@@ -446,8 +446,6 @@ def main(argv=None) -> int:
     return 0
 
 
-
-
 def main14(args) -> int:
     out = Path(args.out)
     file = out / "quality_issue14.json"

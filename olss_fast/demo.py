@@ -282,7 +282,7 @@ def add_demo_parser(subparsers: Any) -> None:
     p.add_argument("--out", default=d.out, help="output folder (results.json, grid.png, quality.png)")
     p.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--teacher-steps", type=positive_int, default=d.teacher_steps,
-                   help=f"teacher DDIM steps (default {d.teacher_steps})")
+                   help=f"teacher (DPM-Solver++(2M)) steps (default {d.teacher_steps})")
     p.add_argument("--steps", type=positive_int, nargs="+", default=list(d.steps),
                    help=f"model evaluations (NFE) to compare at (default {' '.join(map(str, d.steps))})")
     p.add_argument("--samplers", nargs="+", default=list(d.samplers), choices=list(SAMPLERS + OPTIONAL_SAMPLERS),

@@ -429,7 +429,8 @@ def record_trajectories(
     Args:
         pipe: a diffusers pipeline whose loop calls ``scheduler.step`` once per timestep.
         prompts: prompts (or class labels, for class-conditional pipelines) passed as ``prompt=``.
-        teacher: the teacher scheduler (default: DDIM with trailing timesteps on the pipeline's noise schedule).
+        teacher: the teacher scheduler (default: :func:`default_teacher`, DPM-Solver++(2M) with trailing timesteps
+            on the pipeline's noise schedule; flow matching: the pipeline's own scheduler).
         config: a :class:`RecordConfig`; or pass its fields as keywords (``teacher_steps=100, batch_size=4, ...``).
         stats: statistics to add to (default: new ones).
         items: explicit work items (default: ``make_work_items(prompts, seeds_per_prompt, base_seed)``).
