@@ -6,7 +6,7 @@ path search, judged after the re-fit, with a reduced budget: ``search_samples``/
 *held-out* classes and seeds, run OLSS and diffusers' DDIM, DPM-Solver++(2M), UniPC, DEIS, PNDM and Euler at the same
 number of model evaluations (NFE), all with trailing timesteps, and measure RMSE/PSNR against the teacher's sample
 from the same noise, the Fréchet distance to the real digits of the evaluated classes in the shipped classifier's
-feature space, and the class accuracy. Optional samplers (not in the default set, to keep the demo at about three
+feature space, and the class accuracy. Optional samplers (not in the default set, to keep the demo at about four
 minutes on two CPU cores): ``oss-ddim`` and ``oss-dpmsolver++`` (learned-timestep baselines, :mod:`olss_fast.oss`,
 fitted on ``oss_samples`` of the training noises: about 1.5 min each on 2 cores) and ``olss-uniform`` (the re-fit on
 the uniform path). Writes ``results.json`` (every number), ``grid.png`` and ``quality.png`` into the output folder.
