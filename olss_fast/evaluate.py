@@ -207,15 +207,16 @@ def fit_oss_baselines(
     progress: bool = True,
 ) -> dict[str, tuple["OSSResult", CustomTimestepsScheduler]]:
     """OSS baselines (:func:`olss_fast.oss.oss_search`) for ``pipe``: record the teacher on the training work items
-    (prompts × seeds; ``samples`` of them spread evenly, default all), run the dynamic programme along its trajectories for each
-    solver, and wrap the chosen timesteps as diffusers schedulers. Returns ``{solver: (result, scheduler)}``.
+    (prompts × seeds; ``samples`` of them spread evenly, default all), run the dynamic programme along its
+    trajectories for each solver, and wrap the chosen timesteps as diffusers schedulers. Returns
+    ``{solver: (result, scheduler)}``.
 
     The teacher defaults to the one OLSS records (:func:`olss_fast.recording.default_teacher`), its grid being the
     teacher's timesteps plus its end, which must be clean data (σ = 0), where diffusers' DPM-Solver++ ends.
     """
     from .fit import pipeline_denoiser
     from .oss import oss_search
-    from .recording import (RecordConfig, default_teacher, make_work_items, record_trajectories,
+    from .recording import (RecordConfig, default_teacher, make_work_items, record_trajectories, spread_indices,
                             teacher_prediction_type)
 
     unknown = [s for s in solvers if s not in OSS_RUNNERS]
@@ -225,8 +226,7 @@ def fit_oss_baselines(
     if samples is not None:
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ValueError(f"samples must be a positive integer (or None for all work items), got {samples!r}")
-        count = min(samples, len(items))  # spread over the work items, so over the prompts
-        items = [items[k] for k in sorted({round(i * (len(items) - 1) / max(count - 1, 1)) for i in range(count)})]
+        items = [items[k] for k in spread_indices(len(items), samples)]  # spread over the prompts
     teacher = teacher if teacher is not None else default_teacher(pipe.scheduler)
     if "FlowMatch" in type(teacher).__name__:
         raise ValueError("OSS baselines are implemented for VP (DDIM / DPM-Solver++) samplers, not flow matching")

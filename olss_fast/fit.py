@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from .recording import (
     MAX_TEACHER_STEPS, RecordConfig, StopSampling, WorkItem, _quiet_progress, as_prompt_list, call_default_guidance,
     call_kwargs_for, check_int, check_recordable, default_teacher, item_noise, latent_shape, make_work_items,
-    pipeline_device, pipeline_dtype, record_trajectories, run_pipeline, swapped_scheduler, teacher_prediction_type,
+    pipeline_device, pipeline_dtype, record_trajectories, run_pipeline, spread_indices, swapped_scheduler,
+    teacher_prediction_type,
 )
 from .provenance import recording_context
 from .checkpoint import checkpoint_info
@@ -490,8 +491,7 @@ def _refit_path_schedules(pipe: Any, stats: GramStats, refine_items: Sequence[Wo
     the min-max path of ``stats`` are judged too, so the result is never worse than either on the search samples) on
     ``search_samples`` of the re-fit samples (spread evenly over them, so over the prompts), each with the paper's
     fit on it (the re-fit that follows re-fits it on all re-fit samples)."""
-    count = min(len(refine_items), fit.search_samples or len(refine_items))
-    pick = sorted({round(k * (len(refine_items) - 1) / max(count - 1, 1)) for k in range(count)})
+    pick = spread_indices(len(refine_items), fit.search_samples or len(refine_items))
     items = [refine_items[k] for k in pick]
     shape = latent_shape(pipe, record.height, record.width)
     x0 = item_noise(items, shape, "cpu", torch.float32).to(pipeline_dtype(pipe)).to(torch.float32)

@@ -199,6 +199,13 @@ class WorkItem:
     seed: int
 
 
+def spread_indices(total: int, count: int) -> list[int]:
+    """``min(count, total)`` indices spread evenly over ``range(total)`` (first and last included), so that a subset
+    of work items covers every prompt."""
+    count = min(count, total)
+    return sorted({round(k * (total - 1) / max(count - 1, 1)) for k in range(count)})
+
+
 def make_work_items(prompts: Sequence[Any], seeds_per_prompt: int = 1, base_seed: int = 0) -> list[WorkItem]:
     """prompts × seeds, in a fixed order; item i's noise depends only on (base_seed, prompt index, seed index)."""
     prompts = as_prompt_list(prompts)

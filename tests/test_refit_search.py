@@ -186,3 +186,12 @@ def test_search_options_need_the_refit_path():
     with pytest.raises(ValueError, match="search_samples, search_sweeps only apply to path='refit'"):
         FitConfig(refine=False, search_samples=4, search_sweeps=1)
     assert FitConfig(search_stride=2, search_samples=4).path == "refit"
+
+
+def test_spread_indices_cover_first_and_last():
+    from olss_fast.recording import spread_indices
+
+    assert spread_indices(10, 4) == [0, 3, 6, 9]
+    assert spread_indices(3, 5) == [0, 1, 2]
+    assert spread_indices(5, 1) == [0]
+    assert spread_indices(100, 25)[-1] == 99 and len(spread_indices(100, 25)) == 25
