@@ -186,8 +186,8 @@ class PipelineAdapter:
         raise NotImplementedError
 
     def placeholder_args(self, batch: int) -> dict[str, Any]:
-        """Call arguments for a ``batch``-sized warm-up."""
-        raise NotImplementedError
+        """Call arguments for a ``batch``-sized warm-up (default: empty text prompts)."""
+        return {"prompt": [""] * batch}
 
     def finish(self, image: torch.Tensor, output_type: str, return_dict: bool) -> Any:
         """The program's output → what the pipeline's ``__call__`` returns."""
@@ -262,6 +262,40 @@ def negatives(negative: Any, batch: int, what: str = "negative_prompt") -> list[
             "prompt or one per prompt"
         )
     return neg
+
+
+def check_prompt_args(args: Mapping[str, Any], *, pooled_by: str | None = None, exclusive_negative: bool = False,
+                      same_shape: bool = False) -> None:
+    """The prompt / embedding rules the text families share (their diffusers pipelines' ``check_inputs``), in one
+    order: ``prompt`` or ``prompt_embeds``, exactly one; for a family ``pooled_by`` that conditions on pooled
+    embeddings too, every embedding comes with its pooled one; with ``exclusive_negative``, ``negative_prompt`` or
+    ``negative_prompt_embeds``, not both; with ``same_shape``, prompt and negative embeddings of one shape."""
+    prompt, pe, npe = args.get("prompt"), args.get("prompt_embeds"), args.get("negative_prompt_embeds")
+    if prompt is not None and pe is not None:
+        raise ValueError("pass either `prompt` or `prompt_embeds`, not both")
+    if prompt is None and pe is None:
+        raise ValueError("provide either `prompt` or `prompt_embeds`")
+    if pooled_by is not None:
+        if pe is not None and args.get("pooled_prompt_embeds") is None:
+            raise ValueError(f"`prompt_embeds` needs `pooled_prompt_embeds` too ({pooled_by} conditions on both)")
+        if npe is not None and args.get("negative_pooled_prompt_embeds") is None:
+            raise ValueError("`negative_prompt_embeds` needs `negative_pooled_prompt_embeds` too")
+    if exclusive_negative and args.get("negative_prompt") is not None and npe is not None:
+        raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both")
+    if same_shape and pe is not None and npe is not None and tuple(pe.shape) != tuple(npe.shape):
+        raise ValueError(
+            f"batch size mismatch: `prompt_embeds` {list(pe.shape)} and `negative_prompt_embeds` "
+            f"{list(npe.shape)} must have the same shape"
+        )
+
+
+def postprocessed_output(pipe: Any, image: torch.Tensor, output_type: str, return_dict: bool, output_cls: Any) -> Any:
+    """The decoded images as the pipeline returns them: latents as they are, else its image processor's
+    ``postprocess``; a one-tuple, or ``output_cls(images=...)``."""
+    images = image if output_type == "latent" else pipe.image_processor.postprocess(image, output_type)
+    if not return_dict:
+        return (images,)
+    return output_cls(images=images)
 
 
 def repeat_each(items: Sequence[Any], k: int) -> list:

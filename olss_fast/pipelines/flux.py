@@ -16,7 +16,8 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 
-from .base import CondInput, ExportSpec, PipelineAdapter, Prepared, as_prompt_list, negatives
+from .base import (CondInput, ExportSpec, PipelineAdapter, Prepared, as_prompt_list, check_prompt_args, negatives,
+                   postprocessed_output)
 
 
 class FluxAdapter(PipelineAdapter):
@@ -106,14 +107,7 @@ class FluxAdapter(PipelineAdapter):
         pipe = self.pipe
         prompt, pe, ppe = args.get("prompt"), args.get("prompt_embeds"), args.get("pooled_prompt_embeds")
         npe, nppe = args.get("negative_prompt_embeds"), args.get("negative_pooled_prompt_embeds")
-        if prompt is not None and pe is not None:
-            raise ValueError("pass either `prompt` or `prompt_embeds`, not both")
-        if prompt is None and pe is None:
-            raise ValueError("provide either `prompt` or `prompt_embeds`")
-        if pe is not None and ppe is None:
-            raise ValueError("`prompt_embeds` needs `pooled_prompt_embeds` too (Flux conditions on both)")
-        if npe is not None and nppe is None:
-            raise ValueError("`negative_prompt_embeds` needs `negative_pooled_prompt_embeds` too")
+        check_prompt_args(args, pooled_by="Flux")
         prompts = as_prompt_list(prompt, "prompt") if prompt is not None else None
         n = len(prompts) if prompts is not None else int(pe.shape[0])
         max_len = args.get("max_sequence_length")
@@ -147,16 +141,10 @@ class FluxAdapter(PipelineAdapter):
                                             device=self.device)
         return Prepared(batch, "embeds", inputs)
 
-    def placeholder_args(self, batch: int) -> dict[str, Any]:
-        return {"prompt": [""] * batch}
-
     def finish(self, image: torch.Tensor, output_type: str, return_dict: bool) -> Any:
         from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 
-        images = image if output_type == "latent" else self.pipe.image_processor.postprocess(image, output_type)
-        if not return_dict:
-            return (images,)
-        return FluxPipelineOutput(images=images)
+        return postprocessed_output(self.pipe, image, output_type, return_dict, FluxPipelineOutput)
 
     # ------------------------------------------------------------------ program side
     def encode(self, inputs, mode, guided, options):  # type: ignore[override]

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from .base import (
-    CondInput, ExportSpec, PipelineAdapter, Prepared, TextEncodingMixin, as_prompt_list, negatives, repeat_each,
+    CondInput, ExportSpec, PipelineAdapter, Prepared, TextEncodingMixin, as_prompt_list, check_prompt_args, negatives,
+    repeat_each,
 )
 
 
@@ -84,17 +85,7 @@ class StableDiffusionAdapter(TextEncodingMixin, PipelineAdapter):
         device = self.device
         prompt, negative = args.get("prompt"), args.get("negative_prompt")
         pe, npe = args.get("prompt_embeds"), args.get("negative_prompt_embeds")
-        if prompt is not None and pe is not None:
-            raise ValueError("pass either `prompt` or `prompt_embeds`, not both")
-        if prompt is None and pe is None:
-            raise ValueError("provide either `prompt` or `prompt_embeds`")
-        if negative is not None and npe is not None:
-            raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both")
-        if pe is not None and npe is not None and tuple(pe.shape) != tuple(npe.shape):
-            raise ValueError(
-                f"batch size mismatch: `prompt_embeds` {list(pe.shape)} and `negative_prompt_embeds` "
-                f"{list(npe.shape)} must have the same shape"
-            )
+        check_prompt_args(args, exclusive_negative=True, same_shape=True)
         use_tokens = (text_in_graph and pe is None and npe is None and pipe.text_encoder is not None
                       and pipe.tokenizer is not None)
         if use_tokens:
@@ -121,9 +112,6 @@ class StableDiffusionAdapter(TextEncodingMixin, PipelineAdapter):
                                       clip_skip=options.clip_skip)
         emb = torch.cat([neg, pos]) if guided else pos
         return Prepared(int(pos.shape[0]), "embeds", {"embeds": emb.to(device)})
-
-    def placeholder_args(self, batch: int) -> dict[str, Any]:
-        return {"prompt": [""] * batch}
 
     def encode(self, inputs, mode, guided, options):  # type: ignore[override]
         if mode == "embeds":

@@ -11,7 +11,8 @@ from typing import Any, Optional
 
 import torch
 
-from .base import CondInput, ExportSpec, PipelineAdapter, Prepared, as_prompt_list, negatives
+from .base import (CondInput, ExportSpec, PipelineAdapter, Prepared, as_prompt_list, check_prompt_args, negatives,
+                   postprocessed_output)
 
 
 def _texts(value: Any, what: str, batch: int) -> Optional[list[str]]:
@@ -105,16 +106,7 @@ class StableDiffusion3Adapter(PipelineAdapter):
         pipe = self.pipe
         prompt, pe, npe = args.get("prompt"), args.get("prompt_embeds"), args.get("negative_prompt_embeds")
         ppe, nppe = args.get("pooled_prompt_embeds"), args.get("negative_pooled_prompt_embeds")
-        if prompt is not None and pe is not None:
-            raise ValueError("pass either `prompt` or `prompt_embeds`, not both")
-        if prompt is None and pe is None:
-            raise ValueError("provide either `prompt` or `prompt_embeds`")
-        if pe is not None and ppe is None:
-            raise ValueError("`prompt_embeds` needs `pooled_prompt_embeds` too (SD3 conditions on both)")
-        if npe is not None and nppe is None:
-            raise ValueError("`negative_prompt_embeds` needs `negative_pooled_prompt_embeds` too")
-        if args.get("negative_prompt") is not None and npe is not None:
-            raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both")
+        check_prompt_args(args, pooled_by="SD3", exclusive_negative=True)
         prompts = as_prompt_list(prompt, "prompt") if prompt is not None else None
         n = len(prompts) if prompts is not None else int(pe.shape[0])
         max_len = args.get("max_sequence_length")
@@ -137,16 +129,10 @@ class StableDiffusion3Adapter(PipelineAdapter):
         return Prepared(int(pos.shape[0]), "embeds", {"embeds": embeds.to(self.device),
                                                       "pooled": pooled.to(self.device)})
 
-    def placeholder_args(self, batch: int) -> dict[str, Any]:
-        return {"prompt": [""] * batch}
-
     def finish(self, image: torch.Tensor, output_type: str, return_dict: bool) -> Any:
         from diffusers.pipelines.stable_diffusion_3.pipeline_output import StableDiffusion3PipelineOutput
 
-        images = image if output_type == "latent" else self.pipe.image_processor.postprocess(image, output_type)
-        if not return_dict:
-            return (images,)
-        return StableDiffusion3PipelineOutput(images=images)
+        return postprocessed_output(self.pipe, image, output_type, return_dict, StableDiffusion3PipelineOutput)
 
     # ------------------------------------------------------------------ program side
     def encode(self, inputs, mode, guided, options):  # type: ignore[override]

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from .base import PipelineAdapter, Prepared, TextEncodingMixin, as_prompt_list, negatives, repeat_each
+from .base import (PipelineAdapter, Prepared, TextEncodingMixin, as_prompt_list, check_prompt_args, negatives,
+                   repeat_each)
 
 
 class StableDiffusionXLAdapter(TextEncodingMixin, PipelineAdapter):
@@ -71,19 +72,7 @@ class StableDiffusionXLAdapter(TextEncodingMixin, PipelineAdapter):
         negative, negative_2 = args.get("negative_prompt"), args.get("negative_prompt_2")
         pe, npe = args.get("prompt_embeds"), args.get("negative_prompt_embeds")
         ppe, nppe = args.get("pooled_prompt_embeds"), args.get("negative_pooled_prompt_embeds")
-        if prompt is not None and pe is not None:
-            raise ValueError("pass either `prompt` or `prompt_embeds`, not both")
-        if prompt is None and pe is None:
-            raise ValueError("provide either `prompt` or `prompt_embeds`")
-        if pe is not None and ppe is None:
-            raise ValueError("`prompt_embeds` needs `pooled_prompt_embeds` too (SDXL conditions on both)")
-        if npe is not None and nppe is None:
-            raise ValueError("`negative_prompt_embeds` needs `negative_pooled_prompt_embeds` too")
-        if pe is not None and npe is not None and tuple(pe.shape) != tuple(npe.shape):
-            raise ValueError(
-                f"batch size mismatch: `prompt_embeds` {list(pe.shape)} and `negative_prompt_embeds` "
-                f"{list(npe.shape)} must have the same shape"
-            )
+        check_prompt_args(args, pooled_by="SDXL", same_shape=True)
         te2 = pipe.text_encoder_2
         zero_negative = negative is None and bool(pipe.config.force_zeros_for_empty_prompt)
         inputs: dict[str, torch.Tensor] = {}
@@ -140,9 +129,6 @@ class StableDiffusionXLAdapter(TextEncodingMixin, PipelineAdapter):
             time_ids = torch.cat([time_ids, time_ids], dim=0)
         inputs["time_ids"] = time_ids.to(device).repeat(batch, 1)
         return Prepared(batch, mode, inputs)
-
-    def placeholder_args(self, batch: int) -> dict[str, Any]:
-        return {"prompt": [""] * batch}
 
     def encode(self, inputs, mode, guided, options):  # type: ignore[override]
         if mode == "embeds":
