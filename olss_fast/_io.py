@@ -206,9 +206,9 @@ def exclusive_lock(target: str | os.PathLike, what: str = "output") -> Iterator[
 
 
 # ---------------------------------------------------------------------------------------------- bounded reading
-def read_limited(path: str | os.PathLike, max_bytes: int, what: str) -> bytes:
-    """The bytes of a regular file of at most ``max_bytes``; ``ValueError`` otherwise (missing, a folder, a device
-    or FIFO, too large, unreadable)."""
+def check_regular_file(path: str | os.PathLike, max_bytes: int, what: str) -> os.stat_result:
+    """``ValueError`` unless ``path`` is a regular file of at most ``max_bytes`` (missing, a folder, a device or FIFO,
+    too large, unreadable) — for readers that open the file themselves; returns its ``os.stat``."""
     path = Path(path)
     try:
         st = os.stat(path)
@@ -223,6 +223,14 @@ def read_limited(path: str | os.PathLike, max_bytes: int, what: str) -> bytes:
     if st.st_size > max_bytes:
         raise ValueError(f"{what} {path} has {st.st_size} bytes, more than the {max_bytes} such a file can have "
                          "(not one of ours, or corrupted)")
+    return st
+
+
+def read_limited(path: str | os.PathLike, max_bytes: int, what: str) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``; ``ValueError`` otherwise (see
+    :func:`check_regular_file`, and a file that grows while being read)."""
+    path = Path(path)
+    check_regular_file(path, max_bytes, what)
     try:
         with open(path, "rb") as fh:
             data = fh.read(max_bytes + 1)

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from ._io import (
-    atomic_write_with, expect_dict, expect_int, expect_list, expect_str, parse_json,
+    atomic_write_with, check_regular_file, expect_dict, expect_int, expect_list, expect_str, parse_json,
 )
 
 STATS_FORMAT = "olss_fast.gram_stats"
@@ -324,7 +324,7 @@ class GramStats:
     def _load(cls, path: Path, device: torch.device | str) -> "GramStats":
         from safetensors import safe_open
 
-        check_readable_file(path, MAX_STATS_BYTES, "statistics file")
+        check_regular_file(path, MAX_STATS_BYTES, "statistics file")
         try:
             with safe_open(str(path), framework="pt") as fh:
                 metadata = fh.metadata() or {}
@@ -405,22 +405,6 @@ def ranges_to_set(ranges: Sequence[Sequence[int]]) -> set[int]:
 
 def count_ranges(ranges: Sequence[Sequence[int]]) -> int:
     return sum(b - a for a, b in ranges)
-
-
-def check_readable_file(path: Path, max_bytes: int, what: str) -> None:
-    """A regular file of at most ``max_bytes`` (``ValueError`` otherwise) — checked before anything reads it."""
-    import stat as stat_
-
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise ValueError(f"{what} {path} does not exist") from None
-    except OSError as exc:
-        raise ValueError(f"{what} {path} cannot be read: {exc}") from None
-    if not stat_.S_ISREG(st.st_mode):
-        raise ValueError(f"{what} {path} is not a regular file")
-    if st.st_size > max_bytes:
-        raise ValueError(f"{what} {path} is larger than {max_bytes} bytes")
 
 
 def _digest(header: str, gram: torch.Tensor) -> str:
