@@ -32,7 +32,7 @@ import logging
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -247,10 +247,7 @@ def oss_search(
                        evaluations=evaluations, meta={"samples": int(x0.shape[0])})
     for n in steps:
         err, node = finals[n]
-        path = [node]
-        for k in range(n - 1, 0, -1):
-            path.append(parents[k][path[-1]])
-        path.reverse()
+        path = trace_back(parents, node, n)
         assert path[0] == 0 and len(path) == n, path
         result.indices[n] = path
         result.timesteps[n] = [timesteps[i] for i in path]
@@ -258,6 +255,15 @@ def oss_search(
     logger.info("OSS (%s): %s; %d model evaluations on %d samples", solver,
                 {n: result.indices[n] for n in steps}, evaluations, x0.shape[0])
     return result
+
+
+def trace_back(parents: Sequence[Mapping[int, int]], last: int, n: int) -> list[int]:
+    """The n grid nodes of the best path whose last step starts at node ``last``: ``parents[k][j]`` is the node
+    before j on the best k-step path to j (the programme's back-pointers)."""
+    path = [last]
+    for k in range(n - 1, 0, -1):
+        path.append(parents[k][path[-1]])
+    return path[::-1]
 
 
 def run_path(denoise: Denoise, x0: torch.Tensor, timesteps: Sequence[Any], alpha_bars: Sequence[float],

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .lstsq import gram_lstsq
+from .oss import trace_back
 from .schedule import GRANULARITIES, OLSSSchedule
 from .step import olss_combine
 
@@ -354,11 +355,7 @@ def refit_programme(
     out = {}
     for n in steps:
         err, node = finals[n]
-        path = [node]
-        for k in range(n - 1, 0, -1):
-            path.append(parents[k][path[-1]])
-        path.reverse()
-        out[n] = (path, err)
+        out[n] = (trace_back(parents, node, n), err)
     return out, evaluations
 
 
