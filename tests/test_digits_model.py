@@ -14,21 +14,13 @@ from olss_fast.models import digits as D
 from olss_fast.models.digits import (DIGITS_DIR, NULL_CLASS, DigitsPipeline, load_digits_classifier,
                                      load_digits_pipeline, digits_reference_stats)
 
-pytestmark = pytest.mark.skipif(not (DIGITS_DIR / "unet" / D.WEIGHTS_NAME).is_file(),
-                                reason="bundled digits weights not trained yet")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Sample with one torch thread: on a shared 2-core machine two OpenMP threads spin-wait and run ~15x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.skipif(not (DIGITS_DIR / "unet" / D.WEIGHTS_NAME).is_file(),
+                                 reason="bundled digits weights not trained yet"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")
-def pipe(one_thread):
+def pipe():
     return load_digits_pipeline()
 
 

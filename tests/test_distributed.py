@@ -30,14 +30,6 @@ RESUME_PROMPTS = [0, 1, 2, 1, 2, 0, 0, 1]  # 4 batches of 2: two per rank
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # the workers run with 1 thread; bitwise-identical kernels need the same
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
 def dist_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     (out / "prompts.json").write_text(json.dumps(CLI_PROMPTS))

@@ -38,6 +38,8 @@ from olss_fast.schedule import OLSSSchedule  # noqa: E402
 from olss_fast.scheduler import OLSSScheduler  # noqa: E402
 from olss_fast.testing import assert_close_scaled, perturbed  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 SD_PROMPTS = ["a cat", "the dog 7"]
 DIGITS = [3, 1, 4, 9]
@@ -45,14 +47,6 @@ DIGITS = [3, 1, 4, 9]
 ATOL_IMAGE = 1e-4  # images in [0, 1]
 REL_LATENT = 1e-5  # latents are unnormalised (|x| up to ~25): max-norm relative error, float32 rounding of the loop
 ATOL_FP16 = 2e-2  # float16 export vs float32 eager (measured <= 4e-3)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_cpu_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

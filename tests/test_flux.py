@@ -16,16 +16,10 @@ from olss_fast.testing import assert_close_scaled, tiny_flux_pipeline
 
 from flow_quality import check_quality_against_teacher
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SIZE = 32  # a 16x16 latent grid, packed 2x2 into 64 tokens of 16 channels
 KW = dict(height=SIZE, width=SIZE, max_sequence_length=16)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

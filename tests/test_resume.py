@@ -19,6 +19,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from resume_worker import HangingGMM, gmm_pipeline, load_hanging  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPTS = [0, 1, 2, 1, 0, 2]
 # 6 prompts x 2 seeds = 12 work items in 6 batches of 2
 ARGS = ["--teacher-steps", "20", "--steps", "3", "5", "--batch-size", "2", "--seeds-per-prompt", "2",
@@ -28,14 +30,6 @@ REC = dict(teacher_steps=20, batch_size=2, seeds_per_prompt=2, guidance_scale=2.
 
 class Crash(Exception):
     pass
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # the worker runs with 1 thread: bitwise-identical kernels need the same
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

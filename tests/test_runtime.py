@@ -36,21 +36,13 @@ from olss_fast.schedule import OLSSSchedule  # noqa: E402
 from olss_fast.step import ddim_coefficients  # noqa: E402
 from olss_fast.testing import assert_close_scaled, perturbed, write_clip_tokenizer  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MERGES = ["a b", "ab c</w>", "h e", "l l", "he ll", "w o", "wo r"]
 
 HAS_CUDA = torch.cuda.is_available()
 N_STEPS = 4
 PROMPTS = ["a hello abc", "abc world"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_cpu_thread() -> Any:
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP spinning makes these tests
-    ~10x slower; restore the setting for the rest of the suite."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ================================================================================================ tiny components

@@ -13,15 +13,9 @@ from olss_fast import OLSSScheduler, compile_olss_pipeline
 from olss_fast.schedule import OLSSSchedule
 from olss_fast.testing import assert_close_scaled, perturbed, tiny_sd_pipeline, tiny_sdxl_pipeline
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPT = ["a cat", "blue sky"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def ddim_schedule(pipe: Any, n: int, **fitted_for: Any) -> OLSSSchedule:

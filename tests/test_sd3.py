@@ -13,17 +13,11 @@ from olss_fast.testing import assert_close_scaled, tiny_sd3_pipeline
 
 from flow_quality import check_quality_against_teacher
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SIZE = 16
 KW = dict(height=SIZE, width=SIZE, max_sequence_length=16)
 TRAIN = ["a cat", "a dog", "blue sky", "red car", "old tree", "a bird", "green hill", "a boat"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
