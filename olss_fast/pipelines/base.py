@@ -98,6 +98,8 @@ class PipelineAdapter:
 
     #: the pipeline class name, used in messages
     name = "pipeline"
+    #: the pipeline's attributes besides the denoiser whose modules the program runs (when present): see modules()
+    module_names: tuple[str, ...] = ()
     #: call arguments beyond the common ones (prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, latents,
     #: generator, output_type, return_dict, height, width, num_images_per_prompt, guidance_scale, num_inference_steps)
     extra_kwargs: tuple[str, ...] = ()
@@ -122,8 +124,13 @@ class PipelineAdapter:
         return self.pipe.unet
 
     def modules(self) -> dict[str, torch.nn.Module]:
-        """The torch modules the program runs, by name (what a runner watches for changes)."""
-        return {"denoiser": self.denoiser}
+        """The torch modules the program runs, by name (what a runner watches for changes): the denoiser and the
+        pipeline's modules named in ``module_names`` that it has."""
+        out = {"denoiser": self.denoiser}
+        for name in self.module_names:
+            if getattr(self.pipe, name, None) is not None:
+                out[name] = getattr(self.pipe, name)
+        return out
 
     def refresh(self) -> None:
         """Called when the pipeline's modules changed (an adapter that keeps derived copies rebuilds them)."""

@@ -22,6 +22,7 @@ from .base import (CondInput, ExportSpec, PipelineAdapter, Prepared, as_prompt_l
 
 class FluxAdapter(PipelineAdapter):
     name = "FluxPipeline"
+    module_names = ("vae", "text_encoder", "text_encoder_2")
     extra_kwargs = ("prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
                     "max_sequence_length", "true_cfg_scale")
     options_supported = ()
@@ -37,13 +38,6 @@ class FluxAdapter(PipelineAdapter):
     @property
     def denoiser(self) -> torch.nn.Module:
         return self.pipe.transformer
-
-    def modules(self) -> dict[str, torch.nn.Module]:
-        out = {"denoiser": self.denoiser, "vae": self.pipe.vae}
-        for name in ("text_encoder", "text_encoder_2"):
-            if getattr(self.pipe, name, None) is not None:
-                out[name] = getattr(self.pipe, name)
-        return out
 
     @property
     def latent_channels(self) -> int:

@@ -43,6 +43,7 @@ class VAEDecoder(torch.nn.Module):
 
 class StableDiffusionAdapter(TextEncodingMixin, PipelineAdapter):
     name = "StableDiffusionPipeline"
+    module_names = ("vae", "text_encoder")
     options_supported = ("clip_skip", "lora_scale", "guidance_rescale")
     export_unsupported = None
 
@@ -58,12 +59,6 @@ class StableDiffusionAdapter(TextEncodingMixin, PipelineAdapter):
             raise ValueError(
                 "UNets with a guidance embedding (time_cond_proj_dim, e.g. LCM) are not supported by the OLSS runner"
             )
-
-    def modules(self) -> dict[str, torch.nn.Module]:
-        out = {"denoiser": self.denoiser, "vae": self.pipe.vae}
-        if self.pipe.text_encoder is not None:
-            out["text_encoder"] = self.pipe.text_encoder
-        return out
 
     @property
     def use_mask(self) -> bool:

@@ -45,6 +45,7 @@ class SD3Decoder(torch.nn.Module):
 
 class StableDiffusion3Adapter(PipelineAdapter):
     name = "StableDiffusion3Pipeline"
+    module_names = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
     extra_kwargs = ("prompt_2", "prompt_3", "negative_prompt_2", "negative_prompt_3", "pooled_prompt_embeds",
                     "negative_pooled_prompt_embeds", "max_sequence_length")
     options_supported = ()
@@ -59,13 +60,6 @@ class StableDiffusion3Adapter(PipelineAdapter):
     @property
     def denoiser(self) -> torch.nn.Module:
         return self.pipe.transformer
-
-    def modules(self) -> dict[str, torch.nn.Module]:
-        out = {"denoiser": self.denoiser, "vae": self.pipe.vae}
-        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-            if getattr(self.pipe, name, None) is not None:
-                out[name] = getattr(self.pipe, name)
-        return out
 
     # ------------------------------------------------------------------ sizes
     def default_size(self) -> tuple[int, int]:

@@ -13,6 +13,7 @@ from .base import (PipelineAdapter, Prepared, TextEncodingMixin, as_prompt_list,
 
 class StableDiffusionXLAdapter(TextEncodingMixin, PipelineAdapter):
     name = "StableDiffusionXLPipeline"
+    module_names = ("vae", "text_encoder", "text_encoder_2")
     extra_kwargs = (
         "prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
         "original_size", "crops_coords_top_left", "target_size",
@@ -41,13 +42,6 @@ class StableDiffusionXLAdapter(TextEncodingMixin, PipelineAdapter):
         vae = self.pipe.vae
         needs_upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
         self._vae32 = copy.deepcopy(vae).to(torch.float32) if needs_upcast else None
-
-    def modules(self) -> dict[str, torch.nn.Module]:
-        out = {"denoiser": self.denoiser, "vae": self.pipe.vae}
-        for name in ("text_encoder", "text_encoder_2"):
-            if getattr(self.pipe, name, None) is not None:
-                out[name] = getattr(self.pipe, name)
-        return out
 
     def default_size(self) -> tuple[int, int]:
         return self.unet_pixel_size()
