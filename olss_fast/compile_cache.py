@@ -115,7 +115,7 @@ class CompileCache:
         return True
 
     def _read(self, path: Path, key: str, description: Mapping[str, Any]) -> bytes:
-        st = os.stat(path)
+        st = _io.check_regular_file(path, MAX_ENTRY_BYTES + _MAX_HEADER_BYTES, "compile cache entry")
         if hasattr(os, "getuid") and st.st_uid != os.getuid():
             raise ValueError("it is owned by another user")
         if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
