@@ -1,7 +1,7 @@
 """Run an exported OLSS sampler with onnxruntime and numpy only (no torch, no diffusers, no olss_fast).
 
 This file is self-contained on purpose: it imports only the standard library, ``numpy`` and ``onnxruntime``, and
-every export written by :func:`olss_fast.export.export_onnx` carries a verbatim copy of it as
+every export written by :func:`olss_fast.export.onnx_export.export_onnx` carries a verbatim copy of it as
 ``olss_onnx_runner.py``. On a machine with just ``pip install onnxruntime numpy``::
 
     import sys, numpy as np
@@ -305,7 +305,7 @@ class OnnxOLSSRunner:
     """The exported fixed-step OLSS sampler on onnxruntime: token ids / class labels (or embeddings) + noise → image.
 
     Args:
-        export_dir: a folder written by ``olss_fast.export.export_onnx`` (or ``olss-fast export --format onnx``).
+        export_dir: a folder written by ``olss_fast.export.onnx_export.export_onnx`` (or ``olss-fast export --format onnx``).
         providers: onnxruntime execution providers (default: ``["CPUExecutionProvider"]``; e.g.
             ``["CUDAExecutionProvider", "CPUExecutionProvider"]`` on a GPU build of onnxruntime).
         session_options: an ``onnxruntime.SessionOptions`` shared by the sessions (threads, optimisation level).

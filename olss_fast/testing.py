@@ -56,11 +56,14 @@ def write_clip_tokenizer(folder: str | Path, model_max_length: int = 77, merges:
 
 
 def tiny_clip_tokenizer(folder: str | Path | None = None, max_length: int = 16):
-    """A byte-level CLIPTokenizer written to ``folder`` (a temporary one by default); no download."""
+    """A byte-level CLIPTokenizer, no download. Without ``folder`` its files are written to a temporary folder that
+    is removed once the tokenizer is loaded (it keeps everything in memory); with one they stay there."""
     from transformers import CLIPTokenizer
 
-    folder = write_clip_tokenizer(folder or tempfile.mkdtemp(prefix="olss_tok_"), model_max_length=max_length)
-    return CLIPTokenizer.from_pretrained(str(folder))
+    if folder is not None:
+        return CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(folder, model_max_length=max_length)))
+    with tempfile.TemporaryDirectory(prefix="olss_tok_") as tmp:
+        return CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(tmp, model_max_length=max_length)))
 
 
 def tiny_sd_pipeline(
