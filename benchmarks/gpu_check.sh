@@ -68,7 +68,7 @@ for mod in ("torch", "triton", "diffusers", "transformers", "pytest"):
         print(f"{mod} NOT IMPORTABLE: {exc!r}")
 import torch
 print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
-import olss_fast, olss_fast.kernels.fused_step as fs, olss_fast.cuda_graph as cg, olss_fast.runtime as rt
+import olss_fast, olss_fast.kernels.fused_step as fs, olss_fast.serve.cuda_graph as cg, olss_fast.serve.runner as rt
 print("olss_fast from", olss_fast.__file__, "| kernels", fs.__file__, "| triton in kernels:", fs.HAS_TRITON)
 EOF
 } > "$OUTDIR/env.txt" 2>&1

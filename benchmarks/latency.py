@@ -223,8 +223,8 @@ def flow_euler_schedule(pipe: Any, n: int, height: int, width: int) -> Any:
     import copy
 
     from olss_fast.pipelines import adapter_for
-    from olss_fast.schedule import OLSSSchedule
-    from olss_fast.step import ddim_step_factors, unroll_linear_steps
+    from olss_fast.core.schedule import OLSSSchedule
+    from olss_fast.core.step import ddim_step_factors, unroll_linear_steps
 
     sched = copy.deepcopy(pipe.scheduler)
     sched.set_timesteps(**adapter_for(pipe).teacher_timestep_kwargs(sched, n, height, width), device="cpu")
@@ -238,8 +238,8 @@ def ddim_olss_schedule(n: int) -> Any:
     """DDIM's update at its n trailing timesteps as an OLSSSchedule (speed does not depend on the coefficients)."""
     from diffusers import DDIMScheduler
 
-    from olss_fast.schedule import OLSSSchedule
-    from olss_fast.step import ddim_coefficients
+    from olss_fast.core.schedule import OLSSSchedule
+    from olss_fast.core.step import ddim_coefficients
 
     ddim = DDIMScheduler(**SCHEDULER)
     ddim.set_timesteps(n)
@@ -368,7 +368,7 @@ def _memory(b: Bench, start: int) -> dict[str, float]:
 def bench_floor(b: Bench, st: Setup) -> None:
     """The denoiser call (CFG batch), the text encoder (when it runs inside the program) and the decoder, each
     captured alone in a CUDA graph: the program's floor is n x denoiser + text encoder + decoder."""
-    from olss_fast.cuda_graph import capture_cuda_graph
+    from olss_fast.serve.cuda_graph import capture_cuda_graph
     from olss_fast.pipelines import CallOptions, adapter_for
 
     a = adapter_for(st.pipe)
@@ -424,7 +424,7 @@ def bench_diffusers(b: Bench, st: Setup, steps: list[int], name: str, scheduler_
 
 def bench_runner(b: Bench, st: Setup, steps: list[int], backend: str, compile: bool, label: str,
                  cache_dir: Optional[str] = None) -> None:
-    from olss_fast.runtime import compile_olss_pipeline
+    from olss_fast.serve.runner import compile_olss_pipeline
 
     reps = (10 if b.quick else 30) if backend == "cuda_graph" else (3 if b.quick else 10)
     for n in steps:
@@ -473,8 +473,8 @@ def bench_first_image(b: Bench, args: argparse.Namespace, n: int) -> str:
 
 def child_first_image(args: argparse.Namespace) -> int:
     """``--child-first-image CACHE``: build the pipeline, then time compile_olss_pipeline + the first image."""
-    from olss_fast.compile_cache import inductor_counters
-    from olss_fast.runtime import compile_olss_pipeline
+    from olss_fast.serve.compile_cache import inductor_counters
+    from olss_fast.serve.runner import compile_olss_pipeline
 
     st = make_setup(args)
     cuda = st.lat.device.type == "cuda"

@@ -12,7 +12,7 @@ on 5–9. Everything on held-out noise. Writes ``benchmarks/quality.json``, ``be
     python benchmarks/quality.py            # full (about 10-15 min on 2 CPU cores)
     python benchmarks/quality.py --quick    # a smaller run
 
-Issue 14 (learned-step peers): OSS-DDIM and OSS-DPM-Solver++ (olss_fast/oss.py) next to every diffusers solver and
+Issue 14 (learned-step peers): OSS-DDIM and OSS-DPM-Solver++ (olss_fast/core/oss.py) next to every diffusers solver and
 OLSS (paper fit, re-fit on the uniform / minimax path, and the path search judged after the re-fit), at 4–10 NFE on
 both models, plus the choice of teacher on the mixture (error vs the exact ODE per teacher model evaluation). Each
 part writes into ``benchmarks/quality_issue14.json``; the report section "## Quality against learned-step baselines
@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 
 from olss_fast import OLSSScheduler, fit_olss_scheduler, refine_schedule, search_schedule
-from olss_fast.evaluate import baseline_scheduler, compare_samplers, fit_oss_baselines, sample
-from olss_fast.metrics import rmse
-from olss_fast.recording import RecordConfig, default_teacher, item_noise, make_work_items, record_trajectories
-from olss_fast.search import DEFAULT_PATH
+from olss_fast.fit.baselines import baseline_scheduler, compare_samplers, fit_oss_baselines, sample
+from olss_fast.core.metrics import rmse
+from olss_fast.fit.recording import RecordConfig, default_teacher, item_noise, make_work_items, record_trajectories
+from olss_fast.core.search import DEFAULT_PATH
 
 HERE = Path(__file__).resolve().parent
 BASELINES = ["ddim", "dpmsolver++", "unipc", "deis", "pndm", "euler"]
@@ -356,7 +356,7 @@ def write_report14(res: dict, path: Path) -> None:
              f"{res['machine']}; dates per part: " + ", ".join(f"{k} {v}" for k, v in sorted(res["dates"].items()))
              + ". Raw numbers: `benchmarks/quality_issue14.json`. Best per column in bold. Rows: every diffusers "
              "solver of the benchmark (trailing timesteps, PNDM linspace), OSS (Optimal Stepsize Distillation, Pei, "
-             "Hu, Gu 2025: `olss_fast/oss.py`'s dynamic programme over the teacher's trajectories on the training "
+             "Hu, Gu 2025: `olss_fast/core/oss.py`'s dynamic programme over the teacher's trajectories on the training "
              "noises, run as diffusers' `DPMSolverMultistepScheduler` with the chosen custom timesteps; OSS-DDIM = "
              "its first-order form), and OLSS from the same teacher (the default, DPM-Solver++(2M) with 100 trailing "
              "steps) and training noises: the paper's fit (uniform path), the re-fit on the uniform / minimax path, "

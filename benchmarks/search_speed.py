@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Search speed (issue #6): the paper's direct least squares vs Gram statistics, on the same trajectories.
 
-Both methods run the same path search — the paper's min-max search (``olss_fast.search.minimax_path``: bisection on
+Both methods run the same path search — the paper's min-max search (``olss_fast.core.search.minimax_path``: bisection on
 the error bound, greedy farthest jumps found by bisection over the next index, then the uniform-path comparison and
 the final path fit, exactly as ``search_schedule(..., path="minimax")``), with the same memo of fits already done, so
 they make the same fits and only the cost of one fit differs:
@@ -63,7 +63,7 @@ os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")
 import torch  # noqa: E402
 
 from olss_fast import GramStats, search_schedule
-from olss_fast.search import _Fitter, minimax_path, uniform_path
+from olss_fast.core.search import _Fitter, minimax_path, uniform_path
 
 LOG = logging.getLogger("benchmarks.search_speed")
 
@@ -638,7 +638,7 @@ def machine() -> str:
 
 def replace_section(path: Path, body: str) -> None:
     """Add or replace this benchmark's section of a markdown file (other sections untouched), atomically."""
-    from olss_fast._io import atomic_write_text
+    from olss_fast.core.files import atomic_write_text
 
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
     start = text.find(SECTION)

@@ -1,4 +1,4 @@
-"""The exported program backends of :class:`olss_fast.runtime.OLSSRunner`: ``"onnxruntime"`` and ``"tensorrt"``.
+"""The exported program backends of :class:`olss_fast.serve.runner.OLSSRunner`: ``"onnxruntime"`` and ``"tensorrt"``.
 
 The runner's front end (validation, the adapter's host side, post-processing) is the same as for ``eager``; these
 backends run the program from an ONNX export (:func:`olss_fast.export.onnx_export.export_onnx`):
@@ -6,7 +6,7 @@ backends run the program from an ONNX export (:func:`olss_fast.export.onnx_expor
 * ``"onnxruntime"``: :class:`olss_fast.export.onnx_runner.OnnxOLSSRunner` (one ``session.run`` per component; the
   denoising loop is a single ONNX ``Loop``);
 * ``"tensorrt"``: fp16 engines built from the same files (:mod:`olss_fast.export.tensorrt`), run in the shared loop
-  (:func:`olss_fast.program.run_loop`) with the fused step, captured in a CUDA graph.
+  (:func:`olss_fast.serve.program.run_loop`) with the fused step, captured in a CUDA graph.
 
 Everything an export bakes in is static, so every (batch, height, width, guidance scale) signature gets its own
 export, kept on disk under ``cache_dir`` (keyed by the hash of the weights, schedule, shapes and dtype: a second
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from olss_fast.cuda_graph import GraphCache
+from olss_fast.serve.cuda_graph import GraphCache
 from olss_fast.pipelines import CallOptions
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class _ExportedBackend:
     needs_weight_values = True
 
     def __init__(self, runner: Any) -> None:
-        from olss_fast._io import default_cache_dir
+        from olss_fast.core.files import default_cache_dir
 
         self.runner = runner
         cfg = runner.config

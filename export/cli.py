@@ -61,8 +61,8 @@ def load_schedule_source(path: "str | Path", steps: Optional[int] = None) -> Any
 
     ``ValueError`` when the path is missing or unreadable, or when ``steps`` does not match a schedule file.
     """
-    from olss_fast.schedule import OLSSSchedule
-    from olss_fast.scheduler import load_schedule_source as load
+    from olss_fast.core.schedule import OLSSSchedule
+    from olss_fast.serve.scheduler import load_schedule_source as load
 
     source = load(path)
     if isinstance(source, OLSSSchedule) and steps is not None and int(steps) != source.num_steps:

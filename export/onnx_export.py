@@ -60,7 +60,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from olss_fast._io import clean_stale_temporaries, current_umask, default_cache_dir, exclusive_lock, temporary_name
+from olss_fast.core.files import clean_stale_temporaries, current_umask, default_cache_dir, exclusive_lock, temporary_name
 from olss_fast.export.onnx_runner import (
     EXPORT_FORMAT,
     EXPORT_VERSION,
@@ -217,9 +217,10 @@ def plan_export(
     written."""
     import torch
 
-    from olss_fast import __version__, provenance
+    from olss_fast import __version__
+    from olss_fast.core import provenance
     from olss_fast.pipelines import adapter_for
-    from olss_fast.runtime import check_guidance, default_guidance, resolve_schedule
+    from olss_fast.serve.runner import check_guidance, default_guidance, resolve_schedule
 
     adapter = adapter_for(pipe)
     adapter.check_exportable()
@@ -391,7 +392,7 @@ def _set_metadata(model: Any, plan: ExportPlan, component: str, exporter: str) -
         "olss_fast.format": EXPORT_FORMAT,
         "olss_fast.component": component,
         "olss_fast.pipeline": plan.pipeline,
-        "olss_fast.schedule": json.dumps(plan.schedule.to_dict(), sort_keys=True, allow_nan=False),
+        "olss_fast.core.schedule": json.dumps(plan.schedule.to_dict(), sort_keys=True, allow_nan=False),
         "olss_fast.guidance_scale": repr(float(plan.guidance_scale)),
         "olss_fast.shapes": json.dumps(_shapes(plan), sort_keys=True),
         "olss_fast.dtype": plan.dtype,
@@ -848,7 +849,7 @@ def export_onnx(
         overwrite: replace an *olss_fast export* of something else in ``out_dir`` (other content is never
             overwritten).
         allow_mismatch: export a schedule fitted for another ``"model"``, ``"noise_schedule"`` or
-            ``"prediction_type"`` anyway (see :mod:`olss_fast.provenance`).
+            ``"prediction_type"`` anyway (see :mod:`olss_fast.core.provenance`).
         call_args: call arguments that fix conditioning shapes (e.g. ``{"max_sequence_length": 256}`` for SD3 and
             Flux, whose text encoders run outside the export: their embeddings are the export's inputs).
 
@@ -884,7 +885,7 @@ def export_plan(plan: ExportPlan, out_dir: "str | os.PathLike[str] | None" = Non
 
 def write_manifest(folder: Path, manifest: dict) -> None:
     """Write ``manifest.json`` with its own digest (``manifest_sha256``), checked as a reader will check it."""
-    from olss_fast._io import atomic_write_text
+    from olss_fast.core.files import atomic_write_text
     from olss_fast.export.onnx_runner import check_manifest, manifest_digest
 
     manifest["manifest_sha256"] = manifest_digest(manifest)

@@ -13,7 +13,7 @@ Engines are cached as ``<component>-<key>.engine`` where the key (:func:`engine_
 file's SHA-256, the schedule, the static shapes, the dtype, the fp16 flag, the TensorRT version and the GPU name, so
 an engine is never loaded on a GPU or TensorRT version it was not built for. Writes are atomic.
 
-:class:`TensorRTOLSSProgram` runs the sampler: [text encoder engine] → the shared loop of :mod:`olss_fast.program`
+:class:`TensorRTOLSSProgram` runs the sampler: [text encoder engine] → the shared loop of :mod:`olss_fast.serve.program`
 (n × (UNet engine → fused OLSS step, Triton on CUDA)) → decoder engine, with every buffer static and shared between
 engines (the text encoder writes straight into the UNet's conditioning input, the last step straight into the
 decoder's input). The whole program is captured in one CUDA graph (``execute_async_v3`` is capturable once each
@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from olss_fast.program import ProgramBuffers, run_loop
+from olss_fast.serve.program import ProgramBuffers, run_loop
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def build_engine(onnx_path: "str | os.PathLike[str]", engine_path: "str | os.Pat
         RuntimeError: ``tensorrt`` missing, the parser rejects the model, or the build fails.
         ValueError: the network has a dynamic input shape (the exports are static).
     """
-    from olss_fast._io import atomic_path
+    from olss_fast.core.files import atomic_path
 
     trt = trt or require_tensorrt()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
@@ -179,7 +179,7 @@ def build_engines(export_dir: "str | os.PathLike[str]", engine_dir: "str | os.Pa
     """Build (or reuse from ``engine_dir``) the engines of an ONNX export; returns ``{component: engine path}``."""
     import onnx
 
-    from olss_fast._io import atomic_write_text
+    from olss_fast.core.files import atomic_write_text
     from olss_fast.export.onnx_export import _save_model, extract_unet_model, validate_onnx_file
 
     trt = trt or require_tensorrt()
@@ -224,7 +224,7 @@ def export_tensorrt(pipe: Any, schedule: Any = None, out_dir: "str | os.PathLike
     ``export_kwargs`` go to :func:`olss_fast.export.onnx_export.plan_export` (batch_size, height, width,
     guidance_scale, dtype, num_inference_steps, opset). Returns ``(OnnxExport, {component: engine path})``.
     """
-    from olss_fast._io import exclusive_lock
+    from olss_fast.core.files import exclusive_lock
     from olss_fast.export.onnx_export import (
         OnnxExport, _check_target, _fsync_tree, _publish, _write_export, default_cache_dir, plan_export,
         staging_folder, write_manifest,

@@ -34,7 +34,7 @@ from typing import Optional, Union
 
 import torch
 
-from olss_fast.step import olss_combine
+from olss_fast.core.step import olss_combine
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def olss_step_reference(
     """Pure torch version of :func:`fused_olss_step` (same arguments, same side effects, float32 arithmetic).
 
     ``e_j = e_u + g (e_c − e_u)`` (diffusers CFG, uncond half first) is written to ``history[step]``; then
-    ``x_{j+1} = w_j x0 + Σ_{l≤j} v_{j,l} e_l`` (OLSS Eq. 8, :func:`olss_fast.step.olss_combine`) is cast to
+    ``x_{j+1} = w_j x0 + Σ_{l≤j} v_{j,l} e_l`` (OLSS Eq. 8, :func:`olss_fast.core.step.olss_combine`) is cast to
     ``out.dtype`` and written to ``out`` (both halves when ``out`` is ``[2B, ...]``). Returns ``out``.
     Contains no host synchronisation, so it can be captured in a CUDA graph too.
     """

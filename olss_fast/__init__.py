@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from .fit import FitConfig, FitResult, fit_olss_scheduler
-from .recording import RecordConfig, record_trajectories
-from .refine import refine_schedule
-from .schedule import OLSSSchedule
-from .scheduler import OLSSScheduler
-from .search import SearchConfig, search_schedule
-from .stats import GramStats
+from olss_fast.fit.orchestration import FitConfig, FitResult, fit_olss_scheduler
+from olss_fast.fit.recording import RecordConfig, record_trajectories
+from olss_fast.core.refine import refine_schedule
+from olss_fast.core.schedule import OLSSSchedule
+from olss_fast.serve.scheduler import OLSSScheduler
+from olss_fast.core.search import SearchConfig, search_schedule
+from olss_fast.core.stats import GramStats
 
 __version__ = "0.1.0"
 
@@ -26,7 +26,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # the runtime pulls in the compiled-loop machinery; import it only when asked for
     if name in ("compile_olss_pipeline", "OLSSRunner"):
-        from . import runtime
+        from olss_fast.serve import runner as runtime
 
         return getattr(runtime, name)
     raise AttributeError(f"module 'olss_fast' has no attribute {name!r}")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .distributed import DistContext
+    from olss_fast.fit.distributed import DistContext
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def load_pipeline(name: str, device: str = "cpu", dtype: str = "float32"):
         raise ValueError(f"unknown --dtype {dtype!r}; use float32, float16 or bfloat16")
     check_device(device)
     if name == "digits":
-        from .models.digits import load_digits_pipeline
+        from olss_fast.models.digits import load_digits_pipeline
 
         return load_digits_pipeline(device=device, dtype=torch_dtype)
     from diffusers import DiffusionPipeline
@@ -179,11 +179,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     """``olss-fast search``; under ``torchrun`` every rank records its share and rank 0 writes the results."""
     import torch.distributed as dist
 
-    from .distributed import init_distributed, shutdown_distributed
+    from olss_fast.fit.distributed import init_distributed, shutdown_distributed
 
     import contextlib
 
-    from ._io import exclusive_lock
+    from olss_fast.core.files import exclusive_lock
 
     had_group = dist.is_available() and dist.is_initialized()
     ctx = init_distributed()
@@ -199,10 +199,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace, ctx: "DistContext") -> int:
     """The body of ``olss-fast search`` (see :func:`cmd_search`)."""
-    from . import FitConfig, GramStats, RecordConfig, fit_olss_scheduler
-    from ._io import atomic_write_text
-    from .checkpoint import require_complete
-    from .distributed import agree_on_error
+    from olss_fast import FitConfig, GramStats, RecordConfig, fit_olss_scheduler
+    from olss_fast.core.files import atomic_write_text
+    from olss_fast.fit.checkpoint import require_complete
+    from olss_fast.fit.distributed import agree_on_error
 
     stats = None
     if args.stats:
@@ -282,8 +282,8 @@ def _search(args: argparse.Namespace, ctx: "DistContext") -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from .search import DEFAULT_PATH, DEFAULT_STATS_PATH, PATHS
+    from olss_fast import __version__
+    from olss_fast.core.search import DEFAULT_PATH, DEFAULT_STATS_PATH, PATHS
 
     parser = argparse.ArgumentParser(prog="olss-fast", description=__doc__)
     parser.add_argument("--version", action="version", version=f"olss-fast {__version__}",
@@ -343,10 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the recording from the checkpoint (after a crash or kill)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_search)
-    from .demo import add_demo_parser
+    from olss_fast.demo import add_demo_parser
 
     add_demo_parser(sub)
-    from .export.cli import add_export_parser  # olss-fast export (ONNX / TensorRT); imports no torch
+    from olss_fast.export.cli import add_export_parser  # olss-fast export (ONNX / TensorRT); imports no torch
     add_export_parser(sub)
     return parser
 

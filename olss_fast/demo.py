@@ -7,7 +7,7 @@ path search, judged after the re-fit, with a reduced budget: ``search_samples``/
 number of model evaluations (NFE), all with trailing timesteps, and measure RMSE/PSNR against the teacher's sample
 from the same noise, the Fréchet distance to the real digits of the evaluated classes in the shipped classifier's
 feature space, and the class accuracy. Optional samplers (not in the default set, to keep the demo at about four
-minutes on two CPU cores): ``oss-ddim`` and ``oss-dpmsolver++`` (learned-timestep baselines, :mod:`olss_fast.oss`,
+minutes on two CPU cores): ``oss-ddim`` and ``oss-dpmsolver++`` (learned-timestep baselines, :mod:`olss_fast.core.oss`,
 fitted on ``oss_samples`` of the training noises: about 1.5 min each on 2 cores) and ``olss-uniform`` (the re-fit on
 the uniform path). Writes ``results.json`` (every number), ``grid.png`` and ``quality.png`` into the output folder.
 """
@@ -23,10 +23,10 @@ from typing import Any, Sequence
 
 import torch
 
-from ._io import atomic_write_text, atomic_write_with
-from .evaluate import baseline_scheduler, compare_samplers, fit_oss_baselines, sample
-from .fit import fit_olss_scheduler
-from .recording import default_teacher, item_noise, latent_shape, make_work_items
+from olss_fast.core.files import atomic_write_text, atomic_write_with
+from olss_fast.fit.baselines import baseline_scheduler, compare_samplers, fit_oss_baselines, sample
+from olss_fast.fit.orchestration import fit_olss_scheduler
+from olss_fast.fit.recording import default_teacher, item_noise, latent_shape, make_work_items
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +96,8 @@ def check_output_folder(out: Path) -> None:
 
 
 def _real_feature_stats(classes: Sequence[int], classifier: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    from .metrics import classifier_features, feature_statistics
-    from .models.train_digits import load_digit_images
+    from olss_fast.core.metrics import classifier_features, feature_statistics
+    from olss_fast.models.train_digits import load_digit_images
 
     x, y = load_digit_images()
     keep = torch.isin(y, torch.tensor(list(classes)))
@@ -111,7 +111,7 @@ def digits_quality(teacher: torch.Tensor, labels: torch.Tensor, classes: Sequenc
     RMSE/PSNR against the teacher's samples; Fréchet distance to the real digits of ``classes`` in the classifier's
     feature space; accuracy against ``labels``.
     """
-    from .metrics import class_accuracy, classifier_features, feature_statistics, frechet_distance, psnr, rmse
+    from olss_fast.core.metrics import class_accuracy, classifier_features, feature_statistics, frechet_distance, psnr, rmse
 
     mu_real, sigma_real = _real_feature_stats(classes, classifier)
 
@@ -130,7 +130,7 @@ def digits_quality(teacher: torch.Tensor, labels: torch.Tensor, classes: Sequenc
 def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
     """Run the whole demo; returns the results dict that is also written to ``results.json``. The output folder is
     locked for the run (a second demo writing into it gets a ``ValueError``)."""
-    from ._io import exclusive_lock
+    from olss_fast.core.files import exclusive_lock
 
     config.validate()
     check_output_folder(Path(config.out))
@@ -139,7 +139,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
 
 
 def _run_demo(config: DemoConfig, progress: bool) -> dict[str, Any]:
-    from .models.digits import load_digits_classifier, load_digits_pipeline
+    from olss_fast.models.digits import load_digits_classifier, load_digits_pipeline
 
     out = Path(config.out)
     t_start = time.perf_counter()
@@ -275,7 +275,7 @@ def _save_plot(path: Path, results: dict[str, Any]) -> None:
 
 def add_demo_parser(subparsers: Any) -> None:
     """The ``olss-fast demo`` subcommand."""
-    from .cli import any_int, finite_float, positive_int
+    from olss_fast.cli import any_int, finite_float, positive_int
 
     d = DemoConfig()
     p = subparsers.add_parser("demo", help="OLSS vs diffusers' samplers on the bundled digits model (offline, CPU)")
@@ -314,7 +314,7 @@ def add_demo_parser(subparsers: Any) -> None:
 
 
 def cmd_demo(args: Any) -> int:
-    from .cli import check_device
+    from olss_fast.cli import check_device
 
     check_device(args.device)
     config = DemoConfig(

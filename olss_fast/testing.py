@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .models.gmm import GMMDenoiser, GMMPipeline, make_gmm, ode_solution  # noqa: F401  (re-exports)
+from olss_fast.models.gmm import GMMDenoiser, GMMPipeline, make_gmm, ode_solution  # noqa: F401  (re-exports)
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -156,7 +156,7 @@ def tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 8, scheduler: Any | Non
 
 def perturbed(schedule: Any, seed: int, channels: int | None = None, scale: float = 0.05) -> Any:
     """The same path with randomly perturbed (optionally per-channel) lower-triangular coefficients (for tests)."""
-    from .schedule import OLSSSchedule
+    from olss_fast.core.schedule import OLSSSchedule
 
     gen = torch.Generator().manual_seed(seed)
     c = schedule.coeffs
@@ -232,7 +232,7 @@ def assert_fit_errors_optimal(stats: Any, indices: Sequence[int], coeffs: torch.
     The error of given coefficients is ``(G_yy − 2 c·G_Sy + cᵀ G_SS c) / (B·D)``: a difference of large terms whose
     float64 rounding is ``≈ ε · (G_yy + 2|c|·|G_Sy| + |c|ᵀ|G_SS||c|) / (B·D)``; that (times ``ulps``) is the tolerance.
     """
-    from .search import coefficient_errors
+    from olss_fast.core.search import coefficient_errors
 
     g = stats.global_gram()
     denom = stats.num_samples * stats.elements_per_sample
@@ -257,7 +257,7 @@ def rewrite_stats_file(path: Any, header: Any = None, gram: Any = None, resign: 
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from .stats import DIGEST_KEY, _digest
+    from olss_fast.core.stats import DIGEST_KEY, _digest
 
     with safe_open(str(path), framework="pt") as fh:
         meta = dict(fh.metadata())
@@ -276,7 +276,7 @@ def resign_schedule_dict(d: dict) -> dict:
     """A schedule dict with its ``sha256`` recomputed after an edit (see :func:`rewrite_stats_file`)."""
     import hashlib
 
-    from ._io import canonical_json
+    from olss_fast.core.files import canonical_json
 
     d = {k: v for k, v in d.items() if k != "sha256"}
     d["sha256"] = hashlib.sha256(canonical_json(d).encode()).hexdigest()

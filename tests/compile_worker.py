@@ -16,9 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main() -> None:
-    from olss_fast.compile_cache import inductor_counters
-    from olss_fast.runtime import compile_olss_pipeline
-    from olss_fast.scheduler import OLSSScheduler
+    from olss_fast.serve.compile_cache import inductor_counters
+    from olss_fast.serve.runner import compile_olss_pipeline
+    from olss_fast.serve.scheduler import OLSSScheduler
     from olss_fast.testing import perturbed, tiny_sd_pipeline
 
     pipe = tiny_sd_pipeline(seed=0)

@@ -13,9 +13,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from olss_fast import cli, fit_olss_scheduler  # noqa: E402
-from olss_fast.distributed import init_distributed  # noqa: E402
+from olss_fast.fit.distributed import init_distributed  # noqa: E402
 from olss_fast.models.gmm import GMMPipeline, make_gmm  # noqa: E402
-from olss_fast.recording import record_trajectories  # noqa: E402
+from olss_fast.fit.recording import record_trajectories  # noqa: E402
 
 # the job parameters, shared with the test (single-process references)
 GMM = dict(sample_shape=(2, 4, 4), num_components=3, seed=0)

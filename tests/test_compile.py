@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 import torch
 
-from olss_fast import compile_cache
-from olss_fast.compile_cache import CompileCache, cache_key
+from olss_fast.serve import compile_cache
+from olss_fast.serve.compile_cache import CompileCache, cache_key
 from olss_fast.pipelines import CallOptions
-from olss_fast.provenance import model_id
-from olss_fast.runtime import ProgramRequest, RuntimeConfig, compile_olss_pipeline
-from olss_fast.scheduler import OLSSScheduler
+from olss_fast.core.provenance import model_id
+from olss_fast.serve.runner import ProgramRequest, RuntimeConfig, compile_olss_pipeline
+from olss_fast.serve.scheduler import OLSSScheduler
 from olss_fast.testing import assert_close_scaled, perturbed, tiny_sd_pipeline
 
 HERE = Path(__file__).resolve().parent
@@ -136,7 +136,7 @@ def test_corrupted_entry_is_ignored_with_a_warning(tmp_path: Path, fake: _FakeAr
     cc = CompileCache(tmp_path)
     key = cache_key(DESC)
     _corrupt(cc.save(key, DESC), how)
-    with caplog.at_level(logging.WARNING, logger="olss_fast.compile_cache"):
+    with caplog.at_level(logging.WARNING, logger="olss_fast.serve.compile_cache"):
         assert cc.load(key, DESC) is False
     assert fake.loaded == []  # never handed to PyTorch
     assert "ignoring the compile cache entry" in caplog.text and "compiling from scratch" in caplog.text
@@ -153,7 +153,7 @@ def test_stale_or_renamed_entries_are_ignored(tmp_path: Path, fake: _FakeArtifac
     # an entry renamed onto another key's name, or a description that differs from the expected one
     (tmp_path / f"{cache_key(other)}.bin").write_bytes(path.read_bytes())
     os.chmod(tmp_path / f"{cache_key(other)}.bin", 0o600)
-    with caplog.at_level(logging.WARNING, logger="olss_fast.compile_cache"):
+    with caplog.at_level(logging.WARNING, logger="olss_fast.serve.compile_cache"):
         assert cc.load(cache_key(other), other) is False
         assert cc.load(key, other) is False
     assert fake.loaded == [] and caplog.text.count("version (stale)") == 2
@@ -165,7 +165,7 @@ def test_unsafe_permissions_and_loader_failures_are_ignored(tmp_path: Path, fake
     key = cache_key(DESC)
     path = cc.save(key, DESC)
     os.chmod(path, 0o666)
-    with caplog.at_level(logging.WARNING, logger="olss_fast.compile_cache"):
+    with caplog.at_level(logging.WARNING, logger="olss_fast.serve.compile_cache"):
         assert cc.load(key, DESC) is False
         assert "writable by other users" in caplog.text
         os.chmod(path, 0o600)
@@ -182,7 +182,7 @@ def test_nothing_to_save_and_unwritable_folders(tmp_path: Path, fake: _FakeArtif
     fake.payload = b"x"
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with caplog.at_level(logging.WARNING, logger="olss_fast.compile_cache"):
+    with caplog.at_level(logging.WARNING, logger="olss_fast.serve.compile_cache"):
         assert CompileCache(blocker / "compile").save("k", DESC) is None
     assert "cannot write the compile cache entry" in caplog.text
 
@@ -222,7 +222,7 @@ def test_cache_key_covers_models_shapes_dtype_versions_and_device(tmp_path: Path
                                        guidance_scale=2.0, compile_mode="max-autotune-no-cudagraphs")
     assert key(r=other_mode) != base  # compile options
     monkeypatch.setattr(compile_cache, "environment", lambda device: {"versions": {"torch": "0"}, "device": {}})
-    import olss_fast.runtime as rt
+    import olss_fast.serve.runner as rt
 
     monkeypatch.setattr(rt, "environment", compile_cache.environment)
     assert key() != base  # software versions / device
@@ -307,7 +307,7 @@ def test_fused_qkv_refuses_lora_layers_and_warns_when_nothing_fuses(caplog: pyte
     with pytest.raises(ValueError, match="LoRA adapter layers"):
         compile_olss_pipeline(pipe, _ddim(pipe), backend="eager", fuse_qkv=True, allow_mismatch=("model",))
     digits = make_digits_pipe()
-    with caplog.at_level(logging.WARNING, logger="olss_fast.runtime"):
+    with caplog.at_level(logging.WARNING, logger="olss_fast.serve.runner"):
         compile_olss_pipeline(digits, _ddim(digits), backend="eager", fuse_qkv=True)
     assert "no module of this DigitsPipeline offers fuse_qkv_projections" in caplog.text
 
@@ -324,7 +324,7 @@ def test_warmup_shapes_build_ahead_and_new_shapes_log_once(monkeypatch: pytest.M
     assert eager.cache_info()["builds"] == 2 and eager.cache_info()["hits"] == 1
 
     graphed = _fake_graph_runner(pipe, sched, monkeypatch)  # capture/replay path with a CPU stand-in graph
-    with caplog.at_level(logging.INFO, logger="olss_fast.runtime"):
+    with caplog.at_level(logging.INFO, logger="olss_fast.serve.runner"):
         graphed.warmup(2)
         assert "warm-up: captures" in caplog.text and "WARNING" not in caplog.text
         caplog.clear()

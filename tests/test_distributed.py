@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from olss_fast import GramStats, OLSSSchedule, fit_olss_scheduler
-from olss_fast.distributed import LOCAL, DistContext, gather_by_sum, make_batches, shard_batches
+from olss_fast.fit.distributed import LOCAL, DistContext, gather_by_sum, make_batches, shard_batches
 from olss_fast.models.gmm import make_gmm
-from olss_fast.recording import make_work_items
+from olss_fast.fit.recording import make_work_items
 from olss_fast.testing import assert_fit_errors_optimal, assert_same_fit
 
 if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):  # pragma: no cover
@@ -116,7 +116,7 @@ def test_cli_under_torchrun_rank0_writes_everything_once(dist_run, one_thread):
     info = stats.meta["record_checkpoint"]
     assert info["complete"] and info["layout"]["world_size"] == 2 and info["done"] == [[0, 4]]
     pipe = make_gmm(W.GMM["sample_shape"], num_components=W.GMM["num_components"], seed=W.GMM["seed"])
-    from olss_fast.recording import record_trajectories
+    from olss_fast.fit.recording import record_trajectories
 
     ref = record_trajectories(pipe, CLI_PROMPTS, teacher_steps=20, batch_size=2, progress=False,
                               distributed=False)
@@ -135,7 +135,7 @@ def test_crashed_two_process_recording_resumes_from_per_rank_checkpoints(dist_ru
                                                      "summary.json"]
     stats = GramStats.load(res / "stats.safetensors")
     assert stats.num_samples == 8 and stats.meta["record_checkpoint"]["complete"]
-    from olss_fast.recording import record_trajectories
+    from olss_fast.fit.recording import record_trajectories
 
     pipe = make_gmm(W.GMM["sample_shape"], num_components=W.GMM["num_components"], seed=W.GMM["seed"])
     ref = record_trajectories(pipe, RESUME_PROMPTS, teacher_steps=20, batch_size=2, progress=False,

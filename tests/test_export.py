@@ -34,9 +34,9 @@ from olss_fast.export import onnx_export  # noqa: E402
 from olss_fast.export.onnx_export import export_onnx, extract_unet_model  # noqa: E402
 from olss_fast.export import onnx_runner as onnx_runner_module  # noqa: E402
 from olss_fast.export.onnx_runner import OnnxOLSSRunner, manifest_digest  # noqa: E402
-from olss_fast.runtime import compile_olss_pipeline  # noqa: E402
-from olss_fast.schedule import OLSSSchedule  # noqa: E402
-from olss_fast.scheduler import OLSSScheduler  # noqa: E402
+from olss_fast.serve.runner import compile_olss_pipeline  # noqa: E402
+from olss_fast.core.schedule import OLSSSchedule  # noqa: E402
+from olss_fast.serve.scheduler import OLSSScheduler  # noqa: E402
 from olss_fast.testing import assert_close_scaled, perturbed  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -206,7 +206,7 @@ def test_files_metadata_and_static_shapes(sd_export: Any, sd_sched: OLSSSchedule
             dims = [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
             assert all(isinstance(d, int) and d > 0 for d in dims), (name, v.name, dims)
         meta = {p.key: p.value for p in model.metadata_props}
-        assert json.loads(meta["olss_fast.schedule"]) == json.loads(json.dumps(sd_sched.to_dict()))
+        assert json.loads(meta["olss_fast.core.schedule"]) == json.loads(json.dumps(sd_sched.to_dict()))
         assert float(meta["olss_fast.guidance_scale"]) == 5.0
         assert meta["olss_fast.dtype"] == "float32" and meta["olss_fast.version"] == __version__
         assert meta["olss_fast.exporter"] == onnx_export.EXPORTER_TORCHSCRIPT

@@ -6,7 +6,7 @@ from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel
 
 from olss_fast import GramStats, OLSSScheduler, fit_olss_scheduler, search_schedule
 from olss_fast.models.gmm import make_gmm
-from olss_fast.recording import RecordConfig, record_trajectories
+from olss_fast.fit.recording import RecordConfig, record_trajectories
 from olss_fast.testing import tiny_sd_pipeline
 
 FIT = dict(teacher_steps=8, batch_size=2, progress=False)
@@ -112,7 +112,7 @@ def test_gram_stats_need_a_prediction_type():
 
 
 def test_search_options_have_one_way_in():
-    from olss_fast.search import SearchConfig
+    from olss_fast.core.search import SearchConfig
 
     pipe = make_gmm((2, 3, 3), seed=0)
     stats = record_trajectories(pipe, [None] * 8, teacher_steps=20, batch_size=8, progress=False)

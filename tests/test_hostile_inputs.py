@@ -20,7 +20,7 @@ import torch
 
 from olss_fast import GramStats, OLSSSchedule, OLSSScheduler, fit_olss_scheduler
 from olss_fast.models.gmm import GMMPipeline, make_gmm
-from olss_fast.recording import record_trajectories
+from olss_fast.fit.recording import record_trajectories
 from olss_fast.testing import resign_schedule_dict, rewrite_stats_file
 
 HERE = Path(__file__).resolve().parent
@@ -87,7 +87,7 @@ def test_checkpoint_headers_are_not_trusted_blindly(unfinished):
     with pytest.raises(ValueError, match="marked complete but holds 2 of 4"):
         resume(p)
     with pytest.raises(ValueError, match="marked complete but holds 2 of 4"):
-        GramStats.load(p) and __import__("olss_fast.checkpoint").checkpoint.read_checkpoint(p)
+        GramStats.load(p) and __import__("olss_fast.fit.checkpoint").checkpoint.read_checkpoint(p)
     for bad in ("no", 1, None):
         with pytest.raises(ValueError, match="complete must be true or false"):
             resume(variant(f"complete_{bad}", edit_info(complete=bad)))
@@ -183,7 +183,7 @@ def test_merging_never_counts_a_sample_twice():
     with pytest.raises(ValueError, match="share 4 work item"):
         a + a.copy()
     # two halves of one job merge into the whole
-    from olss_fast.recording import make_work_items
+    from olss_fast.fit.recording import make_work_items
 
     items = make_work_items(PROMPTS)
     h1 = record_trajectories(gmm(), PROMPTS, items=items[:2], **REC)
@@ -264,8 +264,8 @@ def test_edited_scheduler_configs_fail_their_digest(tmp_path):
 
 
 def test_values_are_never_coerced():
-    from olss_fast.recording import RecordConfig
-    from olss_fast.refine import refine_schedule
+    from olss_fast.fit.recording import RecordConfig
+    from olss_fast.core.refine import refine_schedule
 
     s = OLSSSchedule.from_dict(sched_dict())
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
@@ -401,10 +401,10 @@ def test_killed_writers_leave_a_whole_old_or_new_file(tmp_path, kind):
 
 def test_two_writers_of_one_output_do_not_both_succeed(tmp_path, capsys):
     from olss_fast import cli
-    from olss_fast._io import exclusive_lock
+    from olss_fast.core.files import exclusive_lock
 
     out = tmp_path / "out"
-    code = ("import sys, time; from olss_fast._io import exclusive_lock\n"
+    code = ("import sys, time; from olss_fast.core.files import exclusive_lock\n"
             f"with exclusive_lock({str(out)!r}, 'output folder'):\n    print('LOCKED', flush=True); time.sleep(60)\n")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:

@@ -211,7 +211,7 @@ def test_reference_matches_float64(cfg: tuple) -> None:
 
 
 def test_reference_chain_equals_olss_combine_loop() -> None:
-    """A whole n-step chain through the fused API equals the plain loop over olss_fast.step.olss_combine."""
+    """A whole n-step chain through the fused API equals the plain loop over olss_fast.core.step.olss_combine."""
     from olss_fast.kernels.fused_step import fused_olss_step, unfused_olss_step
 
     gen = torch.Generator().manual_seed(3)

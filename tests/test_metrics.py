@@ -1,4 +1,4 @@
-"""olss_fast.metrics against direct numpy / scipy computations."""
+"""olss_fast.core.metrics against direct numpy / scipy computations."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from olss_fast import metrics as M
+from olss_fast.core import metrics as M
 from olss_fast.models.digits import DIGITS_DIR
 
 needs_weights = pytest.mark.skipif(not (DIGITS_DIR / "classifier" / "model.safetensors").is_file(),

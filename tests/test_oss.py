@@ -1,4 +1,4 @@
-"""OSS baselines (olss_fast/oss.py): the dynamic programme against brute force over every path, its solver steps
+"""OSS baselines (olss_fast/core/oss.py): the dynamic programme against brute force over every path, its solver steps
 against diffusers' own schedulers, the diffusers runner of its timesteps, and bad input."""
 import itertools
 import math
@@ -7,9 +7,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-from olss_fast.evaluate import CustomTimestepsScheduler, fit_oss_baselines, oss_scheduler, sample
+from olss_fast.fit.baselines import CustomTimestepsScheduler, fit_oss_baselines, oss_scheduler, sample
 from olss_fast.models.gmm import GMMDenoiser, GMMPipeline, make_gmm
-from olss_fast.oss import OSSResult, oss_search, run_path
+from olss_fast.core.oss import OSSResult, oss_search, run_path
 
 S = 0.5  # std of the centred Gaussian
 
@@ -120,7 +120,7 @@ def test_fit_oss_baselines_reports_what_its_scheduler_does():
     pipe.set_progress_bar_config(disable=True)
     out = fit_oss_baselines(pipe, [None] * 24, ("ddim", "dpmsolver++"), (3, 5), teacher_steps=20, batch_size=12,
                             progress=False)
-    from olss_fast.recording import default_teacher, item_noise, make_work_items
+    from olss_fast.fit.recording import default_teacher, item_noise, make_work_items
 
     x0 = item_noise(make_work_items([None] * 24), (2, 3, 3))
     teacher = sample(pipe, default_teacher(pipe.scheduler), [None] * 24, x0, 20)  # the reference OSS followed

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -63,9 +64,12 @@ def test_no_repository_folder_can_shadow_an_installed_package(tmp_path):
 def test_wheel_holds_every_module_of_the_source_tree(tmp_path):
     """A wheel built from the source tree holds every module of ``olss_fast/`` (with ``kernels/`` and ``export/``
     under ``olss_fast/``) and the bundled model files: package discovery, not a hand-kept list."""
+    src = tmp_path / "src"  # a copy: the build writes build/ and *.egg-info into the tree it builds
+    shutil.copytree(REPO, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", "demo_out"))
     out = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"),
-         str(REPO)], capture_output=True, text=True, cwd=tmp_path,
+         str(src)], capture_output=True, text=True, cwd=tmp_path,
     )
     if out.returncode != 0 and "No module named" in out.stderr and "setuptools" in out.stderr:
         pytest.skip("setuptools is not installed in this environment (pip install -e '.[test]' installs it)")

@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from olss_fast import refine_schedule, search_schedule
-from olss_fast.fit import refine_through_pipeline
+from olss_fast.fit.orchestration import refine_through_pipeline
 from olss_fast.models.gmm import make_gmm
-from olss_fast.recording import RecordConfig, make_work_items, record_trajectories
-from olss_fast.scheduler import OLSSScheduler
+from olss_fast.fit.recording import RecordConfig, make_work_items, record_trajectories
+from olss_fast.serve.scheduler import OLSSScheduler
 
 
 def recorded(seed=0, samples=48, T=40):

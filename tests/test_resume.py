@@ -12,8 +12,8 @@ import torch
 from diffusers import DDIMScheduler
 
 from olss_fast import GramStats, OLSSSchedule, cli, fit_olss_scheduler, search_schedule
-from olss_fast.checkpoint import from_ranges, to_ranges
-from olss_fast.recording import record_trajectories
+from olss_fast.fit.checkpoint import from_ranges, to_ranges
+from olss_fast.fit.recording import record_trajectories
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

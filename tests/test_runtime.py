@@ -1,8 +1,8 @@
-"""Tests of olss_fast.runtime (compile_olss_pipeline / OLSSRunner) on tiny random pipelines built in code.
+"""Tests of olss_fast.serve.runner (compile_olss_pipeline / OLSSRunner) on tiny random pipelines built in code.
 
 References:
 * diffusers' own pipeline with ``DDIMScheduler`` and the OLSS runner with DDIM's coefficients written as an OLSS
-  schedule (``olss_fast.step.ddim_coefficients``): independent of the OLSS scheduler;
+  schedule (``olss_fast.core.step.ddim_coefficients``): independent of the OLSS scheduler;
 * diffusers' pipeline with ``OLSSScheduler`` (same schedule, same noise) for arbitrary (perturbed, per-channel)
   coefficients.
 Everything runs on the CPU in float32; the ``gpu`` tests compare the CUDA-graph backend with the eager one.
@@ -31,9 +31,9 @@ from diffusers import (  # noqa: E402
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
-from olss_fast.runtime import OLSSRunner, compile_olss_pipeline  # noqa: E402
-from olss_fast.schedule import OLSSSchedule  # noqa: E402
-from olss_fast.step import ddim_coefficients  # noqa: E402
+from olss_fast.serve.runner import OLSSRunner, compile_olss_pipeline  # noqa: E402
+from olss_fast.core.schedule import OLSSSchedule  # noqa: E402
+from olss_fast.core.step import ddim_coefficients  # noqa: E402
 from olss_fast.testing import assert_close_scaled, perturbed, write_clip_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -131,7 +131,7 @@ def make_digits_pipe(seed: int = 0) -> Any:
 
 # ================================================================================================ schedules
 def ddim_schedule(scheduler_config: Any, n: int) -> OLSSSchedule:
-    """DDIM's own update at its n trailing timesteps as an OLSS schedule (built from olss_fast.step only)."""
+    """DDIM's own update at its n trailing timesteps as an OLSS schedule (built from olss_fast.core.step only)."""
     ddim = DDIMScheduler.from_config(scheduler_config)
     ddim.set_timesteps(n)
     ts = [int(t) for t in ddim.timesteps]
@@ -144,7 +144,7 @@ def ddim_schedule(scheduler_config: Any, n: int) -> OLSSSchedule:
 
 
 def with_olss_scheduler(pipe: Any, schedule: OLSSSchedule) -> Any:
-    from olss_fast.scheduler import OLSSScheduler
+    from olss_fast.serve.scheduler import OLSSScheduler
 
     pipe.scheduler = OLSSScheduler.from_schedules([schedule], config=pipe.scheduler.config)
     return pipe
@@ -252,7 +252,7 @@ def test_sd_update_schedule(tokenizer_dir: Path) -> None:
 
 
 def test_schedule_from_olss_scheduler(tokenizer_dir: Path) -> None:
-    from olss_fast.scheduler import OLSSScheduler
+    from olss_fast.serve.scheduler import OLSSScheduler
 
     pipe = make_sd_pipe(tokenizer_dir)
     s3 = perturbed(ddim_schedule(pipe.scheduler.config, 3), seed=1)
@@ -432,7 +432,7 @@ class _FakeCapture:
 
 
 def _fake_graph_runner(pipe: Any, sched: OLSSSchedule, monkeypatch: pytest.MonkeyPatch, fail: tuple = ()) -> Any:
-    import olss_fast.runtime as rt
+    import olss_fast.serve.runner as rt
 
     monkeypatch.setattr(_FakeCapture, "captures", 0)
     monkeypatch.setattr(_FakeCapture, "fail_modes", fail)
@@ -466,7 +466,7 @@ def test_graph_plumbing_text_encoder_fallback(tokenizer_dir: Path, monkeypatch: 
     eager = compile_olss_pipeline(pipe, sched, backend="eager")
     graphed = _fake_graph_runner(pipe, sched, monkeypatch, fail=("tokens",))
     lat = _noise((2, 4, 16, 16), 3)
-    with caplog.at_level(logging.WARNING, logger="olss_fast.runtime"):
+    with caplog.at_level(logging.WARNING, logger="olss_fast.serve.runner"):
         out = graphed(PROMPTS, latents=lat, output_type="pt").images
     assert not graphed.text_encoder_in_graph
     assert any("text encoder" in r.getMessage() for r in caplog.records)

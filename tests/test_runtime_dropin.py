@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from olss_fast import OLSSScheduler, compile_olss_pipeline
-from olss_fast.schedule import OLSSSchedule
+from olss_fast.core.schedule import OLSSSchedule
 from olss_fast.testing import assert_close_scaled, perturbed, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,7 +55,7 @@ def test_schedule_from_a_folder_or_a_json_and_the_choice_rules(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         compile_olss_pipeline(pipe, tmp_path / "missing.json")
     with pytest.raises(ValueError, match="not both"):
-        from olss_fast.runtime import RuntimeConfig
+        from olss_fast.serve.runner import RuntimeConfig
 
         compile_olss_pipeline(pipe, s3, config=RuntimeConfig(), backend="eager")
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['guidance'\]"):
@@ -64,7 +64,7 @@ def test_schedule_from_a_folder_or_a_json_and_the_choice_rules(tmp_path):
 
 # ================================================================================================ fitted for
 def test_a_schedule_is_checked_against_the_pipeline_it_runs_on(caplog):
-    from olss_fast.provenance import model_id
+    from olss_fast.core.provenance import model_id
 
     sd = tiny_sd_pipeline()
     other_model = {"class": "UNet2DModel", "config_sha256": "0" * 64, "weights_sha256": "1" * 64}

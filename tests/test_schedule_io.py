@@ -36,7 +36,7 @@ def resign(d):
     """Re-compute a schedule dict's digest after an edit (so that the semantic checks, not the digest, are tested)."""
     import hashlib
 
-    from olss_fast._io import canonical_json
+    from olss_fast.core.files import canonical_json
 
     d = {k: v for k, v in d.items() if k != "sha256"}
     try:

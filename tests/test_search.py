@@ -6,9 +6,9 @@ from hypothesis import strategies as st
 
 from olss_fast import GramStats, OLSSSchedule, search_schedule
 from olss_fast.models.gmm import make_gmm
-from olss_fast.recording import record_trajectories
-from olss_fast.search import coefficient_errors, uniform_path
-from olss_fast.step import ddim_coefficients
+from olss_fast.fit.recording import record_trajectories
+from olss_fast.core.search import coefficient_errors, uniform_path
+from olss_fast.core.step import ddim_coefficients
 from olss_fast.testing import assert_fit_errors_optimal, assert_same_fit
 
 
@@ -58,7 +58,7 @@ def test_minimax_never_worse_than_uniform_on_its_own_criterion(seed, n):
 
 def test_minimax_bound_is_tight():
     """The greedy walk reaches the end within n steps at the bound found, and not at a slightly smaller bound."""
-    from olss_fast.search import _Fitter, _greedy, minimax_path
+    from olss_fast.core.search import _Fitter, _greedy, minimax_path
 
     _, stats = record_gmm(7, components=3, T=40)
     fitter = _Fitter(stats, "global")

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from olss_fast import GramStats, search_schedule
-from olss_fast.lstsq import gram_lstsq
+from olss_fast.core.lstsq import gram_lstsq
 from olss_fast.models.gmm import make_gmm
-from olss_fast.recording import RecordingScheduler, record_trajectories
+from olss_fast.fit.recording import RecordingScheduler, record_trajectories
 
 
 def random_paths(T, B, shape, seed):

@@ -13,7 +13,7 @@ The weights live in the package folder ``olss_fast/models/digits/`` and load wit
 
 The folder also holds a small CNN digit classifier (``classifier/``) whose penultimate-layer features define
 a Fréchet distance, and the mean/covariance of those features over the real digits
-(``feature_stats.safetensors``); see :mod:`olss_fast.metrics`.
+(``feature_stats.safetensors``); see :mod:`olss_fast.core.metrics`.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ linear betas (1000 steps, 1e-4..0.02), AdamW with warm-up + cosine decay, EMA of
 what is saved).
 
 Classifier: a small CNN trained on a stratified 80% split, with its accuracy on the held-out 20% reported; its
-penultimate-layer features define the Fréchet distance of :mod:`olss_fast.metrics`, and the mean/covariance of the
+penultimate-layer features define the Fréchet distance of :mod:`olss_fast.core.metrics`, and the mean/covariance of the
 features of all 1797 real digits are saved as ``feature_stats.safetensors``.
 
 Everything is written to a temporary folder next to ``--out`` and renamed into place at the end, so an
@@ -269,7 +269,7 @@ def evaluate(unet, sample_sched, classifier, mu_ref, sigma_ref, steps: int, per_
     acc = float((classifier(s).argmax(1) == torch.tensor(labels)).float().mean())
     out = {"steps": steps, "guidance_scale": guidance, "n": len(labels), "class_accuracy": acc}
     try:
-        from olss_fast.metrics import frechet_distance
+        from olss_fast.core.metrics import frechet_distance
 
         f = classifier.features(s).double()
         mu, sig = f.mean(0), torch.cov(f.T)
@@ -369,7 +369,7 @@ Load it with `olss_fast.models.digits.load_digits_pipeline()` (offline).
 * `scheduler/`: `DDIMScheduler`, DDPM {BETA_SCHEDULE} betas {BETA_START}..{BETA_END}, {NUM_TRAIN_TIMESTEPS} train steps,
   `timestep_spacing="trailing"`, no clipping.
 * `classifier/`: small CNN digit classifier (test accuracy {c['test_accuracy']:.4f} on a held-out stratified 20%
-  split); its {tr['classifier_feature_dim']}-d penultimate features define the Fréchet distance of `olss_fast.metrics`.
+  split); its {tr['classifier_feature_dim']}-d penultimate features define the Fréchet distance of `olss_fast.core.metrics`.
 * `feature_stats.safetensors`: float64 mean `mu` and covariance `sigma` of those features over all real digits.
 * `checksums.json`: sha256 of the weight files, checked at load time.
 

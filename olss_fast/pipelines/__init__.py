@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from .base import CallOptions, CondInput, ExportSpec, PipelineAdapter, Prepared
+from olss_fast.pipelines.base import CallOptions, CondInput, ExportSpec, PipelineAdapter, Prepared
 
 __all__ = ["CallOptions", "CondInput", "ExportSpec", "PipelineAdapter", "Prepared", "adapter_for",
            "register_adapter", "supported_pipelines"]
@@ -48,11 +48,11 @@ def adapter_for(pipe: Any, required: bool = True) -> Optional[PipelineAdapter]:
 
 
 def _register_builtin() -> None:
-    from .digits import DigitsAdapter
-    from .flux import FluxAdapter
-    from .sd import StableDiffusionAdapter
-    from .sd3 import StableDiffusion3Adapter
-    from .sdxl import StableDiffusionXLAdapter
+    from olss_fast.pipelines.digits import DigitsAdapter
+    from olss_fast.pipelines.flux import FluxAdapter
+    from olss_fast.pipelines.sd import StableDiffusionAdapter
+    from olss_fast.pipelines.sd3 import StableDiffusion3Adapter
+    from olss_fast.pipelines.sdxl import StableDiffusionXLAdapter
 
     for cls in (StableDiffusionAdapter, StableDiffusionXLAdapter, StableDiffusion3Adapter, FluxAdapter,
                 DigitsAdapter):

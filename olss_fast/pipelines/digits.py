@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .base import CondInput, ExportSpec, PipelineAdapter, Prepared, repeat_each
+from olss_fast.pipelines.base import CondInput, ExportSpec, PipelineAdapter, Prepared, repeat_each
 
 
 class DigitsUNet(torch.nn.Module):

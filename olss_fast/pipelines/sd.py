@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .base import (
+from olss_fast.pipelines.base import (
     CondInput, ExportSpec, PipelineAdapter, Prepared, TextEncodingMixin, as_prompt_list, check_prompt_args, negatives,
     repeat_each,
 )

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import torch
 
-from .base import (CondInput, ExportSpec, PipelineAdapter, Prepared, as_prompt_list, check_prompt_args, negatives,
+from olss_fast.pipelines.base import (CondInput, ExportSpec, PipelineAdapter, Prepared, as_prompt_list, check_prompt_args, negatives,
                    postprocessed_output)
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .base import (PipelineAdapter, Prepared, TextEncodingMixin, as_prompt_list, check_prompt_args, negatives,
+from olss_fast.pipelines.base import (PipelineAdapter, Prepared, TextEncodingMixin, as_prompt_list, check_prompt_args, negatives,
                    repeat_each)
 
 

@@ -1,6 +1,6 @@
 """Resumable recording: checkpoints of the teacher statistics with a job fingerprint (issue #6).
 
-A checkpoint is an ordinary :class:`~olss_fast.stats.GramStats` file (atomic safetensors write) whose header
+A checkpoint is an ordinary :class:`~olss_fast.core.stats.GramStats` file (atomic safetensors write) whose header
 ``meta["record_checkpoint"]`` holds
 
 - ``fingerprint``: what the statistics are *of* — teacher (description and config hash), teacher steps, model
@@ -34,9 +34,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ._io import expect_bool, expect_dict, expect_int
-from .distributed import LOCAL, DistContext
-from .stats import MAX_ITEMS, GramStats, check_ranges, count_ranges, ranges_to_set, to_ranges
+from olss_fast.core.files import expect_bool, expect_dict, expect_int
+from olss_fast.fit.distributed import LOCAL, DistContext
+from olss_fast.core.stats import MAX_ITEMS, GramStats, check_ranges, count_ranges, ranges_to_set, to_ranges
 
 logger = logging.getLogger(__name__)
 

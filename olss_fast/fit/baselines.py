@@ -2,7 +2,7 @@
 
 Every sampler runs through the same pipeline from the same initial noise, with trailing timesteps; quality is
 measured on held-out noise/prompts against the teacher's final sample from that noise. Learned-step baselines
-(OSS, :mod:`olss_fast.oss`) run as diffusers' own schedulers on the timesteps they chose
+(OSS, :mod:`olss_fast.core.oss`) run as diffusers' own schedulers on the timesteps they chose
 (:class:`CustomTimestepsScheduler`).
 """
 from __future__ import annotations
@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from .metrics import rmse  # noqa: F401  (re-exported for the comparison scripts)
-from .recording import _quiet_progress, swapped_scheduler
+from olss_fast.core.metrics import rmse  # noqa: F401  (re-exported for the comparison scripts)
+from olss_fast.fit.recording import _quiet_progress, swapped_scheduler
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .oss import OSSResult
+    from olss_fast.core.oss import OSSResult
 
 logger = logging.getLogger(__name__)
 
@@ -206,17 +206,17 @@ def fit_oss_baselines(
     guidance_scale: float | None = None,
     progress: bool = True,
 ) -> dict[str, tuple["OSSResult", CustomTimestepsScheduler]]:
-    """OSS baselines (:func:`olss_fast.oss.oss_search`) for ``pipe``: record the teacher on the training work items
+    """OSS baselines (:func:`olss_fast.core.oss.oss_search`) for ``pipe``: record the teacher on the training work items
     (prompts × seeds; ``samples`` of them spread evenly, default all), run the dynamic programme along its
     trajectories for each solver, and wrap the chosen timesteps as diffusers schedulers. Returns
     ``{solver: (result, scheduler)}``.
 
-    The teacher defaults to the one OLSS records (:func:`olss_fast.recording.default_teacher`), its grid being the
+    The teacher defaults to the one OLSS records (:func:`olss_fast.fit.recording.default_teacher`), its grid being the
     teacher's timesteps plus its end, which must be clean data (σ = 0), where diffusers' DPM-Solver++ ends.
     """
-    from .fit import pipeline_denoiser
-    from .oss import oss_search
-    from .recording import (RecordConfig, default_teacher, make_work_items, record_trajectories, spread_indices,
+    from olss_fast.fit.orchestration import pipeline_denoiser
+    from olss_fast.core.oss import oss_search
+    from olss_fast.fit.recording import (RecordConfig, default_teacher, make_work_items, record_trajectories, spread_indices,
                             teacher_prediction_type)
 
     unknown = [s for s in solvers if s not in OSS_RUNNERS]

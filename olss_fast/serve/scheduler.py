@@ -1,6 +1,6 @@
 """`OLSSScheduler`: a diffusers scheduler that runs searched OLSS schedules, and is DDIM (or FlowMatchEuler) otherwise.
 
-It holds searched :class:`~olss_fast.schedule.OLSSSchedule` objects keyed by step count. ``set_timesteps(n)`` with a
+It holds searched :class:`~olss_fast.core.schedule.OLSSSchedule` objects keyed by step count. ``set_timesteps(n)`` with a
 searched n-step schedule runs it (OLSS, Duan et al. 2023, Eq. 8); any other n runs the scheduler it extends, built by
 diffusers itself from the same config: ``DDIMScheduler`` for VP models, ``FlowMatchEulerDiscreteScheduler`` for flow
 matching (``prediction_type="flow"``). In that mode every call — ``step`` at any timestep with ``eta``, clipping,
@@ -30,10 +30,10 @@ from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
-from . import provenance
-from ._io import canonical_json, read_json
-from .schedule import MAX_SCHEDULE_BYTES, OLSSSchedule, stack_schedules_by_steps
-from .step import PREDICTION_TYPES, ddim_coefficients, olss_combine
+from olss_fast.core import provenance
+from olss_fast.core.files import canonical_json, read_json
+from olss_fast.core.schedule import MAX_SCHEDULE_BYTES, OLSSSchedule, stack_schedules_by_steps
+from olss_fast.core.step import PREDICTION_TYPES, ddim_coefficients, olss_combine
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
 
     Defaults differ from ``DDIMScheduler``'s in two places, chosen for OLSS: ``clip_sample=False`` and
     ``timestep_spacing="trailing"``. ``OLSSScheduler.from_config(config)`` of a ``FlowMatch*`` scheduler's config
-    sets ``prediction_type="flow"`` (see :func:`olss_fast.provenance.is_flow_config`).
+    sets ``prediction_type="flow"`` (see :func:`olss_fast.core.provenance.is_flow_config`).
     """
 
     _compatibles = [
@@ -294,7 +294,7 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         return self._mode == "olss"
 
     def noise_schedule_id(self) -> dict[str, Any]:
-        """This config's noise schedule (see :func:`olss_fast.provenance.noise_schedule_id`)."""
+        """This config's noise schedule (see :func:`olss_fast.core.provenance.noise_schedule_id`)."""
         return provenance.noise_schedule_id(dict(self.config))
 
     # ------------------------------------------------------------------ diffusers API
@@ -609,7 +609,7 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
         """diffusers' ``save_pretrained``, plus a digest of the config (``_olss_sha256``, verified by
         :meth:`from_pretrained`), written atomically (never left half-written) under an exclusive lock."""
-        from ._io import atomic_write_text, exclusive_lock
+        from olss_fast.core.files import atomic_write_text, exclusive_lock
 
         if push_to_hub:
             raise ValueError("push_to_hub is not supported by OLSSScheduler.save_pretrained; save, then upload")

@@ -2,7 +2,7 @@
 
 A student path ``i_0 = 0 < i_1 < … < i_{n-1} < T`` selects teacher steps; student step j predicts the teacher latent
 ``x[i_{j+1}]`` (``i_n := T``) as ``w_j x[0] + Σ_{l≤j} v_{j,l} e[i_l]`` with coefficients fitted by least squares over
-all recorded samples. Everything here reads only the Gram matrix of :class:`~olss_fast.stats.GramStats`.
+all recorded samples. Everything here reads only the Gram matrix of :class:`~olss_fast.core.stats.GramStats`.
 """
 from __future__ import annotations
 
@@ -14,16 +14,16 @@ from typing import Sequence
 
 import torch
 
-from .lstsq import gram_lstsq, numerical_rank
-from .schedule import GRANULARITIES, OLSSSchedule
-from .stats import GramStats
+from olss_fast.core.lstsq import gram_lstsq, numerical_rank
+from olss_fast.core.schedule import GRANULARITIES, OLSSSchedule
+from olss_fast.core.stats import GramStats
 
 logger = logging.getLogger(__name__)
 
 #: paths :func:`search_schedule` computes from the statistics alone
 STATS_PATHS = ("uniform", "minimax")
 #: every path option of ``FitConfig.path`` / ``olss-fast search --path``; "refit" judges each path by the error after
-#: the student-in-the-loop re-fit and needs the model (:func:`olss_fast.refine.refit_path_search`)
+#: the student-in-the-loop re-fit and needs the model (:func:`olss_fast.core.refine.refit_path_search`)
 PATHS = STATS_PATHS + ("refit",)
 #: The default path of :func:`search_schedule`, chosen on held-out quality (benchmarks/quality.py,
 #: benchmarks/RESULTS.md "Quality"): with the re-fit, on the bundled digits model the uniform path is as good as or
@@ -71,7 +71,7 @@ def check_stats_path(path: str) -> None:
         raise ValueError(
             "path='refit' judges each path by the error after the student-in-the-loop re-fit, which runs the model: "
             "use fit_olss_scheduler(pipe, ..., path='refit') (CLI: olss-fast search --path refit) or "
-            "olss_fast.refine.refit_path_search, then search_schedule(stats, n, path=<its indices>)"
+            "olss_fast.core.refine.refit_path_search, then search_schedule(stats, n, path=<its indices>)"
         )
     if path not in STATS_PATHS:
         raise ValueError(f"unknown path {path!r}; choose one of {PATHS}")
@@ -223,7 +223,7 @@ def search_schedule(
         num_steps: n, the number of student steps (model evaluations).
         path: "uniform" (default), "minimax" (the paper's search; falls back to uniform when uniform is better on
             the search's own criterion, the largest per-step error), or an explicit list of teacher indices (e.g.
-            the result of :func:`olss_fast.refine.refit_path_search`, which needs the model).
+            the result of :func:`olss_fast.core.refine.refit_path_search`, which needs the model).
         granularity: "global" (default, the paper's single coefficient set) or "channel" (per latent channel).
         config: a :class:`SearchConfig` instead of ``path``/``granularity`` (giving both is refused).
 

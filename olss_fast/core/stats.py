@@ -19,7 +19,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from ._io import (
+from olss_fast.core.files import (
     atomic_write_with, check_regular_file, expect_dict, expect_int, expect_list, expect_str, parse_json,
 )
 
@@ -44,7 +44,7 @@ class GramStats:
         prediction_type: the output parametrisation of the recorded model outputs ("epsilon", "v_prediction",
             "sample" or "flow"); required unless ``teacher`` is a scheduler to take it from. Schedules searched on
             these statistics are labelled with it, and refused where it does not match.
-        context: what the recording was made for (:func:`olss_fast.provenance.recording_context`); copied into
+        context: what the recording was made for (:func:`olss_fast.core.provenance.recording_context`); copied into
             every schedule's ``fitted_for`` (must match to merge).
         device: where the statistics live (default CPU). Updates compute on the data's device.
     """
@@ -59,10 +59,10 @@ class GramStats:
         context: dict[str, Any] | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
-        from .step import PREDICTION_TYPES
+        from olss_fast.core.step import PREDICTION_TYPES
 
         if not isinstance(teacher, str):  # a scheduler object
-            from .recording import describe_scheduler, teacher_prediction_type
+            from olss_fast.fit.recording import describe_scheduler, teacher_prediction_type
 
             if prediction_type is None:
                 prediction_type = teacher_prediction_type(teacher)
@@ -427,7 +427,7 @@ _HEADER_V1 = ("format", "version", "timesteps", "teacher", "model", "prediction_
 
 def _parse_header(text: Any) -> dict[str, Any]:
     """The statistics header, every field type- and range-checked (version 1 headers get the version 2 defaults)."""
-    from .step import PREDICTION_TYPES
+    from olss_fast.core.step import PREDICTION_TYPES
 
     h = expect_dict(parse_json(expect_str(text, "the header", 64 * 2**20), "the header"), "the header")
     if h.get("format") != STATS_FORMAT:

@@ -19,22 +19,22 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .recording import (
+from olss_fast.fit.recording import (
     MAX_TEACHER_STEPS, RecordConfig, StopSampling, WorkItem, _quiet_progress, as_prompt_list, call_default_guidance,
     call_kwargs_for, check_int, check_recordable, default_teacher, item_noise, latent_shape, make_work_items,
     pipeline_device, pipeline_dtype, record_trajectories, run_pipeline, spread_indices, swapped_scheduler,
     teacher_prediction_type,
 )
-from .provenance import recording_context
-from .checkpoint import checkpoint_info
-from .distributed import LOCAL, DistContext, all_gather_object, broadcast_object, gather_by_sum, resolve_context
-from .refine import refit_path_search, sequential_refit
-from .schedule import OLSSSchedule
-from .step import olss_combine
-from .scheduler import OLSSScheduler
-from .schedule import GRANULARITIES
-from .search import DEFAULT_PATH, DEFAULT_STATS_PATH, PATHS, STATS_PATHS, search_schedule, uniform_path
-from .stats import GramStats
+from olss_fast.core.provenance import recording_context
+from olss_fast.fit.checkpoint import checkpoint_info
+from olss_fast.fit.distributed import LOCAL, DistContext, all_gather_object, broadcast_object, gather_by_sum, resolve_context
+from olss_fast.core.refine import refit_path_search, sequential_refit
+from olss_fast.core.schedule import OLSSSchedule
+from olss_fast.core.step import olss_combine
+from olss_fast.serve.scheduler import OLSSScheduler
+from olss_fast.core.schedule import GRANULARITIES
+from olss_fast.core.search import DEFAULT_PATH, DEFAULT_STATS_PATH, PATHS, STATS_PATHS, search_schedule, uniform_path
+from olss_fast.core.stats import GramStats
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class FitConfig:
         num_steps: student step counts to search (one schedule each): an int or a list of ints.
         path: "uniform", "minimax" (the paper's search on the statistics) or "refit" (the path judged by the final
             error after the re-fit: OSS's dynamic programme with the re-fit inside, then optional coordinate
-            descent, :func:`olss_fast.refine.refit_path_search`; needs ``refine=True``). Default (None):
+            descent, :func:`olss_fast.core.refine.refit_path_search`; needs ``refine=True``). Default (None):
             ``search.DEFAULT_PATH`` with the re-fit, ``search.DEFAULT_STATS_PATH`` without it.
         granularity: "global" or "channel".
         refine: run the student-in-the-loop re-fit after the search (recommended).
@@ -266,7 +266,7 @@ def refine_through_pipeline(
 ) -> OLSSSchedule:
     """Student-in-the-loop re-fit driving ``pipe`` itself (see module docstring).
 
-    Under torch.distributed (``distributed``, see :func:`olss_fast.distributed.resolve_context`) the refinement
+    Under torch.distributed (``distributed``, see :func:`olss_fast.fit.distributed.resolve_context`) the refinement
     batches (``items`` cut into ``record.batch_size`` batches, as a single process would) are evaluated by rank
     ``k % world_size``; the model outputs are all-gathered exactly, every rank runs the same float64 fit with rank 0's
     coefficients, and the result equals a single-process run's to float64 rounding. Collective: every rank must call
@@ -325,8 +325,8 @@ def fit_olss_scheduler(
     up front).
 
     ``checkpoint``/``checkpoint_every``/``resume`` make the recording resumable (see :func:`record_trajectories`
-    and :mod:`olss_fast.checkpoint`). Under torchrun (``distributed``, default auto) recording and refinement are
-    sharded over the processes and every rank returns the same result (:mod:`olss_fast.distributed`); only rank 0
+    and :mod:`olss_fast.fit.checkpoint`). Under torchrun (``distributed``, default auto) recording and refinement are
+    sharded over the processes and every rank returns the same result (:mod:`olss_fast.fit.distributed`); only rank 0
     should write files.
     """
     ctx = resolve_context(distributed)
@@ -517,7 +517,7 @@ def _refit_path_schedules(pipe: Any, stats: GramStats, refine_items: Sequence[Wo
 def _check_noise_schedules(base_config: dict[str, Any], stats: GramStats | None, teacher: Any) -> None:
     """``ValueError`` before any work when the teacher or the given statistics have another noise schedule than the
     scheduler config the result is built on."""
-    from . import provenance
+    from olss_fast.core import provenance
 
     want = provenance.noise_schedule_id(base_config)
     found = []

@@ -14,10 +14,10 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .lstsq import gram_lstsq
-from .oss import trace_back
-from .schedule import GRANULARITIES, OLSSSchedule
-from .step import olss_combine
+from olss_fast.core.lstsq import gram_lstsq
+from olss_fast.core.oss import trace_back
+from olss_fast.core.schedule import GRANULARITIES, OLSSSchedule
+from olss_fast.core.step import olss_combine
 
 logger = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ def _teacher_dots(teacher_latents: torch.Tensor, channels: int) -> torch.Tensor:
 def _fit_errors(state: _RefitState, j: int, ys: torch.Tensor) -> torch.Tensor:
     """MSE of fitting row j of ``state`` (basis x0, e_0 … e_j) to each target in ``ys`` ``[C, J, B·rest]`` at once
     (the same least squares as :meth:`_RefitState.fit`, batched over targets)."""
-    from .lstsq import solve_spd
+    from olss_fast.core.lstsq import solve_spd
 
     m = j + 2
     basis = torch.stack([v.to(torch.float64) for v in [state.x0f] + state.history[: j + 1]])  # [m, B, C, ...]
@@ -295,7 +295,7 @@ def refit_programme(
     stride: int = 1,
     progress: bool = True,
 ) -> tuple[dict[int, tuple[list[int], float]], int]:
-    """OSS's dynamic programme (:mod:`olss_fast.oss`) with the student-in-the-loop re-fit as the solver step.
+    """OSS's dynamic programme (:mod:`olss_fast.core.oss`) with the student-in-the-loop re-fit as the solver step.
 
     State ``(k, i)``: the re-fitted student after k steps standing at teacher index i (its rows 0 … k−1 fitted on
     the targets of its path), the best such k-step student by its error at i. Transition ``i → j``: evaluate the model
@@ -408,7 +408,7 @@ def refit_path_search(
         ValueError: shapes that do not fit, step counts outside 1 … T, a bad start path, too few samples, NaN model
             outputs.
     """
-    from .search import uniform_path
+    from olss_fast.core.search import uniform_path
 
     T = len(timesteps)
     single = isinstance(num_steps, int) and not isinstance(num_steps, bool)

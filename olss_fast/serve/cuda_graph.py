@@ -1,4 +1,4 @@
-"""CUDA-graph capture machinery for the fixed-step OLSS loop (import as ``olss_fast.cuda_graph``).
+"""CUDA-graph capture machinery for the fixed-step OLSS loop (import as ``olss_fast.serve.cuda_graph``).
 
 A few-step OLSS sampler is a static program: text encoder → n × (UNet → fused step) → VAE decode, with every shape
 known in advance. Captured once as a CUDA graph it replays with a single launch, which removes the per-kernel launch

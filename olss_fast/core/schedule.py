@@ -28,15 +28,15 @@ from typing import Any, Sequence
 
 import torch
 
-from ._io import (
+from olss_fast.core.files import (
     FLOAT32_MAX, atomic_write_text, canonical_json, expect_bool, expect_dict, expect_float, expect_int, expect_list,
     expect_str, read_json,
 )
-from .step import PREDICTION_TYPES
+from olss_fast.core.step import PREDICTION_TYPES
 
 logger = logging.getLogger(__name__)
 
-SCHEDULE_FORMAT = "olss_fast.schedule"
+SCHEDULE_FORMAT = "olss_fast.core.schedule"
 SCHEDULE_VERSION = 2  # 2 added ``fitted_for`` and the ``sha256`` digest; version 1 files are read with a warning
 READ_VERSIONS = (1, 2)
 GRANULARITIES = ("global", "channel")
@@ -87,7 +87,7 @@ class OLSSSchedule:
         refined: whether the coefficients come from the student-in-the-loop re-fit.
         teacher: a short description of the teacher sampler.
         fitted_for: what the coefficients were fitted for (model, noise schedule, guidance scale, latent shape,
-            teacher, prompt set; see :mod:`olss_fast.provenance`), checked wherever the schedule is used.
+            teacher, prompt set; see :mod:`olss_fast.core.provenance`), checked wherever the schedule is used.
         meta: free-form JSON-serialisable extra information (sample counts, library version, ...).
     """
 
@@ -323,7 +323,7 @@ _FITTED_FOR_KEYS = ("model", "noise_schedule", "guidance_scale", "latent_shape",
 
 
 def _check_fitted_for(f: dict) -> None:
-    """The ``fitted_for`` block's own types (see :mod:`olss_fast.provenance`)."""
+    """The ``fitted_for`` block's own types (see :mod:`olss_fast.core.provenance`)."""
     if not f:
         return
     expect_dict(f, "fitted_for", keys=[], optional=_FITTED_FOR_KEYS)

@@ -6,14 +6,14 @@ and hot-load it in another process (``torch.compiler.load_cache_artifacts``), af
 hit and only Dynamo's tracing is paid again. This module keeps those bytes on disk, one file per *key*:
 
 * the key (:func:`cache_key`) is a SHA-256 over everything the compiled code depends on — the compiled modules'
-  classes, configs and sampled weights (:func:`olss_fast.provenance.model_id`), the program's input shapes, dtype and
+  classes, configs and sampled weights (:func:`olss_fast.core.provenance.model_id`), the program's input shapes, dtype and
   options, the compile mode, the torch / triton / diffusers / transformers / olss_fast versions and the device (GPU
   name, compute capability and CUDA version, or the CPU's vector ISA);
 * an entry is ``<key>.bin``: one JSON header line (format, the full key description, payload size and SHA-256) and
   the payload. :meth:`CompileCache.load` checks the header and digest before handing anything to PyTorch; a
   truncated, corrupted, foreign or stale entry (a header whose key description differs from the expected one) logs a
   warning and is ignored — the program then compiles from scratch and the entry is rewritten — never loaded;
-* writes are atomic (:mod:`olss_fast._io`), so a killed process never leaves a half-written entry, and private
+* writes are atomic (:mod:`olss_fast.core.files`), so a killed process never leaves a half-written entry, and private
   (mode 0600).
 
 Inductor itself guards every cached graph with its own key, so an artefact can at worst be unused, never applied to
@@ -32,13 +32,13 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from olss_fast import _io
+from olss_fast.core import files as _io
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CompileCache", "cache_key", "environment", "inductor_counters"]
 
-FORMAT = "olss_fast.compile_cache"
+FORMAT = "olss_fast.serve.compile_cache"
 VERSION = 1
 #: entries larger than this are refused (a compiled SDXL program is a few hundred MB)
 MAX_ENTRY_BYTES = 8 * 2**30

@@ -24,7 +24,7 @@ The k-step states do not depend on n, so one run up to the largest n answers eve
   ``−½α_t(e^{−h} − 1)·D1`` with ``D1 = (D0 − D_prev)/r``, ``r = (λ_s − λ_prev)/h``.
 
 Pure functions of tensors and a ``denoise(x, t) -> model output`` callable; the chosen timesteps run as diffusers'
-own schedulers with custom timesteps (:func:`olss_fast.evaluate.oss_scheduler`).
+own schedulers with custom timesteps (:func:`olss_fast.fit.baselines.oss_scheduler`).
 """
 from __future__ import annotations
 

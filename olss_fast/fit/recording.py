@@ -2,7 +2,7 @@
 
 The pipeline runs its own loop; :class:`RecordingScheduler` forwards every call to the teacher scheduler and keeps
 the ``sample`` and ``model_output`` of each ``step`` (docs/design.md, "The method"). After each batch the trajectories are
-added to :class:`~olss_fast.stats.GramStats` and dropped, so memory does not grow with the number of batches.
+added to :class:`~olss_fast.core.stats.GramStats` and dropped, so memory does not grow with the number of batches.
 """
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ._io import exclusive_lock
-from .pipelines import adapter_for
-from .provenance import recording_context
-from .stats import GramStats
+from olss_fast.core.files import exclusive_lock
+from olss_fast.pipelines import adapter_for
+from olss_fast.core.provenance import recording_context
+from olss_fast.core.stats import GramStats
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .checkpoint import RecordCheckpointer
-    from .distributed import DistContext
+    from olss_fast.fit.checkpoint import RecordCheckpointer
+    from olss_fast.fit.distributed import DistContext
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ def item_noise(items: Sequence[WorkItem], shape: Sequence[int], device: Any = "c
 def latent_shape(pipe: Any, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
     """Per-sample latent shape of a pipeline: its family adapter's (:mod:`olss_fast.pipelines`), else ``(C, h, w)``
     from the denoiser's config (or its ``sample_shape``, for the analytic test models)."""
-    from .pipelines import adapter_for
+    from olss_fast.pipelines import adapter_for
 
     adapter = adapter_for(pipe, required=False)
     if adapter is not None:
@@ -444,22 +444,22 @@ def record_trajectories(
         on_batch: called with ``(items, x_path, e_path)`` after each batch, before the trajectories are dropped
             (under torch.distributed: for this rank's batches only; not for batches restored from a checkpoint).
         progress: show a progress bar over samples (rank 0's share when distributed; resumed items count as done).
-        checkpoint: file to checkpoint the statistics to (see :mod:`olss_fast.checkpoint`); when the recording
+        checkpoint: file to checkpoint the statistics to (see :mod:`olss_fast.fit.checkpoint`); when the recording
             finishes it holds the finished statistics, which ``fit_olss_scheduler(stats=GramStats.load(...))`` or
             ``olss-fast search --stats`` re-search without recording again.
         checkpoint_every: write the checkpoint every this many batches (and when done).
         resume: continue from ``checkpoint`` (an unfinished one resumes after its last finished batch, a finished
             one is returned without recording). Without ``resume`` an existing checkpoint is refused.
         distributed: None (default): shard the batches over the torch.distributed process group when there is one
-            (or torchrun's environment asks for one) and all-reduce the statistics (:mod:`olss_fast.distributed`);
+            (or torchrun's environment asks for one) and all-reduce the statistics (:mod:`olss_fast.fit.distributed`);
             False: this process only.
 
     Raises:
         ValueError: bad options; a corrupted checkpoint, or one of another job (teacher, model, prompts, seeds,
             shape, ...), named field by field.
     """
-    from .checkpoint import RecordCheckpointer, job_fingerprint, model_fingerprint, stats_identity
-    from .distributed import all_reduce_stats, resolve_context, shard_batches
+    from olss_fast.fit.checkpoint import RecordCheckpointer, job_fingerprint, model_fingerprint, stats_identity
+    from olss_fast.fit.distributed import all_reduce_stats, resolve_context, shard_batches
 
     if config is not None and config_kwargs:
         raise ValueError(f"pass recording options as config=RecordConfig(...) or as keywords, not both "
@@ -619,7 +619,7 @@ def _open_checkpoint(
 
     Collective under torch.distributed: every rank raises the same ``ValueError`` when any rank finds a problem.
     """
-    from .distributed import agree_on_error, broadcast_object, broadcast_stats
+    from olss_fast.fit.distributed import agree_on_error, broadcast_object, broadcast_stats
 
     error = None
     final = None

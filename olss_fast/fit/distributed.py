@@ -1,7 +1,7 @@
 """Multi-process recording and search with ``torch.distributed`` (issue #6).
 
-Under ``torchrun --nproc_per_node=K`` (one node or several), :func:`~olss_fast.recording.record_trajectories`,
-:func:`~olss_fast.fit.fit_olss_scheduler` and ``olss-fast search`` split the work between the processes and combine
+Under ``torchrun --nproc_per_node=K`` (one node or several), :func:`~olss_fast.fit.recording.record_trajectories`,
+:func:`~olss_fast.fit.orchestration.fit_olss_scheduler` and ``olss-fast search`` split the work between the processes and combine
 the results with collectives; nothing here hand-rolls communication.
 
 **Sharding rule (deterministic, by whole batches).** The work items (prompts × seeds, :func:`make_work_items`) are
@@ -12,7 +12,7 @@ it differ) and only the order in which the per-batch float64 Gram matrices are s
 statistics equal the single-process ones to float64 rounding (≈1e-16 relative). With fewer batches than ranks some
 ranks record nothing (a warning is logged); use a smaller batch size to keep every process busy.
 
-**Reduction.** Each rank streams its batches into a local float64 :class:`~olss_fast.stats.GramStats`; the Gram
+**Reduction.** Each rank streams its batches into a local float64 :class:`~olss_fast.core.stats.GramStats`; the Gram
 matrices and the sample counts are then summed with ``all_reduce`` (NCCL on GPUs, gloo on CPU).
 
 **Search.** Every rank holds the all-reduced statistics; rank 0 runs the path search and broadcasts the schedules
@@ -38,7 +38,7 @@ from typing import Any, Sequence, TypeVar
 
 import torch
 
-from .stats import GramStats, ranges_to_set, to_ranges
+from olss_fast.core.stats import GramStats, ranges_to_set, to_ranges
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """`compile_olss_pipeline`: run a searched OLSS schedule as one static, fused (and optionally captured) program.
 
 An OLSS schedule (Duan et al., CIKM 2023, Eq. 8) is a fixed list of timesteps plus a small coefficient matrix, so the
-whole sampler is a static program (:mod:`olss_fast.program`)::
+whole sampler is a static program (:mod:`olss_fast.serve.program`)::
 
     [text encoder] → n × (denoiser(x_j, t_j) → fused step: CFG + x_{j+1} = w_j x_0 + Σ_l v_{j,l} e_l) → [decoder]
 
@@ -11,9 +11,9 @@ interchangeable:
 
 * ``"eager"``: the fixed loop, uncaptured (any device, CPU included);
 * ``"cuda_graph"``: text encoder, all n denoiser calls, all n steps and the decoder captured in ONE CUDA graph per
-  input signature (:mod:`olss_fast.cuda_graph`), kept in a small LRU cache, all graphs in one memory pool;
+  input signature (:mod:`olss_fast.serve.cuda_graph`), kept in a small LRU cache, all graphs in one memory pool;
 * with ``compile``, either of these runs the modules ``torch.compile``-d, artefacts persisted across processes
-  (:mod:`olss_fast.compile_cache`);
+  (:mod:`olss_fast.serve.compile_cache`);
 * ``"onnxruntime"`` / ``"tensorrt"``: the same program exported to static ONNX (and TensorRT engines), registered by
   :mod:`olss_fast.export` (:data:`BACKENDS` maps the names to their classes);
 * ``"auto"``: ``cuda_graph`` on CUDA, ``eager`` otherwise.
@@ -28,7 +28,7 @@ before every call (module identities, parameter addresses and version counters) 
 (cuda_graph), re-compiles (``compile``; ``channels_last`` and ``fuse_qkv`` are applied to the new modules) or
 re-exports (onnxruntime, tensorrt; these also compare a sampled digest of the weight values, which sees ``.data``
 edits such as a fused LoRA). A schedule is checked against the
-pipeline it runs on (:mod:`olss_fast.provenance`): another model architecture, noise schedule or prediction type is
+pipeline it runs on (:mod:`olss_fast.core.provenance`): another model architecture, noise schedule or prediction type is
 refused unless ``allow_mismatch`` names it; another guidance scale or image size warns once.
 """
 from __future__ import annotations
@@ -46,13 +46,13 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from olss_fast import provenance
-from olss_fast._io import default_cache_dir
-from olss_fast.compile_cache import CompileCache, cache_key, environment, inductor_counters
-from olss_fast.cuda_graph import CapturedGraph, GraphCache, StaticBuffers, tensor_signature
+from olss_fast.core import provenance
+from olss_fast.core.files import default_cache_dir
+from olss_fast.serve.compile_cache import CompileCache, cache_key, environment, inductor_counters
+from olss_fast.serve.cuda_graph import CapturedGraph, GraphCache, StaticBuffers, tensor_signature
 from olss_fast.pipelines import CallOptions, PipelineAdapter, adapter_for
-from olss_fast.program import ProgramBuffers, allocate_buffers, run_loop
-from olss_fast.schedule import OLSSSchedule
+from olss_fast.serve.program import ProgramBuffers, allocate_buffers, run_loop
+from olss_fast.core.schedule import OLSSSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ __all__ = ["BACKENDS", "OLSSRunner", "ProgramRequest", "RuntimeConfig", "TorchBa
 
 #: backend name → the class that runs the program (a "module:Class" path is imported on first use)
 BACKENDS: dict[str, Any] = {
-    "eager": "olss_fast.runtime:TorchBackend",
-    "cuda_graph": "olss_fast.runtime:TorchBackend",
+    "eager": "olss_fast.serve.runner:TorchBackend",
+    "cuda_graph": "olss_fast.serve.runner:TorchBackend",
     "onnxruntime": "olss_fast.export.backends:OnnxRuntimeBackend",
     "tensorrt": "olss_fast.export.backends:TensorRTBackend",
 }
@@ -94,7 +94,7 @@ class RuntimeConfig:
         compile_mode: ``torch.compile``'s mode: None (its default), ``"max-autotune-no-cudagraphs"`` (opt-in: minutes
             of autotuning per module on a GPU); ``"reduce-overhead"`` / ``"max-autotune"`` capture CUDA graphs of
             their own and are refused with ``backend="cuda_graph"``, which captures the whole program already.
-        compile_cache: keep the compiled artefacts on disk under ``cache_dir/compile`` (:mod:`olss_fast.compile_cache`,
+        compile_cache: keep the compiled artefacts on disk under ``cache_dir/compile`` (:mod:`olss_fast.serve.compile_cache`,
             keyed by the modules' digests, shapes, dtype, software versions and device), so that another process
             loads them instead of compiling again; a corrupted or stale entry is ignored with a warning.
         channels_last: convert the pipeline's convolutional modules to ``torch.channels_last`` (in place).
@@ -106,7 +106,7 @@ class RuntimeConfig:
         cache_dir: where compiled artefacts, exports and engines are kept (default ``$OLSS_FAST_CACHE`` or
             ``~/.cache/olss_fast``).
         allow_mismatch: accept a schedule fitted for another ``"model"``, ``"noise_schedule"`` or
-            ``"prediction_type"`` (see :mod:`olss_fast.provenance`).
+            ``"prediction_type"`` (see :mod:`olss_fast.core.provenance`).
         providers, session_options: onnxruntime execution providers and session options (default: CUDA when the
             pipeline is on CUDA and onnxruntime has it, then CPU).
         use_cuda_graph: tensorrt: capture the engine loop in a CUDA graph.
@@ -201,7 +201,7 @@ def check_guidance(g: Any) -> float:
 
 def default_guidance(pipe: Any, argument: str = "guidance_scale") -> float:
     """The default classifier-free guidance scale of ``pipe.__call__`` (its ``argument``; 7.5 when it has none)."""
-    from olss_fast.recording import call_default_guidance
+    from olss_fast.fit.recording import call_default_guidance
 
     g = call_default_guidance(pipe, argument)
     return 7.5 if g is None else g
@@ -229,7 +229,7 @@ def resolve_schedule(schedule: Any, num_inference_steps: Optional[int], pipe: An
                 f"JSON (or set pipe.scheduler to an OLSSScheduler); pipe.scheduler is a {type(schedule).__name__}"
             )
     if isinstance(schedule, (str, os.PathLike)):
-        from olss_fast.scheduler import load_schedule_source
+        from olss_fast.serve.scheduler import load_schedule_source
 
         schedule = load_schedule_source(schedule)
     if isinstance(schedule, OLSSSchedule):
@@ -353,7 +353,7 @@ class TorchBackend:
 
     With ``RuntimeConfig.compile`` the named modules run ``torch.compile``-d (static shapes), inside the captured graph
     with ``cuda_graph``; with ``compile_cache`` their artefacts are loaded from and saved to disk
-    (:mod:`olss_fast.compile_cache`). ``channels_last`` / ``fuse_qkv`` are applied to the pipeline's modules here,
+    (:mod:`olss_fast.serve.compile_cache`). ``channels_last`` / ``fuse_qkv`` are applied to the pipeline's modules here,
     again whenever the runner notices new modules.
     """
 
@@ -456,7 +456,7 @@ class TorchBackend:
         return self._pool
 
     def _compile_description(self, req: ProgramRequest) -> dict[str, Any]:
-        """What the compiled code of a program depends on (:func:`olss_fast.compile_cache.cache_key`)."""
+        """What the compiled code of a program depends on (:func:`olss_fast.serve.compile_cache.cache_key`)."""
         r, cfg = self.runner, self.runner.config
         return {
             "pipeline": r.adapter.name, "backend": r.backend, "dtype": str(r.dtype),
