@@ -222,7 +222,7 @@ def flow_euler_schedule(pipe: Any, n: int, height: int, width: int) -> Any:
     """FlowMatchEuler's own update at the sigmas the pipeline sets for n steps at this size, as an OLSSSchedule."""
     import copy
 
-    from olss_fast.pipelines import adapter_for
+    from olss_fast.pipelines.registry import adapter_for
     from olss_fast.core.schedule import OLSSSchedule
     from olss_fast.core.step import ddim_step_factors, unroll_linear_steps
 
@@ -369,7 +369,8 @@ def bench_floor(b: Bench, st: Setup) -> None:
     """The denoiser call (CFG batch), the text encoder (when it runs inside the program) and the decoder, each
     captured alone in a CUDA graph: the program's floor is n x denoiser + text encoder + decoder."""
     from olss_fast.serve.cuda_graph import capture_cuda_graph
-    from olss_fast.pipelines import CallOptions, adapter_for
+    from olss_fast.pipelines.base import CallOptions
+    from olss_fast.pipelines.registry import adapter_for
 
     a = adapter_for(st.pipe)
     args = {"prompt": [PROMPT]}
@@ -656,7 +657,7 @@ def make_setup(args: argparse.Namespace) -> Setup:
         else:
             pipe = build_flow_pipeline(args.model, device, torch.bfloat16 if cuda else torch.float32, args.tiny,
                                        Path(tmp))
-    from olss_fast.pipelines import adapter_for
+    from olss_fast.pipelines.registry import adapter_for
 
     if args.tiny:
         size = 32

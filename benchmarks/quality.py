@@ -38,7 +38,10 @@ import torch
 from olss_fast import OLSSScheduler, fit_olss_scheduler, refine_schedule, search_schedule
 from olss_fast.fit.baselines import baseline_scheduler, compare_samplers, fit_oss_baselines, sample
 from olss_fast.core.metrics import rmse
-from olss_fast.fit.recording import RecordConfig, default_teacher, item_noise, make_work_items, record_trajectories
+from olss_fast.fit.config import RecordConfig
+from olss_fast.fit.recording import record_trajectories
+from olss_fast.fit.teacher import default_teacher
+from olss_fast.fit.work import item_noise, make_work_items
 from olss_fast.core.search import DEFAULT_PATH
 
 HERE = Path(__file__).resolve().parent

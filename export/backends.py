@@ -22,8 +22,13 @@ from typing import Any
 
 import torch
 
+from olss_fast.core.files import default_cache_dir
+from olss_fast.export.onnx_export import export_plan, plan_export
+from olss_fast.export.onnx_runner import OnnxOLSSRunner
+from olss_fast.export.tensorrt import TensorRTOLSSProgram, build_engines, require_tensorrt
+from olss_fast.pipelines.base import CallOptions
+from olss_fast.serve.backend import BackendSetup, ProgramBackend, ProgramRequest, register_backend
 from olss_fast.serve.cuda_graph import GraphCache
-from olss_fast.pipelines import CallOptions
 
 logger = logging.getLogger(__name__)
 
@@ -52,21 +57,19 @@ class _OrtProgram:
         return torch.from_numpy(out).to(self.device)
 
 
-class _ExportedBackend:
+class _ExportedBackend(ProgramBackend):
     """Shared plumbing: one exported program per (batch, height, width, guidance) in a bounded cache."""
 
     name = "exported"
     #: the weights are baked into the export: a change of their values must rebuild it
     needs_weight_values = True
 
-    def __init__(self, runner: Any) -> None:
-        from olss_fast.core.files import default_cache_dir
-
-        self.runner = runner
-        cfg = runner.config
-        if runner.dtype not in (torch.float32, torch.float16):
-            raise ValueError(f"the ONNX/TensorRT backends support float32 and float16, got {runner.dtype}")
-        runner.adapter.check_exportable()
+    def __init__(self, setup: BackendSetup) -> None:
+        super().__init__(setup)
+        cfg = setup.config
+        if setup.dtype not in (torch.float32, torch.float16):
+            raise ValueError(f"the ONNX/TensorRT backends support float32 and float16, got {setup.dtype}")
+        setup.adapter.check_exportable()
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir is not None else default_cache_dir()
         self.cache: GraphCache[Any] = GraphCache(cfg.cache_size)  # export cache key → loaded program
         self._plans: GraphCache[Any] = GraphCache(4 * cfg.cache_size)  # request signature → (export, input names)
@@ -79,7 +82,7 @@ class _ExportedBackend:
     def schedule_changed(self) -> None:
         self.invalidate()
 
-    def _check(self, req: Any) -> None:
+    def _check(self, req: ProgramRequest) -> None:
         if req.options != CallOptions():
             raise ValueError(f"clip_skip, cross_attention_kwargs and guidance_rescale are not supported by the "
                              f"{self.name} backend (the exported program is fixed); use backend='eager' or "
@@ -87,12 +90,10 @@ class _ExportedBackend:
         if req.on_step is not None:
             raise ValueError(f"callback_on_step_end is not supported by the {self.name} backend; use backend='eager'")
 
-    def _export(self, req: Any) -> Any:
-        from olss_fast.export.onnx_export import export_plan, plan_export
-
-        r = self.runner
+    def _export(self, req: ProgramRequest) -> Any:
+        r = self.setup
         cond = {k: v for k, v in req.inputs.items() if k != "latents"}
-        plan = plan_export(r.pipe, r.schedule, batch_size=req.batch, height=req.height, width=req.width,
+        plan = plan_export(r.pipe, r.state.schedule, batch_size=req.batch, height=req.height, width=req.width,
                            guidance_scale=req.guidance if req.guided else 1.0, dtype=r.dtype,
                            allow_mismatch=r.config.allow_mismatch, example=cond if req.mode == "embeds" else None)
         export = export_plan(plan, self.cache_dir / "onnx" / plan.key[:24], overwrite=True)
@@ -100,7 +101,7 @@ class _ExportedBackend:
             self.num_exports += 1
         return export, {c.key: c.name for c in plan.cond}
 
-    def run(self, req: Any) -> torch.Tensor:
+    def run(self, req: ProgramRequest) -> torch.Tensor:
         self._check(req)
         cond = {k: v for k, v in req.inputs.items() if k != "latents"}
         signature = (req.batch, req.height, req.width, req.guidance if req.guided else 1.0, req.mode,
@@ -131,40 +132,37 @@ class OnnxRuntimeBackend(_ExportedBackend):
 
     def _providers(self) -> Any:
         """The configured providers; else CUDA (when the pipeline is on CUDA and onnxruntime has it), then CPU."""
-        cfg = self.runner.config
+        cfg = self.setup.config
         if cfg.providers is not None:
             return list(cfg.providers)
         import onnxruntime as ort
 
-        if self.runner.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        if self.setup.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             return ["CUDAExecutionProvider", "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
 
     def _load(self, export: Any) -> Any:
-        from olss_fast.export.onnx_runner import OnnxOLSSRunner
-
         # export_plan has just written or digest-checked the files: check sizes only here
         ort_runner = OnnxOLSSRunner(export.path, providers=self._providers(),
-                                    session_options=self.runner.config.session_options, verify=False)
-        return _OrtProgram(ort_runner, self.runner.device)
+                                    session_options=self.setup.config.session_options, verify=False)
+        return _OrtProgram(ort_runner, self.setup.device)
 
 
 class TensorRTBackend(_ExportedBackend):
     name = "tensorrt"
 
-    def __init__(self, runner: Any) -> None:
-        from olss_fast.export.tensorrt import require_tensorrt
-
+    def __init__(self, setup: BackendSetup) -> None:
         require_tensorrt()
-        if runner.device.type != "cuda":
-            raise ValueError(f"backend='tensorrt' needs the pipeline on a CUDA device, it is on {runner.device}")
-        super().__init__(runner)
+        if setup.device.type != "cuda":
+            raise ValueError(f"backend='tensorrt' needs the pipeline on a CUDA device, it is on {setup.device}")
+        super().__init__(setup)
 
     def _load(self, export: Any) -> Any:
-        from olss_fast.export.tensorrt import TensorRTOLSSProgram, build_engines
-
         engines = build_engines(export.path, self.cache_dir / "tensorrt")
-        return TensorRTOLSSProgram(engines, export.manifest, self.runner.device,
-                                   use_cuda_graph=self.runner.config.use_cuda_graph,
-                                   step_backend=self.runner.config.step_backend)
+        return TensorRTOLSSProgram(engines, export.manifest, self.setup.device,
+                                   use_cuda_graph=self.setup.config.use_cuda_graph,
+                                   step_backend=self.setup.config.step_backend)
 
+
+register_backend("onnxruntime", OnnxRuntimeBackend)
+register_backend("tensorrt", TensorRTBackend)

@@ -286,7 +286,7 @@ def check_metadata(name: str, props: Mapping[str, str], manifest: Mapping[str, A
     if props.get("olss_fast.image_range") != manifest["image_range"]:
         raise fail("the image range")
     try:
-        sched = json.loads(props.get("olss_fast.core.schedule", "null"))
+        sched = json.loads(props.get("olss_fast.schedule", "null"))
         shapes = json.loads(props.get("olss_fast.shapes", "null"))
         guidance = float(props.get("olss_fast.guidance_scale", "nan"))
     except (ValueError, TypeError):

@@ -31,6 +31,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+import torch
+
+from olss_fast.core.files import atomic_path, atomic_write_text, default_cache_dir
+from olss_fast.export.graph import PREFIX, extract_unet_model
+from olss_fast.export.onnx_export import save_model, validate_onnx_file, write_export
+from olss_fast.export.onnx_runner import read_manifest
+from olss_fast.export.plan import plan_export
+from olss_fast.serve.cuda_graph import capture_cuda_graph
 from olss_fast.serve.program import ProgramBuffers, run_loop
 
 logger = logging.getLogger(__name__)
@@ -42,7 +50,6 @@ __all__ = [
 
 ENGINE_COMPONENTS = ("text_encoder", "unet", "decoder")
 ENGINE_INDEX_NAME = "engines.json"
-_PREFIX = "olss/"
 
 
 def require_tensorrt() -> Any:
@@ -97,8 +104,6 @@ def build_engine(onnx_path: "str | os.PathLike[str]", engine_path: "str | os.Pat
         RuntimeError: ``tensorrt`` missing, the parser rejects the model, or the build fails.
         ValueError: the network has a dynamic input shape (the exports are static).
     """
-    from olss_fast.core.files import atomic_path
-
     trt = trt or require_tensorrt()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     trt_logger = trt.Logger(trt.Logger.WARNING)
@@ -139,15 +144,13 @@ def _component_digest(export_dir: Path, entry: Mapping[str, Any]) -> str:
 def _unet_shapes(manifest: Mapping[str, Any]) -> dict[str, list[int]]:
     lat = [int(v) for v in manifest["latent_shape"]]
     m = 2 * lat[0] if manifest["guided"] else lat[0]
-    return {_PREFIX + "unet_sample": [m] + lat[1:], _PREFIX + "unet_timestep": [],
+    return {PREFIX + "unet_sample": [m] + lat[1:], PREFIX + "unet_timestep": [],
             **{str(c["name"]): [int(v) for v in c["shape"]] for c in manifest["cond_inputs"]}}
 
 
 def engine_paths(export_dir: "str | os.PathLike[str]", engine_dir: "str | os.PathLike[str]", *, trt_version: str,
                  gpu_name: str, fp16: bool = True) -> dict[str, tuple[Path, str]]:
     """``{component: (engine path, cache key)}`` for an ONNX export, without building anything."""
-    from olss_fast.export.onnx_runner import read_manifest
-
     export_dir, engine_dir = Path(export_dir), Path(engine_dir)
     manifest = read_manifest(export_dir)
     sched = schedule_sha256(manifest["schedule"])
@@ -166,8 +169,6 @@ def engine_paths(export_dir: "str | os.PathLike[str]", engine_dir: "str | os.Pat
 
 
 def _gpu_name(device: Any = None) -> str:
-    import torch
-
     if not torch.cuda.is_available():
         raise RuntimeError("TensorRT engines need an NVIDIA GPU, and torch sees no CUDA device")
     return str(torch.cuda.get_device_name(device))
@@ -179,16 +180,11 @@ def build_engines(export_dir: "str | os.PathLike[str]", engine_dir: "str | os.Pa
     """Build (or reuse from ``engine_dir``) the engines of an ONNX export; returns ``{component: engine path}``."""
     import onnx
 
-    from olss_fast.core.files import atomic_write_text
-    from olss_fast.export.onnx_export import _save_model, extract_unet_model, validate_onnx_file
-
     trt = trt or require_tensorrt()
     export_dir, engine_dir = Path(export_dir), Path(engine_dir)
     gpu = gpu_name or _gpu_name()
     version = str(trt.__version__)
     plan = engine_paths(export_dir, engine_dir, trt_version=version, gpu_name=gpu, fp16=fp16)
-    from olss_fast.export.onnx_runner import read_manifest
-
     manifest = read_manifest(export_dir)
     engine_dir.mkdir(parents=True, exist_ok=True)
     built: dict[str, Path] = {}
@@ -201,7 +197,7 @@ def build_engines(export_dir: "str | os.PathLike[str]", engine_dir: "str | os.Pa
             with tempfile.TemporaryDirectory(prefix="olss_unet_", dir=engine_dir) as tmp:
                 unet = extract_unet_model(onnx.load(str(export_dir / manifest["components"]["denoise"]["file"])))
                 unet_path = Path(tmp) / "unet.onnx"
-                _save_model(unet, unet_path)
+                save_model(unet, unet_path)
                 del unet
                 validate_onnx_file(unet_path)
                 build_engine(unet_path, path, fp16=fp16, workspace_bytes=workspace_bytes, trt=trt)
@@ -220,39 +216,26 @@ def export_tensorrt(pipe: Any, schedule: Any = None, out_dir: "str | os.PathLike
                     **export_kwargs: Any) -> tuple[Any, dict[str, Path]]:
     """ONNX export + TensorRT engines in one folder (``out_dir``: the ONNX files, ``out_dir/engines/``).
 
-    Checks for ``tensorrt`` and a CUDA GPU before any work; written atomically like :func:`export_onnx`.
-    ``export_kwargs`` go to :func:`olss_fast.export.onnx_export.plan_export` (batch_size, height, width,
-    guidance_scale, dtype, num_inference_steps, opset). Returns ``(OnnxExport, {component: engine path})``.
+    Checks for ``tensorrt`` and a CUDA GPU before any work; written atomically like :func:`export_onnx`
+    (:func:`olss_fast.export.onnx_export.write_export`, the engines built in its staging folder).
+    ``export_kwargs`` go to :func:`olss_fast.export.plan.plan_export` (batch_size, height, width, guidance_scale,
+    dtype, num_inference_steps, opset). Returns ``(OnnxExport, {component: engine path})``.
     """
-    from olss_fast.core.files import exclusive_lock
-    from olss_fast.export.onnx_export import (
-        OnnxExport, _check_target, _fsync_tree, _publish, _write_export, default_cache_dir, plan_export,
-        staging_folder, write_manifest,
-    )
-
     trt = require_tensorrt()
     gpu = _gpu_name()
     plan = plan_export(pipe, schedule, **export_kwargs)
     out = Path(out_dir) if out_dir is not None else default_cache_dir() / "tensorrt_exports" / plan.key[:24]
-    found = _check_target(out, plan.key, overwrite)
-    if found is not None:
-        engines = build_engines(out, out / "engines", fp16=fp16, workspace_bytes=workspace_bytes, gpu_name=gpu,
-                                trt=trt)
-        return found, engines
-    with exclusive_lock(out, "TensorRT export folder"), staging_folder(out) as staging:
-        manifest = _write_export(plan, staging)
-        write_manifest(staging, manifest)
-        engines = build_engines(staging, staging / "engines", fp16=fp16, workspace_bytes=workspace_bytes,
-                                gpu_name=gpu, trt=trt)
-        _fsync_tree(staging)
-        _publish(staging, out)
-    return OnnxExport(out, manifest), {c: out / "engines" / p.name for c, p in engines.items()}
+
+    def engines(folder: Path, reused: bool) -> dict[str, Path]:
+        built = build_engines(folder, folder / "engines", fp16=fp16, workspace_bytes=workspace_bytes, gpu_name=gpu,
+                              trt=trt)
+        return {c: out / "engines" / p.name for c, p in built.items()}
+
+    return write_export(plan, out, overwrite=overwrite, what="TensorRT export folder", finish=engines)
 
 
 # ==================================================================================================== running
 def _torch_dtype(trt: Any, dt: Any) -> Any:
-    import torch
-
     table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
              trt.DataType.INT32: torch.int32, trt.DataType.BOOL: torch.bool}
     for name, tdt in (("INT64", torch.int64), ("BF16", torch.bfloat16), ("INT8", torch.int8)):
@@ -267,8 +250,6 @@ class TensorRTEngine:
     """A deserialised engine with one execution context and static, device-resident I/O buffers (by tensor name)."""
 
     def __init__(self, path: "str | os.PathLike[str]", device: Any, trt: Any = None) -> None:
-        import torch
-
         trt = trt or require_tensorrt()
         self.path = Path(path)
         self._trt_logger = trt.Logger(trt.Logger.WARNING)
@@ -319,8 +300,6 @@ class TensorRTOLSSProgram:
 
     def __init__(self, engines: Mapping[str, "str | os.PathLike[str]"], manifest: Mapping[str, Any], device: Any, *,
                  use_cuda_graph: bool = True, step_backend: str = "auto", trt: Any = None) -> None:
-        import torch
-
         trt = trt or require_tensorrt()
         self.device = torch.device(device)
         if self.device.type != "cuda":
@@ -335,9 +314,9 @@ class TensorRTOLSSProgram:
         self.batch = int(self.manifest["batch_size"])
         self.guided = bool(self.manifest["guided"])
         ub = self.unet.buffers
-        self.sample = ub[_PREFIX + "unet_sample"]
-        self.model_out = ub[_PREFIX + "unet_out"]
-        self.t_buf = ub[_PREFIX + "unet_timestep"]
+        self.sample = ub[PREFIX + "unet_sample"]
+        self.model_out = ub[PREFIX + "unet_out"]
+        self.t_buf = ub[PREFIX + "unet_timestep"]
         text_input = self.manifest["text_input"]
         if self.te is not None:  # the text encoder writes straight into the UNet's conditioning input
             self.unet.bind(text_input, self.te.buffers[text_input])
@@ -361,8 +340,6 @@ class TensorRTOLSSProgram:
         self._graphs: dict[bool, Any] = {}
 
     def _program(self, encode: bool) -> None:
-        import torch
-
         stream = torch.cuda.current_stream(self.device).cuda_stream
         if encode and self.te is not None:
             self.te.execute(stream)
@@ -376,23 +353,13 @@ class TensorRTOLSSProgram:
         self.dec.execute(stream)
 
     def _replay(self, encode: bool) -> None:
-        import torch
-
         if not self.use_cuda_graph:
             self._program(encode)
             return
         graph = self._graphs.get(encode)
         if graph is None:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            try:
-                with torch.cuda.stream(side):
-                    for _ in range(2):  # TensorRT's lazy initialisation must happen before capture
-                        self._program(encode)
-                torch.cuda.current_stream(self.device).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    self._program(encode)
+            try:  # TensorRT's lazy initialisation happens in the warm-up, before the capture
+                graph, _ = capture_cuda_graph(lambda: self._program(encode), warmup_iters=2, device=self.device)
             except Exception as exc:  # noqa: BLE001 - fall back to the uncaptured loop
                 logger.warning("capturing the TensorRT loop in a CUDA graph failed (%r); running it uncaptured", exc)
                 self.use_cuda_graph = False

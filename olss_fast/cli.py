@@ -1,4 +1,5 @@
-"""Command line: ``olss-fast search`` (record + search + refine for a diffusers pipeline)."""
+"""Command line: ``olss-fast search`` (record + search + refine for a diffusers pipeline), ``olss-fast demo`` and
+``olss-fast export``."""
 from __future__ import annotations
 
 import argparse
@@ -7,10 +8,30 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+import contextlib
+import re
+from typing import Any, Optional, Sequence
 
-if TYPE_CHECKING:  # pragma: no cover
-    from olss_fast.fit.distributed import DistContext
+import torch
+import torch.distributed as dist
+from diffusers import DiffusionPipeline
+
+from olss_fast import __version__
+from olss_fast.core import checks
+from olss_fast.core.checks import any_int, finite_float, positive_int
+from olss_fast.core.files import atomic_write_text, exclusive_lock
+from olss_fast.core.schedule import GRANULARITIES, OLSSSchedule
+from olss_fast.core.search import DEFAULT_PATH, DEFAULT_STATS_PATH, PATHS
+from olss_fast.core.stats import GramStats
+from olss_fast.demo import add_demo_parser
+from olss_fast.export.onnx_export import export_onnx
+from olss_fast.export.tensorrt import export_tensorrt, require_tensorrt
+from olss_fast.fit.checkpoint import require_complete
+from olss_fast.fit.config import FitConfig, RecordConfig
+from olss_fast.fit.distributed import DistContext, agree_on_error, init_distributed, shutdown_distributed
+from olss_fast.fit.orchestration import fit_olss_scheduler
+from olss_fast.models.digits import load_digits_pipeline
+from olss_fast.serve.schedules import load_schedule_source
 
 logger = logging.getLogger(__name__)
 
@@ -30,73 +51,9 @@ FLAG_NAMES = {
 
 def cli_message(message: str) -> str:
     """A library error message with Python argument names replaced by the CLI flags that set them."""
-    import re
-
     for name, flag in FLAG_NAMES.items():
         message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w])", flag, message)
     return message
-
-
-# ---------------------------------------------------------------------------------------------- argument types
-def _int_at_least(minimum: int, what: str):
-    """An argparse type: an integer >= ``minimum`` (``what`` names it in the error)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-
-    return parse
-
-
-#: argparse type: an integer >= 0
-nonnegative_int = _int_at_least(0, "a non-negative integer")
-#: argparse type: an integer >= 1
-positive_int = _int_at_least(1, "a positive integer")
-
-
-def any_int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
-def finite_float(text: str) -> float:
-    """argparse type: a finite number (no NaN or infinity)."""
-    import math
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def check_device(device: str) -> str:
-    """``ValueError`` (one line) when the requested device does not exist on this machine."""
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {device!r} is not a device name (use cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
-            raise ValueError(f"--device {device}: no CUDA device is available on this machine (torch "
-                             f"{torch.__version__}, {build}); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type not in ("cpu", "mps", "xpu"):
-        raise ValueError(f"--device {device}: unsupported device type {dev.type!r}")
-    return device
 
 
 def _read_prompts(path: str) -> list[str]:
@@ -138,18 +95,12 @@ def _dtype_keyword() -> str:
 
 def load_pipeline(name: str, device: str = "cpu", dtype: str = "float32"):
     """A diffusers pipeline from a local folder or hub id; ``digits`` is the bundled model."""
-    import torch
-
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
     if torch_dtype is None:
         raise ValueError(f"unknown --dtype {dtype!r}; use float32, float16 or bfloat16")
-    check_device(device)
+    checks.device(device)
     if name == "digits":
-        from olss_fast.models.digits import load_digits_pipeline
-
         return load_digits_pipeline(device=device, dtype=torch_dtype)
-    from diffusers import DiffusionPipeline
-
     try:
         pipe = DiffusionPipeline.from_pretrained(name, **{_dtype_keyword(): torch_dtype})
     except (OSError, EnvironmentError, ValueError) as exc:
@@ -177,14 +128,6 @@ def _make_out_dir(out: Path) -> None:
 
 def cmd_search(args: argparse.Namespace) -> int:
     """``olss-fast search``; under ``torchrun`` every rank records its share and rank 0 writes the results."""
-    import torch.distributed as dist
-
-    from olss_fast.fit.distributed import init_distributed, shutdown_distributed
-
-    import contextlib
-
-    from olss_fast.core.files import exclusive_lock
-
     had_group = dist.is_available() and dist.is_initialized()
     ctx = init_distributed()
     try:
@@ -197,13 +140,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             shutdown_distributed()
 
 
-def _search(args: argparse.Namespace, ctx: "DistContext") -> int:
+def _search(args: argparse.Namespace, ctx: DistContext) -> int:
     """The body of ``olss-fast search`` (see :func:`cmd_search`)."""
-    from olss_fast import FitConfig, GramStats, RecordConfig, fit_olss_scheduler
-    from olss_fast.core.files import atomic_write_text
-    from olss_fast.fit.checkpoint import require_complete
-    from olss_fast.fit.distributed import agree_on_error
-
     stats = None
     if args.stats:
         stats = GramStats.load(args.stats)
@@ -245,7 +183,7 @@ def _search(args: argparse.Namespace, ctx: "DistContext") -> int:
     fit = FitConfig(num_steps=tuple(args.steps), path=args.path, granularity=args.granularity,
                     refine=not args.no_refine, refine_samples=args.refine_samples,
                     search_samples=args.search_samples, search_sweeps=args.search_sweeps,
-                    search_stride=args.search_stride)
+                    search_stride=args.search_stride, bisection_iters=args.bisection_iters)
     pipe = None
     if args.pipeline:
         device = args.device
@@ -281,10 +219,101 @@ def _search(args: argparse.Namespace, ctx: "DistContext") -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from olss_fast import __version__
-    from olss_fast.core.search import DEFAULT_PATH, DEFAULT_STATS_PATH, PATHS
+# ---------------------------------------------------------------------------------------------- olss-fast export
+EXPORT_HELP = """``olss-fast export``: write a searched OLSS sampler as static-shape ONNX (or ONNX + TensorRT engines).
 
+Examples::
+
+    olss-fast export --pipeline digits --scheduler runs/digits/scheduler --steps 5 --format onnx --out digits_onnx
+    olss-fast export --pipeline path/to/sd15 --scheduler schedule_10.json --format tensorrt --out sd_trt \\
+        --device cuda --dtype float16 --height 512 --width 512 --batch-size 1 --guidance-scale 7.5
+
+``--scheduler`` is a folder written by ``OLSSScheduler.save_pretrained`` (``--steps`` picks one of its schedules)
+or a schedule JSON (``OLSSSchedule.save``; ``--steps``, when given, must match it). 
+"""
+
+
+def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``export`` subcommand to ``olss-fast``'s subparsers; returns its parser."""
+    p = subparsers.add_parser(
+        "export", help="export a searched OLSS sampler to static-shape ONNX (or ONNX + TensorRT engines)",
+        description=EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--pipeline", required=True, help="local folder or hub id of a diffusers pipeline, or 'digits'")
+    p.add_argument("--scheduler", required=True, metavar="PATH",
+                   help="an OLSSScheduler folder (save_pretrained) or a schedule JSON file")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="which of the scheduler's schedules to export (not needed when it holds one)")
+    p.add_argument("--format", default="onnx", choices=["onnx", "tensorrt"], dest="export_format",
+                   help="onnx (default) or tensorrt (ONNX + fp16 engines; needs the tensorrt package and a GPU)")
+    p.add_argument("--out", required=True, help="export folder (new or empty; an identical export is reused)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="static batch size (images per call)")
+    p.add_argument("--height", type=positive_int, default=None, help="image height (default: the pipeline's)")
+    p.add_argument("--width", type=positive_int, default=None, help="image width (default: the pipeline's)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="export dtype")
+    p.add_argument("--guidance-scale", type=finite_float, default=None,
+                   help="baked-in classifier-free guidance scale (default: the pipeline's; <= 1 disables CFG)")
+    p.add_argument("--device", default="cpu", help="where to trace the modules (cuda for --format tensorrt)")
+    p.add_argument("--opset", type=positive_int, default=17, help="ONNX opset of the TorchScript exporter")
+    p.add_argument("--no-fp16", action="store_true", help="TensorRT: build without BuilderFlag.FP16")
+    p.add_argument("--allow-mismatch", nargs="+", default=[], choices=["model", "noise_schedule", "prediction_type"],
+                   help="export a schedule fitted for another model / noise schedule / prediction type anyway")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an olss_fast export of something else in --out (other content is never replaced)")
+    p.set_defaults(func=cmd_export)
+    return p
+
+
+def _export_source(path: "str | Path", steps: Optional[int] = None) -> Any:
+    """An ``OLSSScheduler`` (folder or scheduler config JSON) or an ``OLSSSchedule`` (schedule JSON) from ``path``.
+
+    ``ValueError`` when the path is missing or unreadable, or when ``steps`` does not match a schedule file.
+    """
+    source = load_schedule_source(path)
+    if isinstance(source, OLSSSchedule) and steps is not None and int(steps) != source.num_steps:
+        raise ValueError(f"--steps {steps} was requested but the schedule in {path} has {source.num_steps} steps")
+    return source
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Run ``olss-fast export``; errors (bad input, missing tensorrt) print one line and return 2."""
+    try:
+        return _export(args)
+    except (ValueError, RuntimeError) as exc:
+        print(f"olss-fast export: error: {cli_message(str(exc))}", file=sys.stderr)
+        return 2
+
+
+def _export(args: argparse.Namespace) -> int:
+    if args.export_format == "tensorrt":  # before loading anything heavy
+        require_tensorrt()
+    source = _export_source(args.scheduler, args.steps)
+    pipe = load_pipeline(args.pipeline, args.device, args.dtype)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(num_inference_steps=args.steps, batch_size=args.batch_size, height=args.height, width=args.width,
+                  guidance_scale=args.guidance_scale, dtype=args.dtype, opset=args.opset,
+                  allow_mismatch=tuple(args.allow_mismatch))
+    if args.export_format == "onnx":
+        result = export_onnx(pipe, source, args.out, overwrite=args.overwrite, **kwargs)
+        engines: dict = {}
+    else:
+        result, engines = export_tensorrt(pipe, source, args.out, fp16=not args.no_fp16, overwrite=args.overwrite,
+                                          **kwargs)
+    m = result.manifest
+    state = "reused the identical export in" if result.reused else "wrote"
+    print(f"{state} {result.path}: {m['num_inference_steps']}-step OLSS sampler of a {m['pipeline']}, batch "
+          f"{m['batch_size']}, {m['height']}x{m['width']}, {m['dtype']}, guidance {m['guidance_scale']} "
+          f"({m['exporter']})")
+    for _, comp in sorted(m["components"].items()):
+        print(f"  {comp['file']:<20s} {comp['bytes'] / 1e6:8.2f} MB")
+    for _, path in sorted(engines.items()):
+        print(f"  engines/{Path(path).name}")
+    print(f"run it with numpy + onnxruntime only: sys.path.insert(0, {str(result.path)!r}); "
+          "from olss_onnx_runner import OnnxOLSSRunner")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="olss-fast", description=__doc__)
     parser.add_argument("--version", action="version", version=f"olss-fast {__version__}",
                         help="print the version and exit")
@@ -315,8 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"path search: uniform teacher indices, the paper's minimax search, or 'refit' (judged by "
                         f"the error after the re-fit; needs the re-fit). Default: {DEFAULT_PATH} "
                         f"({DEFAULT_STATS_PATH} with --no-refine)")
-    s.add_argument("--granularity", default="global", choices=["global", "channel"],
+    s.add_argument("--granularity", default="global", choices=list(GRANULARITIES),
                    help="one coefficient set (global, the paper's) or one per latent channel")
+    s.add_argument("--bisection-iters", type=positive_int, default=60,
+                   help="bisection steps of the paper's min-max path search (default 60)")
     s.add_argument("--no-refine", action="store_true", help="skip the student-in-the-loop re-fit (paper's fit)")
     s.add_argument("--refine-samples", type=positive_int, default=None,
                    help="samples the re-fit uses (default: all recorded, at most 64)")
@@ -324,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--path refit: re-fit samples that judge the paths (default: all of them)")
     s.add_argument("--search-stride", type=positive_int, default=1,
                    help="--path refit: steps on every this-many-th teacher index only (default 1; 2 halves the cost)")
-    s.add_argument("--search-sweeps", type=nonnegative_int, default=0,
+    s.add_argument("--search-sweeps", type=checks.nonnegative_int, default=0,
                    help="--path refit: coordinate-descent passes after the programme (default 0)")
     s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
@@ -343,10 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the recording from the checkpoint (after a crash or kill)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_search)
-    from olss_fast.demo import add_demo_parser
-
     add_demo_parser(sub)
-    from olss_fast.export.cli import add_export_parser  # olss-fast export (ONNX / TensorRT); imports no torch
     add_export_parser(sub)
     return parser
 

@@ -23,10 +23,18 @@ from typing import Any, Sequence
 
 import torch
 
-from olss_fast.core.files import atomic_write_text, atomic_write_with
+from olss_fast.core import checks
+from olss_fast.core.checks import any_int, finite_float, positive_int
+from olss_fast.core.files import atomic_write_text, atomic_write_with, exclusive_lock
+from olss_fast.core.metrics import feature_statistics, frechet_distance, psnr, rmse
 from olss_fast.fit.baselines import baseline_scheduler, compare_samplers, fit_oss_baselines, sample
 from olss_fast.fit.orchestration import fit_olss_scheduler
-from olss_fast.fit.recording import default_teacher, item_noise, latent_shape, make_work_items
+from olss_fast.fit.teacher import default_teacher
+from olss_fast.fit.work import item_noise, make_work_items
+from olss_fast.models.digit_metrics import class_accuracy, classifier_features
+from olss_fast.models.digits import load_digits_classifier, load_digits_pipeline
+from olss_fast.models.train_digits import load_digit_images
+from olss_fast.pipelines.facts import latent_shape
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +58,7 @@ class DemoConfig:
     batch_size: int = 200
     device: str = "cpu"
     seed: int = 0
-    grid_nfe: int = 5
+    grid_nfe: int | None = None  # default: the step count closest to 5
     grid_columns: int = 10
     search_samples: int | None = 25  # of the training noises, for the path search (None: all; reduced for time)
     search_stride: int = 2  # the path search's grid: every 2nd teacher index (reduced for time)
@@ -62,23 +70,24 @@ class DemoConfig:
         unknown = [s for s in self.samplers if s not in SAMPLERS + OPTIONAL_SAMPLERS]
         if unknown:
             raise ValueError(f"unknown sampler(s) {unknown}; choose from {list(SAMPLERS + OPTIONAL_SAMPLERS)}")
-        if not self.steps or any(int(n) < 1 for n in self.steps):
-            raise ValueError(f"steps must be >= 1, got {list(self.steps)}")
+        self.steps = checks.step_counts(self.steps, "steps", 10_000)
+        checks.integer(self.teacher_steps, "teacher_steps", 1)
         if self.teacher_steps < max(self.steps):
             raise ValueError(f"teacher_steps ({self.teacher_steps}) must be >= the largest step count {max(self.steps)}")
         for name, classes in (("train_classes", self.train_classes), ("eval_classes", self.eval_classes)):
-            if not classes or any(not 0 <= int(c) <= 9 for c in classes):
+            if not classes:
                 raise ValueError(f"{name} must be digits 0-9, got {list(classes)}")
-        if self.train_seeds < 1 or self.eval_seeds < 1:
-            raise ValueError("train_seeds and eval_seeds must be >= 1")
+            for c in classes:
+                checks.integer(c, f"{name} (digits)", 0, 9)
+        checks.integer(self.train_seeds, "train_seeds", 1)
+        checks.integer(self.eval_seeds, "eval_seeds", 1)
+        if self.grid_nfe is None:  # the step count closest to 5 (the grid shows one step count)
+            self.grid_nfe = min(self.steps, key=lambda n: (abs(n - 5), n))
         if self.grid_nfe not in self.steps:
             raise ValueError(f"grid_nfe ({self.grid_nfe}) must be one of the step counts {list(self.steps)}")
         for name in ("search_samples", "oss_samples"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer (or None for all training noises), got {value!r}")
-        if isinstance(self.search_stride, bool) or not isinstance(self.search_stride, int) or self.search_stride < 1:
-            raise ValueError(f"search_stride must be a positive integer, got {self.search_stride!r}")
+            checks.optional(checks.integer, getattr(self, name), name, 1)
+        checks.integer(self.search_stride, "search_stride", 1)
         if (self.teacher_steps - 1) // self.search_stride + 1 < max(self.steps):
             raise ValueError(f"search_stride {self.search_stride} leaves fewer than {max(self.steps)} of the "
                              f"{self.teacher_steps} teacher steps for the path search: use --search-stride 1")
@@ -96,9 +105,6 @@ def check_output_folder(out: Path) -> None:
 
 
 def _real_feature_stats(classes: Sequence[int], classifier: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    from olss_fast.core.metrics import classifier_features, feature_statistics
-    from olss_fast.models.train_digits import load_digit_images
-
     x, y = load_digit_images()
     keep = torch.isin(y, torch.tensor(list(classes)))
     return feature_statistics(classifier_features(x[keep], classifier))
@@ -111,8 +117,6 @@ def digits_quality(teacher: torch.Tensor, labels: torch.Tensor, classes: Sequenc
     RMSE/PSNR against the teacher's samples; Fréchet distance to the real digits of ``classes`` in the classifier's
     feature space; accuracy against ``labels``.
     """
-    from olss_fast.core.metrics import class_accuracy, classifier_features, feature_statistics, frechet_distance, psnr, rmse
-
     mu_real, sigma_real = _real_feature_stats(classes, classifier)
 
     def quality(samples: torch.Tensor) -> dict[str, float]:
@@ -130,8 +134,6 @@ def digits_quality(teacher: torch.Tensor, labels: torch.Tensor, classes: Sequenc
 def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
     """Run the whole demo; returns the results dict that is also written to ``results.json``. The output folder is
     locked for the run (a second demo writing into it gets a ``ValueError``)."""
-    from olss_fast.core.files import exclusive_lock
-
     config.validate()
     check_output_folder(Path(config.out))
     with exclusive_lock(Path(config.out), "demo output folder"):
@@ -139,8 +141,6 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict[str, Any]:
 
 
 def _run_demo(config: DemoConfig, progress: bool) -> dict[str, Any]:
-    from olss_fast.models.digits import load_digits_classifier, load_digits_pipeline
-
     out = Path(config.out)
     t_start = time.perf_counter()
     pipe = load_digits_pipeline(device=config.device, path=config.model_path)
@@ -275,8 +275,6 @@ def _save_plot(path: Path, results: dict[str, Any]) -> None:
 
 def add_demo_parser(subparsers: Any) -> None:
     """The ``olss-fast demo`` subcommand."""
-    from olss_fast.cli import any_int, finite_float, positive_int
-
     d = DemoConfig()
     p = subparsers.add_parser("demo", help="OLSS vs diffusers' samplers on the bundled digits model (offline, CPU)")
     p.add_argument("--out", default=d.out, help="output folder (results.json, grid.png, quality.png)")
@@ -300,7 +298,7 @@ def add_demo_parser(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size,
                    help=f"samples per pipeline call (default {d.batch_size})")
     p.add_argument("--grid-nfe", type=positive_int, default=d.grid_nfe,
-                   help="NFE of the samples shown in grid.png")
+                   help="NFE of the samples shown in grid.png (default: the step count closest to 5)")
     p.add_argument("--seed", type=any_int, default=d.seed, help="base seed of the training and held-out noises")
     p.add_argument("--search-samples", type=positive_int, default=d.search_samples,
                    help=f"training noises the path search judges paths on (default {d.search_samples}, reduced to "
@@ -314,9 +312,7 @@ def add_demo_parser(subparsers: Any) -> None:
 
 
 def cmd_demo(args: Any) -> int:
-    from olss_fast.cli import check_device
-
-    check_device(args.device)
+    checks.device(args.device)
     config = DemoConfig(
         teacher_steps=args.teacher_steps, steps=tuple(args.steps), samplers=tuple(args.samplers),
         train_classes=tuple(args.train_classes), eval_classes=tuple(args.eval_classes),

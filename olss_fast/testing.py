@@ -13,6 +13,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from olss_fast.core.files import digest
+from olss_fast.core.schedule import OLSSSchedule
+from olss_fast.core.search import coefficient_errors
+from olss_fast.core.stats import DIGEST_KEY, stats_digest
 from olss_fast.models.gmm import GMMDenoiser, GMMPipeline, make_gmm, ode_solution  # noqa: F401  (re-exports)
 
 
@@ -156,8 +160,6 @@ def tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 8, scheduler: Any | Non
 
 def perturbed(schedule: Any, seed: int, channels: int | None = None, scale: float = 0.05) -> Any:
     """The same path with randomly perturbed (optionally per-channel) lower-triangular coefficients (for tests)."""
-    from olss_fast.core.schedule import OLSSSchedule
-
     gen = torch.Generator().manual_seed(seed)
     c = schedule.coeffs
     if channels is not None:
@@ -232,8 +234,6 @@ def assert_fit_errors_optimal(stats: Any, indices: Sequence[int], coeffs: torch.
     The error of given coefficients is ``(G_yy − 2 c·G_Sy + cᵀ G_SS c) / (B·D)``: a difference of large terms whose
     float64 rounding is ``≈ ε · (G_yy + 2|c|·|G_Sy| + |c|ᵀ|G_SS||c|) / (B·D)``; that (times ``ulps``) is the tolerance.
     """
-    from olss_fast.core.search import coefficient_errors
-
     g = stats.global_gram()
     denom = stats.num_samples * stats.elements_per_sample
     errors = coefficient_errors(stats, indices, coeffs)
@@ -257,8 +257,6 @@ def rewrite_stats_file(path: Any, header: Any = None, gram: Any = None, resign: 
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from olss_fast.core.stats import DIGEST_KEY, _digest
-
     with safe_open(str(path), framework="pt") as fh:
         meta = dict(fh.metadata())
         old_gram = fh.get_tensor("gram")
@@ -268,18 +266,14 @@ def rewrite_stats_file(path: Any, header: Any = None, gram: Any = None, resign: 
     text = json.dumps(new_header)
     meta["olss_fast"] = text
     if resign:
-        meta[DIGEST_KEY] = _digest(text, new_gram.contiguous())
+        meta[DIGEST_KEY] = stats_digest(text, new_gram.contiguous())
     save_file({"gram": new_gram.contiguous()}, str(path), metadata=meta)
 
 
 def resign_schedule_dict(d: dict) -> dict:
     """A schedule dict with its ``sha256`` recomputed after an edit (see :func:`rewrite_stats_file`)."""
-    import hashlib
-
-    from olss_fast.core.files import canonical_json
-
     d = {k: v for k, v in d.items() if k != "sha256"}
-    d["sha256"] = hashlib.sha256(canonical_json(d).encode()).hexdigest()
+    d["sha256"] = digest(d)
     return d
 
 

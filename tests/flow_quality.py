@@ -13,8 +13,8 @@ import torch
 
 from olss_fast import fit_olss_scheduler
 from olss_fast.core.metrics import rmse
-from olss_fast.pipelines import adapter_for
-from olss_fast.fit.recording import item_noise, make_work_items
+from olss_fast.pipelines.registry import adapter_for
+from olss_fast.fit.work import item_noise, make_work_items
 
 TRAIN = ["a cat", "a dog", "blue sky", "red car", "old tree", "a bird", "green hill", "a boat", "tall house",
          "small fish", "white cloud", "dark road"]

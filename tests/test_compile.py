@@ -19,9 +19,11 @@ import torch
 
 from olss_fast.serve import compile_cache
 from olss_fast.serve.compile_cache import CompileCache, cache_key
-from olss_fast.pipelines import CallOptions
-from olss_fast.core.provenance import model_id
-from olss_fast.serve.runner import ProgramRequest, RuntimeConfig, compile_olss_pipeline
+from olss_fast.pipelines.base import CallOptions
+from olss_fast.core.fingerprint import model_id
+from olss_fast.serve.backend import ProgramRequest
+from olss_fast.serve.config import RuntimeConfig
+from olss_fast.serve.runner import compile_olss_pipeline
 from olss_fast.serve.scheduler import OLSSScheduler
 from olss_fast.testing import assert_close_scaled, perturbed, tiny_sd_pipeline
 
@@ -222,7 +224,7 @@ def test_cache_key_covers_models_shapes_dtype_versions_and_device(tmp_path: Path
                                        guidance_scale=2.0, compile_mode="max-autotune-no-cudagraphs")
     assert key(r=other_mode) != base  # compile options
     monkeypatch.setattr(compile_cache, "environment", lambda device: {"versions": {"torch": "0"}, "device": {}})
-    import olss_fast.serve.runner as rt
+    import olss_fast.serve.torch_backend as rt
 
     monkeypatch.setattr(rt, "environment", compile_cache.environment)
     assert key() != base  # software versions / device
@@ -251,7 +253,7 @@ def test_compile_options_are_validated() -> None:
     with pytest.raises(ValueError, match=r"\['compile', 'fuse_qkv'\] apply to the PyTorch backends"):
         RuntimeConfig(backend="onnxruntime", compile=True, fuse_qkv=True)
     for flag in ("channels_last", "fuse_qkv", "compile_cache"):
-        with pytest.raises(ValueError, match=f"{flag} must be True or False"):
+        with pytest.raises(ValueError, match=f"{flag} must be true or false"):
             RuntimeConfig(**{flag: 1})
     with pytest.raises(ValueError, match="captures CUDA graphs of its own"):
         compile_olss_pipeline(pipe, sched, backend="cuda_graph", compile=True, compile_mode="reduce-overhead")
@@ -307,7 +309,7 @@ def test_fused_qkv_refuses_lora_layers_and_warns_when_nothing_fuses(caplog: pyte
     with pytest.raises(ValueError, match="LoRA adapter layers"):
         compile_olss_pipeline(pipe, _ddim(pipe), backend="eager", fuse_qkv=True, allow_mismatch=("model",))
     digits = make_digits_pipe()
-    with caplog.at_level(logging.WARNING, logger="olss_fast.serve.runner"):
+    with caplog.at_level(logging.WARNING, logger="olss_fast.serve.torch_backend"):
         compile_olss_pipeline(digits, _ddim(digits), backend="eager", fuse_qkv=True)
     assert "no module of this DigitsPipeline offers fuse_qkv_projections" in caplog.text
 
@@ -324,7 +326,7 @@ def test_warmup_shapes_build_ahead_and_new_shapes_log_once(monkeypatch: pytest.M
     assert eager.cache_info()["builds"] == 2 and eager.cache_info()["hits"] == 1
 
     graphed = _fake_graph_runner(pipe, sched, monkeypatch)  # capture/replay path with a CPU stand-in graph
-    with caplog.at_level(logging.INFO, logger="olss_fast.serve.runner"):
+    with caplog.at_level(logging.INFO, logger="olss_fast.serve.torch_backend"):
         graphed.warmup(2)
         assert "warm-up: captures" in caplog.text and "WARNING" not in caplog.text
         caplog.clear()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from olss_fast.core.metrics import class_accuracy
+from olss_fast.models.digit_metrics import class_accuracy
 from olss_fast.models import digits as D
 from olss_fast.models.digits import (DIGITS_DIR, NULL_CLASS, DigitsPipeline, load_digits_classifier,
                                      load_digits_pipeline, digits_reference_stats)

@@ -31,7 +31,8 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from olss_fast.export import onnx_export  # noqa: E402
-from olss_fast.export.onnx_export import export_onnx, extract_unet_model  # noqa: E402
+from olss_fast.export.graph import extract_unet_model
+from olss_fast.export.onnx_export import export_onnx  # noqa: E402
 from olss_fast.export import onnx_runner as onnx_runner_module  # noqa: E402
 from olss_fast.export.onnx_runner import OnnxOLSSRunner, manifest_digest  # noqa: E402
 from olss_fast.serve.runner import compile_olss_pipeline  # noqa: E402
@@ -206,7 +207,7 @@ def test_files_metadata_and_static_shapes(sd_export: Any, sd_sched: OLSSSchedule
             dims = [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
             assert all(isinstance(d, int) and d > 0 for d in dims), (name, v.name, dims)
         meta = {p.key: p.value for p in model.metadata_props}
-        assert json.loads(meta["olss_fast.core.schedule"]) == json.loads(json.dumps(sd_sched.to_dict()))
+        assert json.loads(meta["olss_fast.schedule"]) == json.loads(json.dumps(sd_sched.to_dict()))
         assert float(meta["olss_fast.guidance_scale"]) == 5.0
         assert meta["olss_fast.dtype"] == "float32" and meta["olss_fast.version"] == __version__
         assert meta["olss_fast.exporter"] == onnx_export.EXPORTER_TORCHSCRIPT
@@ -223,7 +224,7 @@ def test_files_metadata_and_static_shapes(sd_export: Any, sd_sched: OLSSSchedule
 
 def test_default_guidance_and_keys(digits_pipe: Any, digits_sched: OLSSSchedule, sd_pipe: Any,
                                    sd_sched: OLSSSchedule) -> None:
-    from olss_fast.export.onnx_export import plan_export
+    from olss_fast.export.plan import plan_export
     from olss_fast.models.digits import DEFAULT_GUIDANCE_SCALE
 
     plan = plan_export(digits_pipe, digits_sched)

@@ -6,7 +6,8 @@ from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel
 
 from olss_fast import GramStats, OLSSScheduler, fit_olss_scheduler, search_schedule
 from olss_fast.models.gmm import make_gmm
-from olss_fast.fit.recording import RecordConfig, record_trajectories
+from olss_fast.fit.config import RecordConfig
+from olss_fast.fit.recording import record_trajectories
 from olss_fast.testing import tiny_sd_pipeline
 
 FIT = dict(teacher_steps=8, batch_size=2, progress=False)
@@ -93,7 +94,7 @@ def test_given_statistics_refuse_another_guidance_or_model_for_the_re_fit(sd):
     # re-search and re-fit at the recorded guidance (taken from the statistics when left out)
     again = fit_olss_scheduler(sd, ["a cat", "a dog"], stats=res.stats, num_steps=3, **FIT)
     assert again.schedules[3].refined
-    with pytest.raises(ValueError, match=r"guidance scale: 2.5 when recorded vs 7.0 now"):
+    with pytest.raises(ValueError, match=r"guidance scale: fitted for 2.5, used with 7.0"):
         fit_olss_scheduler(sd, ["a cat"], stats=res.stats, num_steps=3, guidance_scale=7.0, **FIT)
     with pytest.raises(ValueError, match="has no effect on a search of finished statistics"):
         fit_olss_scheduler(None, [], stats=res.stats, num_steps=3, guidance_scale=7.0, refine=False, **FIT)

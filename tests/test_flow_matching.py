@@ -5,7 +5,7 @@ from olss_fast import OLSSScheduler, fit_olss_scheduler
 from olss_fast.fit.baselines import sample
 from olss_fast.core.metrics import rmse
 from olss_fast.models.gmm import make_gmm
-from olss_fast.fit.recording import item_noise, make_work_items
+from olss_fast.fit.work import item_noise, make_work_items
 
 
 def test_velocity_is_the_exact_flow_of_the_mixture():

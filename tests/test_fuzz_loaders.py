@@ -331,8 +331,8 @@ def test_fuzz_every_loader(tmp_path, recording):
     # ---- the same JSON mutations with the digests recomputed (a tool that re-signs what it edits): the checks
     # behind the digest must still give a ValueError or a usable result, never another exception
     from olss_fast.export.onnx_runner import manifest_digest
-    from olss_fast.serve.scheduler import CONFIG_DIGEST_KEY, config_digest
-    from olss_fast.core.stats import DIGEST_KEY, _digest
+    from olss_fast.serve.scheduler_config import CONFIG_DIGEST_KEY, config_digest
+    from olss_fast.core.stats import DIGEST_KEY, stats_digest as _digest
     from olss_fast.testing import resign_schedule_dict
 
     def resigned(text: str, sign: Callable[[dict], dict]) -> str:

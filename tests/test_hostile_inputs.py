@@ -6,6 +6,7 @@ killed, and two writers of one output do not both succeed.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import random
@@ -87,7 +88,7 @@ def test_checkpoint_headers_are_not_trusted_blindly(unfinished):
     with pytest.raises(ValueError, match="marked complete but holds 2 of 4"):
         resume(p)
     with pytest.raises(ValueError, match="marked complete but holds 2 of 4"):
-        GramStats.load(p) and __import__("olss_fast.fit.checkpoint").checkpoint.read_checkpoint(p)
+        GramStats.load(p) and importlib.import_module("olss_fast.fit.checkpoint").read_checkpoint(p)
     for bad in ("no", 1, None):
         with pytest.raises(ValueError, match="complete must be true or false"):
             resume(variant(f"complete_{bad}", edit_info(complete=bad)))
@@ -183,7 +184,7 @@ def test_merging_never_counts_a_sample_twice():
     with pytest.raises(ValueError, match="share 4 work item"):
         a + a.copy()
     # two halves of one job merge into the whole
-    from olss_fast.fit.recording import make_work_items
+    from olss_fast.fit.work import make_work_items
 
     items = make_work_items(PROMPTS)
     h1 = record_trajectories(gmm(), PROMPTS, items=items[:2], **REC)
@@ -264,7 +265,7 @@ def test_edited_scheduler_configs_fail_their_digest(tmp_path):
 
 
 def test_values_are_never_coerced():
-    from olss_fast.fit.recording import RecordConfig
+    from olss_fast.fit.config import RecordConfig
     from olss_fast.core.refine import refine_schedule
 
     s = OLSSSchedule.from_dict(sched_dict())

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from olss_fast.core import metrics as M
+from olss_fast.models import digit_metrics as DM
 from olss_fast.models.digits import DIGITS_DIR
 
 needs_weights = pytest.mark.skipif(not (DIGITS_DIR / "classifier" / "model.safetensors").is_file(),
@@ -126,19 +127,19 @@ class _ToyClassifier(torch.nn.Module):
 def test_class_accuracy_hand_made():
     clf = _ToyClassifier()
     x = torch.cat([torch.full((3, 1, 16, 16), 0.5), torch.full((2, 1, 16, 16), -0.5)])
-    assert M.class_accuracy(x, [1, 1, 1, 0, 0], clf) == 1.0
-    assert M.class_accuracy(x, [1, 0, 1, 0, 1], clf) == pytest.approx(3 / 5)
-    assert M.class_accuracy(x[:, 0].numpy(), np.array([0, 0, 0, 1, 1]), clf) == 0.0  # [B, H, W] numpy
-    assert M.class_accuracy(x.permute(0, 2, 3, 1), torch.tensor([1, 1, 1, 0, 0]), clf) == 1.0  # [B, H, W, 1]
-    f = M.classifier_features(torch.full((4, 1, 32, 32), 0.25), clf)  # resized to 16x16
+    assert DM.class_accuracy(x, [1, 1, 1, 0, 0], clf) == 1.0
+    assert DM.class_accuracy(x, [1, 0, 1, 0, 1], clf) == pytest.approx(3 / 5)
+    assert DM.class_accuracy(x[:, 0].numpy(), np.array([0, 0, 0, 1, 1]), clf) == 0.0  # [B, H, W] numpy
+    assert DM.class_accuracy(x.permute(0, 2, 3, 1), torch.tensor([1, 1, 1, 0, 0]), clf) == 1.0  # [B, H, W, 1]
+    f = DM.classifier_features(torch.full((4, 1, 32, 32), 0.25), clf)  # resized to 16x16
     assert f.dtype == torch.float64 and f.shape == (4, 2)
     torch.testing.assert_close(f[:, 0], torch.full((4,), 0.25, dtype=torch.float64))
     with pytest.raises(ValueError):
-        M.class_accuracy(x, [1, 1], clf)
+        DM.class_accuracy(x, [1, 1], clf)
     with pytest.raises(ValueError):
-        M.class_accuracy(x, [0.5] * 5, clf)
+        DM.class_accuracy(x, [0.5] * 5, clf)
     with pytest.raises(ValueError):
-        M.classifier_features(torch.zeros(2, 3, 16, 16), clf)
+        DM.classifier_features(torch.zeros(2, 3, 16, 16), clf)
 
 
 def _real_digits():
@@ -150,9 +151,9 @@ def _real_digits():
 @needs_weights
 def test_bundled_classifier_on_real_digits():
     x, y = _real_digits()
-    assert M.class_accuracy(x, y) >= 0.97
-    assert M.class_accuracy(x, (y + 1) % 10) <= 0.05
-    f = M.classifier_features(x[:10])
+    assert DM.class_accuracy(x, y) >= 0.97
+    assert DM.class_accuracy(x, (y + 1) % 10) <= 0.05
+    f = DM.classifier_features(x[:10])
     assert f.dtype == torch.float64 and f.shape[0] == 10 and 32 <= f.shape[1] <= 64
 
 
@@ -163,13 +164,13 @@ def test_digits_frechet_distance():
     x, _ = _real_digits()
     mu, sigma = digits_reference_stats()
     # the reference stats are those of all real digits
-    mu_all, sigma_all = M.feature_statistics(M.classifier_features(x))
+    mu_all, sigma_all = M.feature_statistics(DM.classifier_features(x))
     torch.testing.assert_close(mu_all, mu, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(sigma_all, sigma, rtol=1e-4, atol=1e-5)
-    assert M.digits_frechet_distance(x) == pytest.approx(0.0, abs=1e-3)
+    assert DM.digits_frechet_distance(x) == pytest.approx(0.0, abs=1e-3)
     g = torch.Generator().manual_seed(0)
-    real = M.digits_frechet_distance(x[torch.randperm(len(x), generator=g)[:300]])
-    noise = M.digits_frechet_distance(torch.rand(300, 1, 16, 16, generator=g) * 2 - 1)
+    real = DM.digits_frechet_distance(x[torch.randperm(len(x), generator=g)[:300]])
+    noise = DM.digits_frechet_distance(torch.rand(300, 1, 16, 16, generator=g) * 2 - 1)
     assert 0 < real < noise
     with pytest.raises(ValueError):
-        M.digits_frechet_distance(x[:1])
+        DM.digits_frechet_distance(x[:1])

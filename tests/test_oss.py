@@ -120,7 +120,8 @@ def test_fit_oss_baselines_reports_what_its_scheduler_does():
     pipe.set_progress_bar_config(disable=True)
     out = fit_oss_baselines(pipe, [None] * 24, ("ddim", "dpmsolver++"), (3, 5), teacher_steps=20, batch_size=12,
                             progress=False)
-    from olss_fast.fit.recording import default_teacher, item_noise, make_work_items
+    from olss_fast.fit.teacher import default_teacher
+    from olss_fast.fit.work import item_noise, make_work_items
 
     x0 = item_noise(make_work_items([None] * 24), (2, 3, 3))
     teacher = sample(pipe, default_teacher(pipe.scheduler), [None] * 24, x0, 20)  # the reference OSS followed

@@ -61,6 +61,23 @@ def test_no_repository_folder_can_shadow_an_installed_package(tmp_path):
 
 
 @needs_source
+def test_the_card_folders_are_linked_into_the_package():
+    """Every module of the top-level ``kernels/`` and ``export/`` is reached as ``olss_fast.kernels.*`` /
+    ``olss_fast.export.*`` through a link in ``olss_fast/`` (and every link points at one): a module added to the
+    folder without its link would be missing from the wheel and from the import names."""
+    for folder in ("kernels", "export"):
+        modules = {p.name for p in (REPO / folder).glob("*.py")}
+        package = REPO / "olss_fast" / folder
+        links = {p.name for p in package.glob("*.py") if p.is_symlink()}
+        assert modules == links, f"{folder}/ modules without a link in olss_fast/{folder}/: {sorted(modules - links)}; " \
+                                 f"links without a module: {sorted(links - modules)}"
+        for name in links:
+            assert (package / name).resolve() == (REPO / folder / name).resolve()
+        assert (package / "__init__.py").is_file() and not (package / "__init__.py").is_symlink()
+        assert not (REPO / folder / "__init__.py").exists()
+
+
+@needs_source
 def test_wheel_holds_every_module_of_the_source_tree(tmp_path):
     """A wheel built from the source tree holds every module of ``olss_fast/`` (with ``kernels/`` and ``export/``
     under ``olss_fast/``) and the bundled model files: package discovery, not a hand-kept list."""

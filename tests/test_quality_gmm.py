@@ -7,9 +7,11 @@ The recommended flow (search, then refine) must beat every baseline at 5 and 10 
 import pytest
 
 from olss_fast import OLSSScheduler, fit_olss_scheduler, search_schedule
-from olss_fast.fit.baselines import baseline_scheduler, rmse, sample
+from olss_fast.core.metrics import rmse
+from olss_fast.fit.baselines import baseline_scheduler, sample
 from olss_fast.models.gmm import make_gmm
-from olss_fast.fit.recording import default_teacher, item_noise, make_work_items
+from olss_fast.fit.teacher import default_teacher
+from olss_fast.fit.work import item_noise, make_work_items
 
 BASELINE_NAMES = ["ddim", "dpmsolver++", "unipc", "deis"]
 

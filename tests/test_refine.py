@@ -3,9 +3,11 @@ import pytest
 import torch
 
 from olss_fast import refine_schedule, search_schedule
-from olss_fast.fit.orchestration import refine_through_pipeline
+from olss_fast.fit.probe import refine_through_pipeline
 from olss_fast.models.gmm import make_gmm
-from olss_fast.fit.recording import RecordConfig, make_work_items, record_trajectories
+from olss_fast.fit.config import RecordConfig
+from olss_fast.fit.recording import record_trajectories
+from olss_fast.fit.work import make_work_items
 from olss_fast.serve.scheduler import OLSSScheduler
 
 

@@ -7,7 +7,8 @@ import torch
 from olss_fast import FitConfig, OLSSScheduler, fit_olss_scheduler, refine_schedule, search_schedule
 from olss_fast.cli import main
 from olss_fast.models.gmm import make_gmm
-from olss_fast.fit.recording import make_work_items, record_trajectories
+from olss_fast.fit.recording import record_trajectories
+from olss_fast.fit.work import make_work_items
 from olss_fast.core.refine import refit_path_search, refit_programme
 from olss_fast.core.search import uniform_path
 
@@ -189,7 +190,7 @@ def test_search_options_need_the_refit_path():
 
 
 def test_spread_indices_cover_first_and_last():
-    from olss_fast.fit.recording import spread_indices
+    from olss_fast.fit.work import spread_indices
 
     assert spread_indices(10, 4) == [0, 3, 6, 9]
     assert spread_indices(3, 5) == [0, 1, 2]

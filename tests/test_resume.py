@@ -12,7 +12,8 @@ import torch
 from diffusers import DDIMScheduler
 
 from olss_fast import GramStats, OLSSSchedule, cli, fit_olss_scheduler, search_schedule
-from olss_fast.fit.checkpoint import from_ranges, to_ranges
+from olss_fast.core.stats import to_ranges
+from olss_fast.fit.checkpoint import from_ranges
 from olss_fast.fit.recording import record_trajectories
 
 HERE = Path(__file__).resolve().parent

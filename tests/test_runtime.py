@@ -432,13 +432,13 @@ class _FakeCapture:
 
 
 def _fake_graph_runner(pipe: Any, sched: OLSSSchedule, monkeypatch: pytest.MonkeyPatch, fail: tuple = ()) -> Any:
-    import olss_fast.serve.runner as rt
+    import olss_fast.serve.torch_backend as rt
 
     monkeypatch.setattr(_FakeCapture, "captures", 0)
     monkeypatch.setattr(_FakeCapture, "fail_modes", fail)
     monkeypatch.setattr(rt, "CapturedGraph", _FakeCapture)
     runner = compile_olss_pipeline(pipe, sched, backend="eager")
-    runner.backend = "cuda_graph"  # drive the capture/replay path with the fake graph
+    runner.backend = runner._program.setup.backend = "cuda_graph"  # drive the capture/replay path with the fake graph
     return runner
 
 

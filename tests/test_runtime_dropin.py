@@ -55,7 +55,7 @@ def test_schedule_from_a_folder_or_a_json_and_the_choice_rules(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         compile_olss_pipeline(pipe, tmp_path / "missing.json")
     with pytest.raises(ValueError, match="not both"):
-        from olss_fast.serve.runner import RuntimeConfig
+        from olss_fast.serve.config import RuntimeConfig
 
         compile_olss_pipeline(pipe, s3, config=RuntimeConfig(), backend="eager")
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['guidance'\]"):
@@ -64,7 +64,7 @@ def test_schedule_from_a_folder_or_a_json_and_the_choice_rules(tmp_path):
 
 # ================================================================================================ fitted for
 def test_a_schedule_is_checked_against_the_pipeline_it_runs_on(caplog):
-    from olss_fast.core.provenance import model_id
+    from olss_fast.core.fingerprint import model_id
 
     sd = tiny_sd_pipeline()
     other_model = {"class": "UNet2DModel", "config_sha256": "0" * 64, "weights_sha256": "1" * 64}
@@ -87,7 +87,7 @@ def test_a_schedule_is_checked_against_the_pipeline_it_runs_on(caplog):
     assert any("fitted at guidance_scale = 7.5 but runs at guidance_scale = 2.0" in m for m in messages)
     assert any("latent_shape = [4, 8, 8]" in m and "[4, 16, 16]" in m for m in messages)
     # an export checks too
-    from olss_fast.export.onnx_export import plan_export
+    from olss_fast.export.plan import plan_export
 
     with pytest.raises(ValueError, match="model: fitted for UNet2DModel"):
         plan_export(sd, foreign)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from olss_fast import compile_olss_pipeline, fit_olss_scheduler
-from olss_fast.pipelines import adapter_for
+from olss_fast.pipelines.registry import adapter_for
 from olss_fast.testing import assert_close_scaled, tiny_sd3_pipeline
 
 from flow_quality import check_quality_against_teacher

@@ -47,8 +47,9 @@ def test_pipeline_runs_with_searched_scheduler_and_from_saved_folder(fitted, tmp
 
 def test_refined_student_is_closer_to_teacher_than_ddim_on_training_prompts(fitted):
     pipe, res = fitted
-    from olss_fast.fit.baselines import baseline_scheduler, rmse, sample
-    from olss_fast.fit.recording import item_noise, make_work_items
+    from olss_fast.core.metrics import rmse
+    from olss_fast.fit.baselines import baseline_scheduler, sample
+    from olss_fast.fit.work import item_noise, make_work_items
 
     cfg = dict(res.scheduler.config)
     x0 = item_noise(make_work_items(PROMPTS), (4, 8, 8))

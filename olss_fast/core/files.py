@@ -11,24 +11,22 @@ operating system releases the lock when its process dies, so a killed job never 
 
 **Readers are bounded and strict.** :func:`read_limited` reads only regular files (no folders, devices, FIFOs),
 checks the size before reading, and :func:`parse_json` turns every JSON problem (invalid UTF-8, syntax, NaN/Infinity
-literals, pathological nesting) into a ``ValueError``. The ``expect_*`` helpers check exact types (no coercion: a
-float is not an int, a string is not a bool) and ranges in the dtype the value will be used in.
+literals, pathological nesting) into a ``ValueError``; :mod:`olss_fast.core.checks` then checks every field's exact
+type and range.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
-import math
-import numbers
 import os
 import re
 import secrets
 import stat
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator
 
-FLOAT32_MAX = 3.4028234663852886e38
 #: JSON nesting deeper than this is refused (every format of ours nests at most 4 levels)
 MAX_JSON_DEPTH = 64
 
@@ -283,70 +281,12 @@ def read_json(path: str | os.PathLike, max_bytes: int, what: str) -> Any:
 
 
 def canonical_json(obj: Any) -> str:
-    """Sorted-key, compact JSON (what our digests are computed over)."""
+    """Sorted-key, compact JSON of JSON data (what file headers are written as; NaN and infinities refused)."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
-# ---------------------------------------------------------------------------------------------- exact types
-def expect_dict(value: Any, what: str, keys: Optional[Sequence[str]] = None,
-                optional: Sequence[str] = ()) -> dict:
-    """A JSON object, with exactly ``keys`` (plus any of ``optional``) when given."""
-    if not isinstance(value, dict):
-        raise ValueError(f"{what} must be a JSON object, got {type(value).__name__}")
-    if keys is not None:
-        missing = [k for k in keys if k not in value]
-        unknown = [k for k in value if k not in keys and k not in optional]
-        if missing:
-            raise ValueError(f"{what} lacks {missing}")
-        if unknown:
-            raise ValueError(f"{what} has unknown field(s) {sorted(unknown)}")
-    return value
-
-
-def expect_bool(value: Any, what: str) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{what} must be true or false, got {value!r}")
-    return value
-
-
-def expect_int(value: Any, what: str, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{what} must be an integer, got {value!r:.80}")
-    v = int(value)
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise ValueError(f"{what} must be in [{lo}, {hi}], got {v if abs(v) < 10**30 else 'a huge number'}")
-    return v
-
-
-def expect_float(value: Any, what: str, lo: Optional[float] = None, hi: Optional[float] = None,
-                 float32: bool = False) -> float:
-    """A finite number (ints accepted), finite in float32 when ``float32`` (the dtype it will be used in)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{what} must be a number, got {value!r:.80}")
-    try:
-        v = float(value)
-    except OverflowError:
-        raise ValueError(f"{what} is too large a number") from None
-    if not math.isfinite(v):
-        raise ValueError(f"{what} must be finite, got {value!r:.80}")
-    if float32 and abs(v) > FLOAT32_MAX:
-        raise ValueError(f"{what} = {v:.3g} overflows float32, the dtype it is used in")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise ValueError(f"{what} must be in [{lo}, {hi}], got {v:.6g}")
-    return v
-
-
-def expect_str(value: Any, what: str, max_len: int = 4096) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{what} must be a string, got {type(value).__name__}")
-    if len(value) > max_len:
-        raise ValueError(f"{what} is longer than {max_len} characters")
-    return value
-
-
-def expect_list(value: Any, what: str, max_len: int) -> list:
-    if not isinstance(value, list):
-        raise ValueError(f"{what} must be a list, got {type(value).__name__}")
-    if len(value) > max_len:
-        raise ValueError(f"{what} has {len(value)} entries, more than {max_len}")
-    return value
+def digest(obj: Any) -> str:
+    """The one digest of olss_fast's JSON data: SHA-256 of its sorted-key, compact JSON (values JSON cannot hold by
+    their ``repr``; infinities as ``Infinity``: scheduler configs hold some). It detects corruption and edits by
+    anyone who does not recompute it; it proves nothing about who wrote the data (anyone can recompute it)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=repr).encode()).hexdigest()

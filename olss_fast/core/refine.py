@@ -14,10 +14,11 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from olss_fast.core.lstsq import gram_lstsq
+from olss_fast.core.lstsq import gram_lstsq, solve_spd
 from olss_fast.core.oss import trace_back
 from olss_fast.core.schedule import GRANULARITIES, OLSSSchedule
-from olss_fast.core.step import olss_combine
+from olss_fast.core.search import uniform_path
+from olss_fast.core.step import student_latent
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +62,7 @@ class _RefitState:
 
     def latent(self, j: int) -> torch.Tensor:
         """The student's latent at step j, computed exactly as ``OLSSScheduler.step`` computes it at inference."""
-        if j == 0:
-            return self.x0f
-        return olss_combine(self.inference_coeffs(), j - 1, self.x0f, self.history)
+        return student_latent(self.inference_coeffs(), j, self.x0f, self.history)
 
     def add_output(self, e: torch.Tensor) -> None:
         """Append the model output of the next step (``e_j``, j = len(history)) and its inner products."""
@@ -220,7 +219,7 @@ def refine_schedule(
     bs = batch_size or noise.shape[0]
 
     def evaluate(j: int, coeffs: torch.Tensor, history: Sequence[torch.Tensor]) -> torch.Tensor:
-        z = x0f if j == 0 else olss_combine(coeffs.to(x0f.device), j - 1, x0f, history)
+        z = student_latent(coeffs.to(x0f.device), j, x0f, history)
         t = schedule.timesteps[j]
         outs = [denoise(z[s : s + bs].to(noise.dtype), t) for s in range(0, z.shape[0], bs)]
         return torch.cat(outs)
@@ -263,8 +262,6 @@ def _teacher_dots(teacher_latents: torch.Tensor, channels: int) -> torch.Tensor:
 def _fit_errors(state: _RefitState, j: int, ys: torch.Tensor) -> torch.Tensor:
     """MSE of fitting row j of ``state`` (basis x0, e_0 … e_j) to each target in ``ys`` ``[C, J, B·rest]`` at once
     (the same least squares as :meth:`_RefitState.fit`, batched over targets)."""
-    from olss_fast.core.lstsq import solve_spd
-
     m = j + 2
     basis = torch.stack([v.to(torch.float64) for v in [state.x0f] + state.history[: j + 1]])  # [m, B, C, ...]
     if basis.dim() < 4:
@@ -408,8 +405,6 @@ def refit_path_search(
         ValueError: shapes that do not fit, step counts outside 1 … T, a bad start path, too few samples, NaN model
             outputs.
     """
-    from olss_fast.core.search import uniform_path
-
     T = len(timesteps)
     single = isinstance(num_steps, int) and not isinstance(num_steps, bool)
     counts = [num_steps] if single else list(num_steps)

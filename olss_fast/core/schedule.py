@@ -16,7 +16,6 @@ must match: an edited or bit-flipped file is a ``ValueError``, never a silently 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -28,15 +27,13 @@ from typing import Any, Sequence
 
 import torch
 
-from olss_fast.core.files import (
-    FLOAT32_MAX, atomic_write_text, canonical_json, expect_bool, expect_dict, expect_float, expect_int, expect_list,
-    expect_str, read_json,
-)
+from olss_fast.core import checks
+from olss_fast.core.files import atomic_write_text, digest, read_json
 from olss_fast.core.step import PREDICTION_TYPES
 
 logger = logging.getLogger(__name__)
 
-SCHEDULE_FORMAT = "olss_fast.core.schedule"
+SCHEDULE_FORMAT = "olss_fast.schedule"
 SCHEDULE_VERSION = 2  # 2 added ``fitted_for`` and the ``sha256`` digest; version 1 files are read with a warning
 READ_VERSIONS = (1, 2)
 GRANULARITIES = ("global", "channel")
@@ -68,8 +65,8 @@ def _timestep(t: Any) -> int | float:
     if isinstance(t, bool) or not isinstance(t, numbers.Real):
         raise ValueError(f"timesteps must be numbers, got {t!r}")
     if isinstance(t, numbers.Integral):
-        return expect_int(t, "a timestep", 0, MAX_TIMESTEP)
-    return expect_float(t, "a timestep", 0.0, float(MAX_TIMESTEP), float32=True)
+        return checks.integer(t, "a timestep", 0, MAX_TIMESTEP)
+    return checks.real(t, "a timestep", 0.0, float(MAX_TIMESTEP), float32=True)
 
 
 @dataclass
@@ -116,13 +113,13 @@ class OLSSSchedule:
             self.indices = self.indices.tolist()
         self.timesteps = [_timestep(t) for t in self.timesteps]
         self.indices = [_index(i, "indices") for i in self.indices]
-        self.errors = [expect_float(e, "an error", 0.0) for e in self.errors]
+        self.errors = [checks.real(e, "an error", 0.0) for e in self.errors]
         if not self.teacher_steps and self.indices:
             self.teacher_steps = self.indices[-1] + 1
         self.teacher_steps = _index(self.teacher_steps, "teacher_steps")
         for name in ("prediction_type", "path", "teacher"):
-            expect_str(getattr(self, name), name)
-        expect_bool(self.refined, "refined")
+            checks.string(getattr(self, name), name)
+        checks.boolean(self.refined, "refined")
         for name in ("fitted_for", "meta"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name} must be a dict, got {type(getattr(self, name)).__name__}")
@@ -161,7 +158,7 @@ class OLSSSchedule:
             raise ValueError(f"per-channel coeffs need 1 to {MAX_CHANNELS} channels, got {c.shape[0]}")
         if not torch.isfinite(c).all():
             raise ValueError("coeffs contain NaN or Inf; the schedule is unusable (re-run the search)")
-        if c.abs().max().item() > FLOAT32_MAX:
+        if c.abs().max().item() > checks.FLOAT32_MAX:
             raise ValueError("coeffs overflow float32, the dtype the sampler computes in")
         upper = torch.triu(c, diagonal=2)
         if upper.abs().max().item() > 0:
@@ -208,14 +205,14 @@ class OLSSSchedule:
             "fitted_for": self.fitted_for,
             "meta": self.meta,
         }
-        data["sha256"] = _digest(data)
+        data["sha256"] = digest(data)
         return data
 
     @classmethod
     def from_dict(cls, data: Any) -> "OLSSSchedule":
         """Build a schedule from :meth:`to_dict` output, validating everything (``ValueError`` on any problem)."""
         global _warned_v1
-        expect_dict(data, "an OLSS schedule")
+        checks.mapping(data, "an OLSS schedule")
         if data.get("format") != SCHEDULE_FORMAT:
             raise ValueError(f"not an OLSS schedule (format = {str(data.get('format'))[:80]!r})")
         version = data.get("version")
@@ -224,37 +221,37 @@ class OLSSSchedule:
                 f"unsupported OLSS schedule version {str(version)[:20]}; this olss_fast reads versions {READ_VERSIONS}"
             )
         if version == 1:
-            expect_dict(data, "a version-1 OLSS schedule", ("timesteps", "indices", "coeffs"),
+            checks.mapping(data, "a version-1 OLSS schedule", ("timesteps", "indices", "coeffs"),
                         optional=[k for k in _FIELDS_V1 if k not in ("timesteps", "indices", "coeffs")])
             if not _warned_v1:
                 logger.warning("reading a version-1 OLSS schedule (olss_fast 0.1): it carries no digest and no "
                                "record of what it was fitted for; save it again to upgrade it")
                 _warned_v1 = True
         else:
-            expect_dict(data, "an OLSS schedule", _FIELDS_V2)
-            digest = expect_str(data["sha256"], "sha256", 64)
-            if digest != _digest({k: v for k, v in data.items() if k != "sha256"}):
+            checks.mapping(data, "an OLSS schedule", _FIELDS_V2)
+            stored = checks.string(data["sha256"], "sha256", 64)
+            if stored != digest({k: v for k, v in data.items() if k != "sha256"}):
                 raise ValueError("the schedule does not match its sha256 digest: it was modified or corrupted after "
                                  "it was written (re-create it, or save an edited schedule with OLSSSchedule.save)")
-        timesteps = expect_list(data["timesteps"], "timesteps", MAX_STEPS)
+        timesteps = checks.listing(data["timesteps"], "timesteps", MAX_STEPS)
         n = len(timesteps)
-        indices = [expect_int(i, "indices", 0, MAX_TEACHER_STEPS) for i in
-                   expect_list(data["indices"], "indices", MAX_STEPS)]
+        indices = [checks.integer(i, "indices", 0, MAX_TEACHER_STEPS) for i in
+                   checks.listing(data["indices"], "indices", MAX_STEPS)]
         coeffs = _coeff_tensor(data["coeffs"], n)
-        errors = [expect_float(e, "errors", 0.0) for e in expect_list(data.get("errors", []), "errors", MAX_STEPS)]
-        fitted_for = expect_dict(data.get("fitted_for", {}), "fitted_for")
-        meta = expect_dict(data.get("meta", {}), "meta")
+        errors = [checks.real(e, "errors", 0.0) for e in checks.listing(data.get("errors", []), "errors", MAX_STEPS)]
+        fitted_for = checks.mapping(data.get("fitted_for", {}), "fitted_for")
+        meta = checks.mapping(data.get("meta", {}), "meta")
         sched = cls(
             timesteps=timesteps, indices=indices, coeffs=coeffs, errors=errors,
-            teacher_steps=expect_int(data.get("teacher_steps", indices[-1] + 1 if indices else 0), "teacher_steps",
+            teacher_steps=checks.integer(data.get("teacher_steps", indices[-1] + 1 if indices else 0), "teacher_steps",
                                      1, MAX_TEACHER_STEPS),
-            prediction_type=expect_str(data.get("prediction_type", "epsilon"), "prediction_type", 32),
-            path=expect_str(data.get("path", "uniform"), "path", 64),
-            refined=expect_bool(data.get("refined", False), "refined"),
-            teacher=expect_str(data.get("teacher", ""), "teacher"),
+            prediction_type=checks.string(data.get("prediction_type", "epsilon"), "prediction_type", 32),
+            path=checks.string(data.get("path", "uniform"), "path", 64),
+            refined=checks.boolean(data.get("refined", False), "refined"),
+            teacher=checks.string(data.get("teacher", ""), "teacher"),
             fitted_for=fitted_for, meta=meta,
         )
-        if "num_steps" in data and expect_int(data["num_steps"], "num_steps") != sched.num_steps:
+        if "num_steps" in data and checks.integer(data["num_steps"], "num_steps") != sched.num_steps:
             raise ValueError(f"num_steps = {data['num_steps']} does not match {sched.num_steps} timesteps")
         if "granularity" in data and data["granularity"] != sched.granularity:
             raise ValueError(
@@ -293,26 +290,22 @@ class OLSSSchedule:
         )
 
 
-def _digest(data: dict) -> str:
-    return hashlib.sha256(canonical_json(data).encode()).hexdigest()
-
-
 def _coeff_tensor(value: Any, n: int) -> torch.Tensor:
     """The coefficient array from JSON: nested lists of finite float32-representable numbers, ``[n, n+1]`` or
     ``[C, n, n+1]`` (checked before building anything, so a hostile shape costs nothing)."""
-    rows = expect_list(value, "coeffs", MAX_CHANNELS)
+    rows = checks.listing(value, "coeffs", MAX_CHANNELS)
     per_channel = bool(rows) and isinstance(rows[0], list) and bool(rows[0]) and isinstance(rows[0][0], list)
-    mats = [expect_list(m, "coeffs", MAX_STEPS) for m in rows] if per_channel else [rows]
+    mats = [checks.listing(m, "coeffs", MAX_STEPS) for m in rows] if per_channel else [rows]
     out = []
     for m in mats:
         if len(m) != n:
             raise ValueError(f"coeffs must have {n} rows per channel for {n} timesteps, got {len(m)}")
         mat = []
         for r in m:
-            r = expect_list(r, "a coeffs row", MAX_STEPS + 1)
+            r = checks.listing(r, "a coeffs row", MAX_STEPS + 1)
             if len(r) != n + 1:
                 raise ValueError(f"coeffs rows must have n+1 = {n + 1} entries, got {len(r)}")
-            mat.append([expect_float(v, "a coefficient", float32=True) for v in r])
+            mat.append([checks.real(v, "a coefficient", float32=True) for v in r])
         out.append(mat)
     t = torch.tensor(out, dtype=torch.float64)
     return t if per_channel else t[0]
@@ -326,24 +319,24 @@ def _check_fitted_for(f: dict) -> None:
     """The ``fitted_for`` block's own types (see :mod:`olss_fast.core.provenance`)."""
     if not f:
         return
-    expect_dict(f, "fitted_for", keys=[], optional=_FITTED_FOR_KEYS)
+    checks.mapping(f, "fitted_for", keys=[], optional=_FITTED_FOR_KEYS)
     for key in ("model", "noise_schedule", "teacher"):
         if f.get(key) is not None:
-            expect_dict(f[key], f"fitted_for.{key}")
+            checks.mapping(f[key], f"fitted_for.{key}")
     if f.get("guidance_scale") is not None:
-        expect_float(f["guidance_scale"], "fitted_for.guidance_scale")
+        checks.real(f["guidance_scale"], "fitted_for.guidance_scale")
     if f.get("mu") is not None:
-        expect_float(f["mu"], "fitted_for.mu")
+        checks.real(f["mu"], "fitted_for.mu")
     if f.get("latent_shape") is not None:
-        for v in expect_list(f["latent_shape"], "fitted_for.latent_shape", 8):
-            expect_int(v, "fitted_for.latent_shape", 1, 2**31)
+        for v in checks.listing(f["latent_shape"], "fitted_for.latent_shape", 8):
+            checks.integer(v, "fitted_for.latent_shape", 1, 2**31)
     if f.get("num_samples") is not None:
-        expect_int(f["num_samples"], "fitted_for.num_samples", 1)
+        checks.integer(f["num_samples"], "fitted_for.num_samples", 1)
     for key in ("prompts_sha256", "call_kwargs_sha256"):
         if f.get(key) is not None:
-            expect_str(f[key], f"fitted_for.{key}", 64)
+            checks.string(f[key], f"fitted_for.{key}", 64)
     if f.get("accepted_mismatch") is not None:
-        for a in expect_list(f["accepted_mismatch"], "fitted_for.accepted_mismatch", 3):
+        for a in checks.listing(f["accepted_mismatch"], "fitted_for.accepted_mismatch", 3):
             if a not in ("model", "noise_schedule", "prediction_type"):
                 raise ValueError(f"fitted_for.accepted_mismatch holds an unknown name {str(a)[:40]!r}")
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
+from olss_fast.core import checks
 from olss_fast.core.lstsq import gram_lstsq, numerical_rank
 from olss_fast.core.schedule import GRANULARITIES, OLSSSchedule
 from olss_fast.core.stats import GramStats
@@ -47,22 +47,25 @@ class SearchConfig:
     """Options of :func:`search_schedule`.
 
     Attributes:
-        path: "uniform" (``i_j = round(j·T/n)``) or "minimax" (the paper's: minimise the largest per-step error);
-            "refit" needs the model and is refused here (use ``fit_olss_scheduler(..., path="refit")``).
+        path: "uniform" (``i_j = round(j·T/n)``), "minimax" (the paper's: minimise the largest per-step error), or
+            explicit teacher indices (e.g. found by :func:`olss_fast.core.refine.refit_path_search`); "refit" needs
+            the model and is refused here (use ``fit_olss_scheduler(..., path="refit")``).
         granularity: "global" (one coefficient set, the paper's) or "channel" (one set per latent channel).
         bisection_iters: bisection steps on the error bound of the minimax search.
     """
 
-    path: str = DEFAULT_STATS_PATH
+    path: str | tuple[int, ...] = DEFAULT_STATS_PATH
     granularity: str = "global"
     bisection_iters: int = 60
 
     def __post_init__(self) -> None:
-        check_stats_path(self.path)
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"unknown granularity {self.granularity!r}; choose one of {GRANULARITIES}")
-        if self.bisection_iters < 1:
-            raise ValueError("bisection_iters must be >= 1")
+        if isinstance(self.path, str):
+            check_stats_path(self.path)
+        else:
+            object.__setattr__(self, "path", tuple(checks.integer(i, "an explicit path's teacher index", 0)
+                                                   for i in self.path))
+        checks.choice(self.granularity, "granularity", GRANULARITIES)
+        checks.integer(self.bisection_iters, "bisection_iters", 1, 10_000)
 
 
 def check_stats_path(path: str) -> None:
@@ -123,8 +126,7 @@ def uniform_path(num_teacher_steps: int, num_steps: int) -> list[int]:
 
 
 def _check_steps(T: int, n: int) -> int:
-    if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"num_steps must be a positive integer, got {n!r}")
+    n = checks.integer(n, "num_steps", 1)
     if n > T:
         raise ValueError(f"cannot search {n} steps on a {T}-step teacher: num_steps must be <= teacher steps")
     return int(n)
@@ -208,39 +210,23 @@ def minimax_path(fitter: _Fitter, n: int, iters: int = 60) -> list[int]:
     return best[0]
 
 
-def search_schedule(
-    stats: GramStats,
-    num_steps: int,
-    path: str | Sequence[int] | None = None,
-    granularity: str | None = None,
-    *,
-    config: SearchConfig | None = None,
-) -> OLSSSchedule:
+def search_schedule(stats: GramStats, num_steps: int, *, config: SearchConfig | None = None,
+                    **options: Any) -> OLSSSchedule:
     """Fit an n-step OLSS schedule on teacher statistics.
 
     Args:
         stats: teacher statistics (:class:`GramStats`).
         num_steps: n, the number of student steps (model evaluations).
-        path: "uniform" (default), "minimax" (the paper's search; falls back to uniform when uniform is better on
-            the search's own criterion, the largest per-step error), or an explicit list of teacher indices (e.g.
-            the result of :func:`olss_fast.core.refine.refit_path_search`, which needs the model).
-        granularity: "global" (default, the paper's single coefficient set) or "channel" (per latent channel).
-        config: a :class:`SearchConfig` instead of ``path``/``granularity`` (giving both is refused).
+        config: a :class:`SearchConfig`, or its fields as keywords: ``path`` "uniform" (default), "minimax" (the
+            paper's search; falls back to uniform when uniform is better on the search's own criterion, the largest
+            per-step error) or explicit teacher indices; ``granularity`` "global" (default, the paper's single
+            coefficient set) or "channel" (per latent channel); ``bisection_iters``.
 
     Raises:
         ValueError: empty statistics, n > T, too few samples for the number of unknowns, bad options.
     """
-    if config is not None:
-        given = [name for name, v in (("path", path), ("granularity", granularity)) if v is not None]
-        if given:
-            raise ValueError(f"pass {given} in config=SearchConfig(...) or as arguments, not both")
-        if not isinstance(config, SearchConfig):
-            raise ValueError(f"config must be a SearchConfig, got {type(config).__name__}")
-        path = config.path
-    else:
-        path = DEFAULT_STATS_PATH if path is None else path
-        config = SearchConfig(path=path if isinstance(path, str) else "uniform",
-                              granularity="global" if granularity is None else granularity)
+    config = checks.options(SearchConfig, config, options, "search")
+    path = config.path
     if not isinstance(stats, GramStats):
         raise ValueError(f"stats must be GramStats, got {type(stats).__name__}")
     num_steps = _check_steps(stats.num_teacher_steps, num_steps)
@@ -255,9 +241,7 @@ def search_schedule(
             f"or use granularity='global'"
         )
     if not isinstance(path, str):
-        if any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in path):
-            raise ValueError(f"an explicit path is a list of integer teacher indices, got {list(path)}")
-        indices = [int(i) for i in path]
+        indices = list(path)
         if len(indices) != num_steps:
             raise ValueError(f"explicit path has {len(indices)} indices but num_steps = {num_steps}")
         if indices[0] != 0 or any(a >= b for a, b in zip(indices, indices[1:])) or indices[-1] >= T:

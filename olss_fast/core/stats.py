@@ -19,9 +19,10 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from olss_fast.core.files import (
-    atomic_write_with, check_regular_file, expect_dict, expect_int, expect_list, expect_str, parse_json,
-)
+from olss_fast.core import checks
+from olss_fast.core.files import atomic_write_with, check_regular_file, parse_json
+from olss_fast.core.provenance import describe_scheduler, scheduler_prediction_type
+from olss_fast.core.step import PREDICTION_TYPES
 
 STATS_FORMAT = "olss_fast.gram_stats"
 STATS_VERSION = 2  # 2 added the digest, the work items and the recording context; version 1 is read as well
@@ -44,7 +45,7 @@ class GramStats:
         prediction_type: the output parametrisation of the recorded model outputs ("epsilon", "v_prediction",
             "sample" or "flow"); required unless ``teacher`` is a scheduler to take it from. Schedules searched on
             these statistics are labelled with it, and refused where it does not match.
-        context: what the recording was made for (:func:`olss_fast.core.provenance.recording_context`); copied into
+        context: what the recording was made for (:func:`olss_fast.pipelines.provenance.recording_context`); copied into
             every schedule's ``fitted_for`` (must match to merge).
         device: where the statistics live (default CPU). Updates compute on the data's device.
     """
@@ -59,13 +60,9 @@ class GramStats:
         context: dict[str, Any] | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
-        from olss_fast.core.step import PREDICTION_TYPES
-
         if not isinstance(teacher, str):  # a scheduler object
-            from olss_fast.fit.recording import describe_scheduler, teacher_prediction_type
-
             if prediction_type is None:
-                prediction_type = teacher_prediction_type(teacher)
+                prediction_type = scheduler_prediction_type(teacher)
             teacher = describe_scheduler(teacher, len(timesteps))
         if prediction_type is None:
             raise ValueError(
@@ -305,7 +302,7 @@ class GramStats:
         self._require_data()
         header = json.dumps(self.header(), allow_nan=False)
         gram = self.gram.detach().cpu().contiguous()
-        metadata = {"olss_fast": header, DIGEST_KEY: _digest(header, gram)}
+        metadata = {"olss_fast": header, DIGEST_KEY: stats_digest(header, gram)}
         atomic_write_with(path, lambda tmp: save_file({"gram": gram}, str(tmp), metadata=metadata))
 
     @classmethod
@@ -345,7 +342,7 @@ class GramStats:
             raise ValueError(f"not a readable safetensors file (truncated?): {str(exc)[:200]}") from None
         digest = metadata.get(DIGEST_KEY)
         if header["version"] >= 2:
-            if not isinstance(digest, str) or digest != _digest(metadata["olss_fast"], gram):
+            if not isinstance(digest, str) or digest != stats_digest(metadata["olss_fast"], gram):
                 raise ValueError("the statistics do not match their sha256 digest: the file was modified or "
                                  "corrupted after it was written")
         elif digest is not None:
@@ -388,10 +385,10 @@ def check_ranges(ranges: Any, what: str, limit: int = MAX_ITEMS) -> list[list[in
     and disjoint."""
     out = []
     prev = -1
-    for r in expect_list(ranges, what, 10**6):
+    for r in checks.listing(ranges, what, 10**6):
         if not (isinstance(r, list) and len(r) == 2):
             raise ValueError(f"{what} must hold [start, stop) pairs, got {str(r)[:60]}")
-        a, b = expect_int(r[0], what, 0, limit), expect_int(r[1], what, 0, limit)
+        a, b = checks.integer(r[0], what, 0, limit), checks.integer(r[1], what, 0, limit)
         if not a < b or a <= prev:
             raise ValueError(f"{what} must be sorted, disjoint [start, stop) ranges, got {str(r)[:60]}")
         prev = b - 1
@@ -407,7 +404,8 @@ def count_ranges(ranges: Sequence[Sequence[int]]) -> int:
     return sum(b - a for a, b in ranges)
 
 
-def _digest(header: str, gram: torch.Tensor) -> str:
+def stats_digest(header: str, gram: torch.Tensor) -> str:
+    """The statistics file's digest: SHA-256 of its JSON header and the Gram matrix bytes."""
     h = hashlib.sha256(header.encode())
     h.update(gram.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -427,16 +425,14 @@ _HEADER_V1 = ("format", "version", "timesteps", "teacher", "model", "prediction_
 
 def _parse_header(text: Any) -> dict[str, Any]:
     """The statistics header, every field type- and range-checked (version 1 headers get the version 2 defaults)."""
-    from olss_fast.core.step import PREDICTION_TYPES
-
-    h = expect_dict(parse_json(expect_str(text, "the header", 64 * 2**20), "the header"), "the header")
+    h = checks.mapping(parse_json(checks.string(text, "the header", 64 * 2**20), "the header"), "the header")
     if h.get("format") != STATS_FORMAT:
         raise ValueError(f"not an olss_fast statistics file (format {str(h.get('format'))[:60]!r})")
     version = h.get("version")
     if isinstance(version, bool) or version not in (1, 2):
         raise ValueError(f"unsupported statistics format version {str(version)[:20]}")
-    expect_dict(h, "the header", _HEADER_V2 if version == 2 else _HEADER_V1)
-    ts = expect_list(h["timesteps"], "timesteps", MAX_TEACHER_STEPS)
+    checks.mapping(h, "the header", _HEADER_V2 if version == 2 else _HEADER_V1)
+    ts = checks.listing(h["timesteps"], "timesteps", MAX_TEACHER_STEPS)
     if not ts:
         raise ValueError("the header lists no teacher timesteps")
     for t in ts:
@@ -444,18 +440,18 @@ def _parse_header(text: Any) -> dict[str, Any]:
             raise ValueError(f"teacher timesteps must be finite numbers in [0, 100000], got {str(t)[:30]}")
     if h["prediction_type"] not in PREDICTION_TYPES:
         raise ValueError(f"unknown prediction_type {str(h['prediction_type'])[:30]!r}")
-    expect_str(h["teacher"], "teacher")
-    expect_str(h["model"], "model")
-    expect_int(h["num_samples"], "num_samples", 1, MAX_ITEMS)
-    shape = expect_list(h["sample_shape"], "sample_shape", 8)
-    if not shape or any(expect_int(v, "sample_shape", 1, 2**31) < 1 for v in shape) or \
+    checks.string(h["teacher"], "teacher")
+    checks.string(h["model"], "model")
+    checks.integer(h["num_samples"], "num_samples", 1, MAX_ITEMS)
+    shape = checks.listing(h["sample_shape"], "sample_shape", 8)
+    if not shape or any(checks.integer(v, "sample_shape", 1, 2**31) < 1 for v in shape) or \
             math.prod(shape) > 2**40 or (len(shape) >= 2 and shape[0] > 4096):
         raise ValueError(f"sample_shape {shape} is not a latent shape")
     if h["dtype"] is not None:
-        expect_str(h["dtype"], "dtype", 32)
-    expect_dict(h["meta"], "meta")
+        checks.string(h["dtype"], "dtype", 32)
+    checks.mapping(h["meta"], "meta")
     if version == 2:
-        expect_dict(h["context"], "context")
+        checks.mapping(h["context"], "context")
         if h["items"] is not None:
             h["items"] = check_ranges(h["items"], "items")
     else:

@@ -29,6 +29,12 @@ def olss_combine(coeffs: torch.Tensor, step: int, x0: torch.Tensor, history: Seq
     return out
 
 
+def student_latent(coeffs: torch.Tensor, j: int, x0: torch.Tensor, history: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The student's latent at step j, as the scheduler computes it at inference: the initial noise ``x0`` at step 0,
+    else row j−1 of the OLSS combination (Eq. 8) of ``x0`` and the model outputs ``e_0 … e_{j−1}``."""
+    return x0 if j == 0 else olss_combine(coeffs, j - 1, x0, history)
+
+
 def coeff_row(coeffs: torch.Tensor, step: int, like: torch.Tensor) -> torch.Tensor:
     """Row ``step`` of ``coeffs`` as ``[n+1, ...]`` that broadcasts against latents shaped like ``like``."""
     row = coeffs[..., step, :].to(device=like.device, dtype=like.dtype)

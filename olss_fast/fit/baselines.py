@@ -8,15 +8,19 @@ measured on held-out noise/prompts against the teacher's final sample from that 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 
+from olss_fast.core import checks
 from olss_fast.core.metrics import rmse  # noqa: F401  (re-exported for the comparison scripts)
-from olss_fast.fit.recording import _quiet_progress, swapped_scheduler
-
-if TYPE_CHECKING:  # pragma: no cover
-    from olss_fast.core.oss import OSSResult
+from olss_fast.core.oss import OSSResult, oss_search
+from olss_fast.core.provenance import scheduler_prediction_type
+from olss_fast.fit.config import RecordConfig
+from olss_fast.fit.probe import pipeline_denoiser
+from olss_fast.fit.recording import quiet_progress, record_trajectories, swapped_scheduler
+from olss_fast.fit.teacher import default_teacher
+from olss_fast.fit.work import make_work_items, spread_indices
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +74,7 @@ def sample(pipe: Any, scheduler: Any, prompts: Sequence[Any], latents: torch.Ten
     steps = steps_for_nfe(scheduler, nfe)
     bs = batch_size or latents.shape[0]
     outs = []
-    with swapped_scheduler(pipe, scheduler), _quiet_progress(pipe):
+    with swapped_scheduler(pipe, scheduler), quiet_progress(pipe):
         for s in range(0, latents.shape[0], bs):
             out = pipe(prompt=list(prompts[s : s + bs]), latents=latents[s : s + bs].clone(),
                        num_inference_steps=steps, **kwargs)
@@ -167,7 +171,7 @@ class CustomTimestepsScheduler:
         return f"CustomTimestepsScheduler({type(self.scheduler).__name__}, {self.table})"
 
 
-def oss_scheduler(result: "OSSResult", config: dict[str, Any]) -> CustomTimestepsScheduler:
+def oss_scheduler(result: OSSResult, config: dict[str, Any]) -> CustomTimestepsScheduler:
     """The diffusers scheduler of ``result.solver`` (:data:`OSS_RUNNERS`) on the noise schedule of ``config``,
     running the timesteps OSS chose for each step count."""
     import diffusers
@@ -205,30 +209,24 @@ def fit_oss_baselines(
     batch_size: int = 4,
     guidance_scale: float | None = None,
     progress: bool = True,
-) -> dict[str, tuple["OSSResult", CustomTimestepsScheduler]]:
+) -> dict[str, tuple[OSSResult, CustomTimestepsScheduler]]:
     """OSS baselines (:func:`olss_fast.core.oss.oss_search`) for ``pipe``: record the teacher on the training work items
     (prompts × seeds; ``samples`` of them spread evenly, default all), run the dynamic programme along its
     trajectories for each solver, and wrap the chosen timesteps as diffusers schedulers. Returns
     ``{solver: (result, scheduler)}``.
 
-    The teacher defaults to the one OLSS records (:func:`olss_fast.fit.recording.default_teacher`), its grid being the
+    The teacher defaults to the one OLSS records (:func:`olss_fast.fit.teacher.default_teacher`), its grid being the
     teacher's timesteps plus its end, which must be clean data (σ = 0), where diffusers' DPM-Solver++ ends.
     """
-    from olss_fast.fit.orchestration import pipeline_denoiser
-    from olss_fast.core.oss import oss_search
-    from olss_fast.fit.recording import (RecordConfig, default_teacher, make_work_items, record_trajectories, spread_indices,
-                            teacher_prediction_type)
-
     unknown = [s for s in solvers if s not in OSS_RUNNERS]
     if unknown or not solvers:
         raise ValueError(f"unknown OSS solver(s) {unknown or list(solvers)}; choose from {sorted(OSS_RUNNERS)}")
     items = make_work_items(prompts, seeds_per_prompt, base_seed)
     if samples is not None:
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise ValueError(f"samples must be a positive integer (or None for all work items), got {samples!r}")
+        checks.integer(samples, "samples", 1)
         items = [items[k] for k in spread_indices(len(items), samples)]  # spread over the prompts
     teacher = teacher if teacher is not None else default_teacher(pipe.scheduler)
-    if "FlowMatch" in type(teacher).__name__:
+    if scheduler_prediction_type(teacher) == "flow":
         raise ValueError("OSS baselines are implemented for VP (DDIM / DPM-Solver++) samplers, not flow matching")
     end = final_alpha_bar(teacher)
     if abs(end - 1.0) > 1e-12:
@@ -250,6 +248,6 @@ def fit_oss_baselines(
     out = {}
     for solver in solvers:
         res = oss_search(denoise, reference, timesteps, alpha_bars, list(num_steps), solver,
-                         prediction_type=teacher_prediction_type(teacher), progress=progress)
+                         prediction_type=scheduler_prediction_type(teacher), progress=progress)
         out[solver] = (res, oss_scheduler(res, cfg))
     return out

@@ -1,4 +1,4 @@
-"""Resumable recording: checkpoints of the teacher statistics with a job fingerprint (issue #6).
+"""Resumable recording: checkpoints of the teacher statistics with a job fingerprint.
 
 A checkpoint is an ordinary :class:`~olss_fast.core.stats.GramStats` file (atomic safetensors write) whose header
 ``meta["record_checkpoint"]`` holds
@@ -24,17 +24,15 @@ removed.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 
-from olss_fast.core.files import expect_bool, expect_dict, expect_int
+from olss_fast.core import checks
+from olss_fast.core.files import canonical_json, digest
 from olss_fast.fit.distributed import LOCAL, DistContext
 from olss_fast.core.stats import MAX_ITEMS, GramStats, check_ranges, count_ranges, ranges_to_set, to_ranges
 
@@ -68,48 +66,9 @@ FIELD_NAMES = {
 
 
 # ---------------------------------------------------------------------------------------------- hashing
-def _canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=repr)
-
-
-def sha256_json(obj: Any) -> str:
-    """SHA-256 of a canonical JSON rendering (non-JSON values by ``repr``)."""
-    return hashlib.sha256(_canonical_json(obj).encode()).hexdigest()
-
-
 def config_sha256(config: Any) -> str:
-    """Hash of a diffusers config, ignoring private keys (``_class_name``, ``_diffusers_version``, ...)."""
-    cfg = {k: v for k, v in dict(config or {}).items() if not str(k).startswith("_")}
-    return sha256_json(cfg)
-
-
-def model_fingerprint(pipe: Any, samples_per_tensor: int = 16) -> str:
-    """A cheap hash of a pipeline's weights: every tensor's name, shape, dtype and a few evenly spaced values.
-
-    Reads ``samples_per_tensor`` values per parameter/buffer of every ``torch.nn.Module`` component, so it costs
-    milliseconds even for multi-GB models, and it changes with any retraining or re-initialisation.
-    """
-    h = hashlib.sha256()
-    components = getattr(pipe, "components", None)
-    if not isinstance(components, dict):
-        components = {k: v for k, v in vars(pipe).items() if isinstance(v, torch.nn.Module)}
-    for cname in sorted(components):
-        module = components[cname]
-        if not isinstance(module, torch.nn.Module):
-            continue
-        h.update(f"[{cname}:{type(module).__name__}]".encode())
-        tensors = dict(module.named_parameters())
-        tensors.update(dict(module.named_buffers()))
-        for name in sorted(tensors):
-            t = tensors[name].detach()
-            h.update(f"{name}:{list(t.shape)}:{t.dtype};".encode())
-            flat = t.reshape(-1)
-            if flat.numel() == 0:
-                continue
-            step = max(1, flat.numel() // samples_per_tensor)
-            sample = flat[::step][:samples_per_tensor].to("cpu", torch.float64)
-            h.update(sample.numpy().tobytes())
-    return h.hexdigest()
+    """Digest of a diffusers config, ignoring private keys (``_class_name``, ``_diffusers_version``, ...)."""
+    return digest({k: v for k, v in dict(config or {}).items() if not str(k).startswith("_")})
 
 
 def job_fingerprint(
@@ -133,20 +92,20 @@ def job_fingerprint(
     statistics header's teacher timesteps, descriptions, prediction type and recording context) is covered by a
     hash, so that every header field that changes the result is part of the identity."""
     return {
-        "header_sha256": sha256_json(stats_identity or {}),
+        "header_sha256": digest(stats_identity or {}),
         "teacher": teacher_description,
         "teacher_config_sha256": config_sha256(teacher_config),
         "teacher_steps": int(teacher_steps),
         "model": model_description,
         "model_sha256": model_sha256,
-        "prompts_sha256": sha256_json(list(prompts)),
+        "prompts_sha256": digest(list(prompts)),
         "num_prompts": len(prompts),
         "seeds_per_prompt": int(seeds_per_prompt),
         "base_seed": int(base_seed),
-        "items_sha256": sha256_json([[int(it.index), it.prompt, int(it.seed)] for it in items]),
+        "items_sha256": digest([[int(it.index), it.prompt, int(it.seed)] for it in items]),
         "num_items": len(items),
         "guidance_scale": None if guidance_scale is None else float(guidance_scale),
-        "call_kwargs": _canonical_json(call_kwargs),
+        "call_kwargs": canonical_json(call_kwargs),
         "sample_shape": [int(s) for s in sample_shape],
         "pipeline_dtype": str(pipeline_dtype).replace("torch.", ""),
     }
@@ -198,22 +157,22 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[GramStats, dict[str, Any]]
 
 def check_info(info: Any, stats: GramStats) -> dict[str, Any]:
     """The ``record_checkpoint`` block, strictly typed and consistent with the statistics it describes."""
-    info = expect_dict(info, "its checkpoint header", ("version", "fingerprint", "layout", "done", "total_items",
+    info = checks.mapping(info, "its checkpoint header", ("version", "fingerprint", "layout", "done", "total_items",
                                                        "complete"))
     if isinstance(info["version"], bool) or info["version"] != CHECKPOINT_VERSION:
         raise ValueError(f"unsupported checkpoint version {str(info['version'])[:20]}")
-    total = expect_int(info["total_items"], "total_items", 1, MAX_ITEMS)
+    total = checks.integer(info["total_items"], "total_items", 1, MAX_ITEMS)
     done = check_ranges(info["done"], "'done'", total)
-    complete = expect_bool(info["complete"], "complete")
-    fingerprint = expect_dict(info["fingerprint"], "its fingerprint")
+    complete = checks.boolean(info["complete"], "complete")
+    fingerprint = checks.mapping(info["fingerprint"], "its fingerprint")
     unknown = sorted(set(fingerprint) - set(FIELD_NAMES))
     if unknown:
         raise ValueError(f"its fingerprint has unknown field(s) {unknown[:5]}")
-    layout = expect_dict(info["layout"], "its layout", ("batch_size", "world_size", "rank"))
-    expect_int(layout["batch_size"], "layout batch_size", 1, 2**20)
-    world = expect_int(layout["world_size"], "layout world_size", 1, 2**16)
+    layout = checks.mapping(info["layout"], "its layout", ("batch_size", "world_size", "rank"))
+    checks.integer(layout["batch_size"], "layout batch_size", 1, 2**20)
+    world = checks.integer(layout["world_size"], "layout world_size", 1, 2**16)
     if layout["rank"] is not None:
-        expect_int(layout["rank"], "layout rank", 0, world - 1)
+        checks.integer(layout["rank"], "layout rank", 0, world - 1)
     n_done = count_ranges(done)
     if n_done != stats.num_samples:
         raise ValueError(f"it lists {n_done} finished work items but holds {stats.num_samples} samples")
@@ -223,7 +182,7 @@ def check_info(info: Any, stats: GramStats) -> dict[str, Any]:
         raise ValueError(f"it is marked complete but holds {n_done} of {total} work items")
     if fingerprint.get("num_items") is not None and fingerprint["num_items"] != total:
         raise ValueError(f"it is for {total} work items but its fingerprint says {fingerprint['num_items']}")
-    if "header_sha256" in fingerprint and fingerprint["header_sha256"] != sha256_json(stats_identity(stats)):
+    if "header_sha256" in fingerprint and fingerprint["header_sha256"] != digest(stats_identity(stats)):
         raise ValueError("its statistics header (teacher timesteps, prediction type or recording context) does not "
                          "match its fingerprint")
     return dict(info, done=done)

@@ -1,4 +1,4 @@
-"""Multi-process recording and search with ``torch.distributed`` (issue #6).
+"""Multi-process recording and search with ``torch.distributed``.
 
 Under ``torchrun --nproc_per_node=K`` (one node or several), :func:`~olss_fast.fit.recording.record_trajectories`,
 :func:`~olss_fast.fit.orchestration.fit_olss_scheduler` and ``olss-fast search`` split the work between the processes and combine

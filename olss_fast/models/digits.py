@@ -69,7 +69,7 @@ def _folder(path: str | os.PathLike | None) -> Path:
     return folder
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -88,7 +88,7 @@ def _verify_checksum(folder: Path, file: Path) -> None:
         raise ValueError(f"cannot read checksum manifest {manifest}: {exc}") from exc
     rel = file.relative_to(folder).as_posix()
     want = sums.get(rel)
-    if want is not None and _sha256(file) != want:
+    if want is not None and file_sha256(file) != want:
         raise ValueError(
             f"weights file {file} is corrupted: its sha256 does not match {manifest} "
             f"(truncated or modified file); reinstall olss_fast or retrain with olss_fast.models.train_digits")

@@ -38,6 +38,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from olss_fast.core.metrics import frechet_distance
+from olss_fast.models.digits import (CHECKSUMS_NAME, CLASSIFIER_SUBFOLDER, CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME,
+                                     FEATURE_STATS_NAME, DigitsClassifier, DigitsPipeline, file_sha256)
+
 logger = logging.getLogger("olss_fast.models.train_digits")
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -86,8 +90,6 @@ def random_shift(x: torch.Tensor, gen: torch.Generator, max_shift: int = 1) -> t
 def train_classifier(x: torch.Tensor, y: torch.Tensor, seed: int, epochs: int, batch_size: int = 64):
     """Train :class:`DigitsClassifier` on a stratified 80% split; return ``(model, test_accuracy, info)``."""
     from sklearn.model_selection import train_test_split
-
-    from olss_fast.models.digits import DigitsClassifier
 
     idx = np.arange(len(y))
     tr, te = train_test_split(idx, test_size=0.2, random_state=seed, stratify=y.numpy())
@@ -257,8 +259,6 @@ def train_diffusion(x: torch.Tensor, y: torch.Tensor, args) -> tuple[object, dic
 def evaluate(unet, sample_sched, classifier, mu_ref, sigma_ref, steps: int, per_class: int, guidance: float,
              seed: int, grid_path: str | None = None) -> dict:
     """Sample ``per_class`` images per digit with DDIM and score them with the classifier."""
-    from olss_fast.models.digits import DigitsPipeline
-
     pipe = DigitsPipeline(unet=unet, scheduler=sample_sched)
     pipe.set_progress_bar_config(disable=True)
     labels = [c for c in range(10) for _ in range(per_class)]
@@ -269,8 +269,6 @@ def evaluate(unet, sample_sched, classifier, mu_ref, sigma_ref, steps: int, per_
     acc = float((classifier(s).argmax(1) == torch.tensor(labels)).float().mean())
     out = {"steps": steps, "guidance_scale": guidance, "n": len(labels), "class_accuracy": acc}
     try:
-        from olss_fast.core.metrics import frechet_distance
-
         f = classifier.features(s).double()
         mu, sig = f.mean(0), torch.cov(f.T)
         out["frechet_distance"] = float(frechet_distance(mu, sig, mu_ref, sigma_ref))
@@ -303,9 +301,6 @@ def save_all(out: Path, unet, sample_sched, classifier, cls_info: dict, mu, sigm
     """Write the model folder to ``<out>.tmp-<pid>`` and rename it onto ``out``."""
     from safetensors.torch import save_file
 
-    from olss_fast.models.digits import (CHECKSUMS_NAME, CLASSIFIER_SUBFOLDER, CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME,
-                                         FEATURE_STATS_NAME, DigitsPipeline, _sha256)
-
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -327,7 +322,7 @@ def save_all(out: Path, unet, sample_sched, classifier, cls_info: dict, mu, sigm
         save_file({"mu": mu.contiguous(), "sigma": sigma.contiguous(),
                    "n": torch.tensor([training["data"]["n_images"]], dtype=torch.int64)},
                   str(tmp / FEATURE_STATS_NAME), metadata={"what": "classifier features of all real digits"})
-        sums = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*.safetensors"))}
+        sums = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*.safetensors"))}
         (tmp / CHECKSUMS_NAME).write_text(json.dumps(sums, indent=2) + "\n")
         training["files"] = {p.relative_to(tmp).as_posix(): p.stat().st_size
                              for p in sorted(tmp.rglob("*")) if p.is_file()}

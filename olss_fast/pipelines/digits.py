@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from olss_fast.models import digits as d
+from olss_fast.models.digits import NULL_CLASS, DigitsPipeline
 from olss_fast.pipelines.base import CondInput, ExportSpec, PipelineAdapter, Prepared, repeat_each
 
 
@@ -30,8 +32,6 @@ class DigitsAdapter(PipelineAdapter):
 
     @classmethod
     def matches(cls, pipe: Any) -> bool:
-        from olss_fast.models.digits import DigitsPipeline
-
         return isinstance(pipe, DigitsPipeline)
 
     def _size(self) -> int:
@@ -48,8 +48,6 @@ class DigitsAdapter(PipelineAdapter):
         return (batch, self.latent_channels, self._size(), self._size())
 
     def prepare(self, args, guided, num_images, text_in_graph, height, width, options):  # type: ignore[override]
-        from olss_fast.models import digits as d
-
         prompt, labels_kw = args.get("prompt"), args.get("class_labels")
         if args.get("prompt_embeds") is not None or args.get("negative_prompt_embeds") is not None:
             raise ValueError("the digits pipeline is class-conditional: pass class labels as `prompt`, not embeddings")
@@ -98,8 +96,6 @@ class DigitsAdapter(PipelineAdapter):
 
     def export_spec(self, batch: int, height: int, width: int, guided: bool, args: Any = None,
                     example: Any = None) -> ExportSpec:
-        from olss_fast.models.digits import NULL_CLASS
-
         m = 2 * batch if guided else batch
         return ExportSpec(
             denoiser=DigitsUNet(self.denoiser), decoder=DigitsDecoder(),

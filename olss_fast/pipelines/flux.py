@@ -16,6 +16,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 
+from olss_fast.pipelines.facts import call_default_guidance
 from olss_fast.pipelines.base import (CondInput, ExportSpec, PipelineAdapter, Prepared, as_prompt_list, check_prompt_args, negatives,
                    postprocessed_output)
 
@@ -83,8 +84,6 @@ class FluxAdapter(PipelineAdapter):
     def _distilled_guidance(self, args: Mapping[str, Any]) -> float:
         g = args.get("guidance_scale")
         if g is None:
-            from olss_fast.fit.recording import call_default_guidance
-
             g = call_default_guidance(self.pipe)
         return float(3.5 if g is None else g)
 

@@ -32,13 +32,14 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from olss_fast.core import checks
 from olss_fast.core import files as _io
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CompileCache", "cache_key", "environment", "inductor_counters"]
 
-FORMAT = "olss_fast.serve.compile_cache"
+FORMAT = "olss_fast.compile_cache"
 VERSION = 1
 #: entries larger than this are refused (a compiled SDXL program is a few hundred MB)
 MAX_ENTRY_BYTES = 8 * 2**30
@@ -124,7 +125,7 @@ class CompileCache:
         newline = data.find(b"\n", 0, _MAX_HEADER_BYTES)
         if newline < 0:
             raise ValueError("it has no header line (truncated or not one of ours)")
-        header = _io.expect_dict(_io.parse_json(data[:newline], "its header"), "its header",
+        header = checks.mapping(_io.parse_json(data[:newline], "its header"), "its header",
                                  keys=("format", "version", "key", "description", "payload_bytes",
                                        "payload_sha256"))
         if header["format"] != FORMAT or header["version"] != VERSION:
@@ -132,7 +133,7 @@ class CompileCache:
         if header["key"] != key or _io.canonical_json(header["description"]) != _io.canonical_json(description):
             raise ValueError("it was written for another model, shape, dtype or software version (stale)")
         payload = data[newline + 1:]
-        size = _io.expect_int(header["payload_bytes"], "payload_bytes", 0, MAX_ENTRY_BYTES)
+        size = checks.integer(header["payload_bytes"], "payload_bytes", 0, MAX_ENTRY_BYTES)
         if len(payload) != size:
             raise ValueError(f"its payload has {len(payload)} bytes, the header says {size} (truncated?)")
         if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:

@@ -15,6 +15,7 @@ overwritten by the next replay (clone them before handing them out).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
 from typing import Any, Callable, Generic, Hashable, Iterator, Mapping, Optional, TypeVar
@@ -99,7 +100,7 @@ def capture_cuda_graph(
         raise ValueError("CUDA-graph capture needs a CUDA device")
     if device is not None and torch.device(device).type != "cuda":
         raise ValueError(f"CUDA-graph capture needs a CUDA device, got {device}")
-    with torch.cuda.device(device) if device is not None else _nullcontext():
+    with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -112,14 +113,6 @@ def capture_cuda_graph(
             outputs = fn()
         torch.cuda.synchronize()
     return graph, outputs
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 class CapturedGraph(Generic[T]):

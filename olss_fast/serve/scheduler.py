@@ -18,8 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import numbers
 import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -30,109 +28,17 @@ from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
-from olss_fast.core import provenance
-from olss_fast.core.files import canonical_json, read_json
-from olss_fast.core.schedule import MAX_SCHEDULE_BYTES, OLSSSchedule, stack_schedules_by_steps
-from olss_fast.core.step import PREDICTION_TYPES, ddim_coefficients, olss_combine
+from olss_fast.core import checks
+from olss_fast.core.checks import warn_once
+from olss_fast.core.files import atomic_write_text, exclusive_lock, read_json
+from olss_fast.core.provenance import check_allow, compare, is_flow
+from olss_fast.core.schedule import OLSSSchedule, stack_schedules_by_steps
+from olss_fast.core.step import ddim_coefficients, olss_combine
+from olss_fast.pipelines.facts import DDIM_KEYS, FLOW_KEYS, noise_schedule_id
+from olss_fast.pipelines.provenance import check_schedule
+from olss_fast.serve.scheduler_config import CONFIG_DIGEST_KEY, MAX_CONFIG_BYTES, config_digest, validate_config
 
 logger = logging.getLogger(__name__)
-
-#: DDIMScheduler's config keys (the VP fallback is built from these)
-DDIM_KEYS = (
-    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "clip_sample",
-    "set_alpha_to_one", "steps_offset", "prediction_type", "thresholding", "dynamic_thresholding_ratio",
-    "clip_sample_range", "sample_max_value", "timestep_spacing", "rescale_betas_zero_snr",
-)
-#: FlowMatchEulerDiscreteScheduler's config keys (the flow-matching fallback is built from these)
-FLOW_KEYS = (
-    "num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
-    "max_image_seq_len", "invert_sigmas", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
-    "use_beta_sigmas", "time_shift_type", "stochastic_sampling",
-)
-_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-CONFIG_DIGEST_KEY = "_olss_sha256"
-MAX_CONFIG_BYTES = 64 * 2**20
-_warned_no_digest = False
-
-
-def config_digest(data: dict) -> str:
-    """SHA-256 of a scheduler config's canonical JSON without the digest itself and diffusers' version stamp."""
-    import hashlib
-
-    rest = {k: v for k, v in data.items() if k not in (CONFIG_DIGEST_KEY, "_diffusers_version")}
-    try:
-        return hashlib.sha256(canonical_json(rest).encode()).hexdigest()
-    except (TypeError, ValueError):
-        return ""
-_SPACINGS = ("leading", "trailing", "linspace")
-MAX_TRAIN_TIMESTEPS = 100_000
-
-
-def _finite(name: str, value: Any, lo: float | None = None, hi: float | None = None, *, open_lo: bool = False,
-            allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-        raise ValueError(f"OLSSScheduler config {name} must be a finite number, got {value!r}")
-    v = float(value)
-    if lo is not None and (v < lo or (open_lo and v == lo)):
-        raise ValueError(f"OLSSScheduler config {name} must be {'>' if open_lo else '>='} {lo}, got {value!r}")
-    if hi is not None and v > hi:
-        raise ValueError(f"OLSSScheduler config {name} must be <= {hi}, got {value!r}")
-
-
-def _flag(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"OLSSScheduler config {name} must be true or false, got {value!r}")
-
-
-def _choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"OLSSScheduler config {name} must be one of {tuple(choices)}, got {value!r}")
-
-
-def _int_in(name: str, value: Any, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= int(value) <= hi:
-        raise ValueError(f"OLSSScheduler config {name} must be an integer in [{lo}, {hi}], got {value!r}")
-
-
-def validate_config(cfg: dict[str, Any]) -> None:
-    """``ValueError`` for config values diffusers would choke on later (or silently misuse)."""
-    _int_in("num_train_timesteps", cfg["num_train_timesteps"], 1, MAX_TRAIN_TIMESTEPS)
-    _choice("prediction_type", cfg["prediction_type"], PREDICTION_TYPES)
-    _finite("beta_start", cfg["beta_start"], 0.0, 1.0, open_lo=True)
-    _finite("beta_end", cfg["beta_end"], 0.0, 1.0, open_lo=True)
-    _choice("beta_schedule", cfg["beta_schedule"], _BETA_SCHEDULES)
-    tb = cfg["trained_betas"]
-    if tb is not None:
-        arr = np.asarray(tb, dtype=object)
-        if arr.ndim != 1 or len(arr) != int(cfg["num_train_timesteps"]):
-            raise ValueError(f"OLSSScheduler config trained_betas must be a list of num_train_timesteps = "
-                             f"{cfg['num_train_timesteps']} numbers")
-        for b in arr:
-            _finite("trained_betas entries", b, 0.0, 1.0, open_lo=True)
-    for key in ("clip_sample", "set_alpha_to_one", "thresholding", "rescale_betas_zero_snr", "use_dynamic_shifting",
-                "invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-                "stochastic_sampling"):
-        _flag(key, cfg[key])
-    _int_in("steps_offset", cfg["steps_offset"], 0, int(cfg["num_train_timesteps"]) - 1)
-    _finite("dynamic_thresholding_ratio", cfg["dynamic_thresholding_ratio"], 0.0, 1.0, open_lo=True)
-    _finite("clip_sample_range", cfg["clip_sample_range"], 0.0, open_lo=True)
-    _finite("sample_max_value", cfg["sample_max_value"], 0.0, open_lo=True)
-    _choice("timestep_spacing", cfg["timestep_spacing"], _SPACINGS)
-    _finite("shift", cfg["shift"], 0.0, open_lo=True)
-    _finite("base_shift", cfg["base_shift"], allow_none=True)
-    _finite("max_shift", cfg["max_shift"], allow_none=True)
-    _int_in("base_image_seq_len", cfg["base_image_seq_len"], 1, 2**31)
-    _int_in("max_image_seq_len", cfg["max_image_seq_len"], 1, 2**31)
-    _finite("shift_terminal", cfg["shift_terminal"], 0.0, 1.0, allow_none=True)
-    _choice("time_shift_type", cfg["time_shift_type"], ("exponential", "linear"))
-
-
-def _as_step_count(value: Any, what: str = "num_inference_steps") -> int:
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)) or int(value) < 1:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 class OLSSScheduler(SchedulerMixin, ConfigMixin):
@@ -147,7 +53,7 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
 
     Defaults differ from ``DDIMScheduler``'s in two places, chosen for OLSS: ``clip_sample=False`` and
     ``timestep_spacing="trailing"``. ``OLSSScheduler.from_config(config)`` of a ``FlowMatch*`` scheduler's config
-    sets ``prediction_type="flow"`` (see :func:`olss_fast.core.provenance.is_flow_config`).
+    sets ``prediction_type="flow"`` (see :func:`olss_fast.core.provenance.is_flow`).
     """
 
     _compatibles = [
@@ -207,9 +113,9 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         self._schedules: dict[int, OLSSSchedule] = stack_schedules_by_steps(
             [s if isinstance(s, OLSSSchedule) else OLSSSchedule.from_dict(s) for s in (schedules or [])]
         )
-        noise_schedule = provenance.noise_schedule_id(cfg)
-        for s in self._schedules.values():
-            self._check_schedule_fits(s, noise_schedule)
+        usage = {"prediction_type": prediction_type, "noise_schedule": noise_schedule_id(cfg)}
+        for s in self._schedules.values():  # the schedules must fit this config (accepted mismatches aside)
+            check_schedule(s, usage, where="with this scheduler config")
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps = torch.zeros(0, dtype=torch.long)
@@ -225,23 +131,12 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         self._last_out: torch.Tensor | None = None
         self._last_version = 0
 
-    def _check_schedule_fits(self, s: OLSSSchedule, noise_schedule: dict[str, Any]) -> None:
-        """The schedule's prediction type and noise schedule against this config (``ValueError`` on a mismatch
-        that was not accepted explicitly, see :meth:`from_schedules`)."""
-        accepted = tuple(s.fitted_for.get("accepted_mismatch", ()))
-        fitted = {"prediction_type": s.prediction_type, "noise_schedule": s.fitted_for.get("noise_schedule")}
-        provenance.check_fitted_for(
-            fitted, {"prediction_type": self.config.prediction_type, "noise_schedule": noise_schedule},
-            allow=[a for a in accepted if a in ("prediction_type", "noise_schedule")],
-            what=f"the {s.num_steps}-step schedule", where="with this scheduler config",
-        )
-
     # ------------------------------------------------------------------ construction helpers
     @classmethod
     def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
         """diffusers' ``from_config``; a ``FlowMatch*`` scheduler's config gives ``prediction_type="flow"``."""
         if isinstance(config, dict) and "prediction_type" not in kwargs and "prediction_type" not in config \
-                and provenance.is_flow_config(config):
+                and is_flow(config):
             kwargs["prediction_type"] = "flow"
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
@@ -256,13 +151,13 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         ``("noise_schedule", "prediction_type")``) accepts a difference explicitly, and the acceptance is recorded in
         the schedule (so that saving and loading the scheduler keeps it).
         """
-        allow = provenance.check_allow(allow_mismatch)
+        allow = check_allow(allow_mismatch)
         if isinstance(schedules, OLSSSchedule):
             schedules = [schedules]
         schedules = list(schedules)
         stack_schedules_by_steps(schedules)  # duplicate / type check with a clear message
         base = dict(config or {})
-        flow_source = provenance.is_flow_config(base)
+        flow_source = is_flow(base)
         base.update(kwargs)
         accepted = set(cls._get_init_keys(cls)) - {"self", "schedules"}
         init = {k: v for k, v in base.items() if k in accepted}
@@ -294,8 +189,8 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         return self._mode == "olss"
 
     def noise_schedule_id(self) -> dict[str, Any]:
-        """This config's noise schedule (see :func:`olss_fast.core.provenance.noise_schedule_id`)."""
-        return provenance.noise_schedule_id(dict(self.config))
+        """This config's noise schedule (see :func:`olss_fast.pipelines.facts.noise_schedule_id`)."""
+        return noise_schedule_id(dict(self.config))
 
     # ------------------------------------------------------------------ diffusers API
     @property
@@ -341,14 +236,14 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         ``linspace(1, 1/n, n)``); ``mu`` (flow resolution shift) is compared with the one the schedule was fitted
         at (a warning when it differs).
         """
-        n = None if num_inference_steps is None else _as_step_count(num_inference_steps)
+        n = None if num_inference_steps is None else checks.integer(num_inference_steps, "num_inference_steps", 1)
         for name, custom in (("timesteps", timesteps), ("sigmas", sigmas)):
             if custom is None:
                 continue
             length = len(custom)
             if n is not None and length != n:
                 raise ValueError(f"{name} has {length} entries but num_inference_steps={n}; they must agree")
-            n = _as_step_count(length, f"the length of {name}")
+            n = checks.integer(length, f"the length of {name}", 1)
         if n is None:
             raise ValueError("set_timesteps needs num_inference_steps (or timesteps / sigmas)")
         if n > self.config.num_train_timesteps:
@@ -386,11 +281,10 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
                 )
         fitted_mu = sched.fitted_for.get("mu")
         if mu is not None and fitted_mu is not None:
-            provenance.check_fitted_for({"mu": fitted_mu}, {"mu": float(mu)}, what=f"the {n}-step schedule",
-                                        where="at this image size")
+            compare({"mu": fitted_mu}, {"mu": float(mu)}, what=f"the {n}-step schedule", where="at this image size")
         if self.config.clip_sample or self.config.thresholding:
             what = "thresholding" if self.config.thresholding else "clip_sample"
-            provenance.warn_once(
+            warn_once(
                 ("olss-clip", what, n),
                 "%s=True in the scheduler config is not applied by the searched %d-step OLSS schedule: it runs the "
                 "unclipped linear combination it was fitted on (step counts without a searched schedule run DDIM, "
@@ -409,7 +303,7 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
     def _select_fallback(self, n: int, device: Any, timesteps: Any, sigmas: Any, mu: Any) -> None:
         name = type(self._fallback).__name__
         if self._schedules:
-            provenance.warn_once(
+            warn_once(
                 ("olss-fallback", id(self), n),
                 "OLSSScheduler holds searched schedules for %s steps, not %d: running %s for %d steps",
                 self.available_steps, n, name, n,
@@ -437,7 +331,7 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         """DDIM's update at its own timesteps for n steps, written as an OLSS schedule (VP configs)."""
         if self.is_flow:
             raise ValueError("ddim_schedule is for VP noise schedules; this scheduler is flow matching")
-        n = _as_step_count(num_inference_steps)
+        n = checks.integer(num_inference_steps, "num_inference_steps", 1)
         ddim = DDIMScheduler.from_config(self._fallback.config)
         ddim.set_timesteps(n)
         ts = [int(t) for t in ddim.timesteps]
@@ -493,8 +387,7 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         """
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps(num_inference_steps) before step()")
-        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not math.isfinite(float(eta)) or eta < 0:
-            raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+        checks.real(eta, "eta", 0.0)
         if self._mode == "fallback":
             if not self.is_flow:
                 return self._fallback.step(model_output, timestep, sample, eta, use_clipped_model_output, generator,
@@ -609,8 +502,6 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
         """diffusers' ``save_pretrained``, plus a digest of the config (``_olss_sha256``, verified by
         :meth:`from_pretrained`), written atomically (never left half-written) under an exclusive lock."""
-        from olss_fast.core.files import atomic_write_text, exclusive_lock
-
         if push_to_hub:
             raise ValueError("push_to_hub is not supported by OLSSScheduler.save_pretrained; save, then upload")
         folder = Path(save_directory)
@@ -641,19 +532,16 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
     def from_config_data(cls, data: Any, source: str = "the scheduler config", **kwargs: Any) -> "OLSSScheduler":
         """An ``OLSSScheduler`` from a parsed ``scheduler_config.json``, checked strictly (see
         :meth:`from_pretrained`)."""
-        global _warned_no_digest
         if not isinstance(data, dict):
             raise ValueError(f"{source} must hold a JSON object, got {type(data).__name__}")
         name = data.get("_class_name", cls.__name__)
         if name != cls.__name__:
             raise ValueError(f"{source} is a {str(name)[:80]} config, not an {cls.__name__}'s")
-        digest = data.get(CONFIG_DIGEST_KEY)
-        if digest is None:
-            if not _warned_no_digest:
-                logger.warning("%s carries no digest (written by olss_fast 0.1): it cannot be checked for edits",
-                               source)
-                _warned_no_digest = True
-        elif digest != config_digest(data):
+        stored = data.get(CONFIG_DIGEST_KEY)
+        if stored is None:
+            warn_once("scheduler-config-no-digest", "%s carries no digest (written by olss_fast 0.1): it cannot be "
+                      "checked for edits", source, logger=logger)
+        elif stored != config_digest(data):
             raise ValueError(f"{source} does not match its digest: it was modified or corrupted after it was "
                              "written (re-create it, or save an edited scheduler with save_pretrained)")
         known = set(cls._get_init_keys(cls)) - {"self"}
@@ -671,18 +559,3 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         return self.config.num_train_timesteps
 
 
-def load_schedule_source(path: str | os.PathLike) -> "OLSSSchedule | OLSSScheduler":
-    """An ``OLSSScheduler`` (a ``save_pretrained`` folder or its ``scheduler_config.json``) or an ``OLSSSchedule``
-    (a schedule JSON) from ``path``; ``ValueError`` when it is missing, unreadable, modified or something else."""
-    p = Path(path)
-    if p.is_dir():
-        if not (p / OLSSScheduler.config_name).is_file():
-            raise ValueError(f"{p} is not an OLSSScheduler folder (no {OLSSScheduler.config_name})")
-        return OLSSScheduler.from_pretrained(p)
-    data = read_json(p, max(MAX_CONFIG_BYTES, MAX_SCHEDULE_BYTES), "schedule file")
-    if isinstance(data, dict) and "schedules" in data and "timesteps" not in data:
-        return OLSSScheduler.from_config_data(data, str(p))
-    try:
-        return OLSSSchedule.from_dict(data)
-    except ValueError as exc:
-        raise ValueError(f"schedule file {p}: {exc}") from None

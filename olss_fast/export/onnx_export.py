@@ -1,0 +1,1 @@
+../../export/onnx_export.py
