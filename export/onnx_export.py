@@ -68,7 +68,7 @@ from olss_fast.export.graph import PREFIX, build_denoise_model, static_dims, ten
 from olss_fast.export.onnx_runner import (EXPORT_FORMAT, EXPORT_VERSION, MANIFEST_NAME, RUNNER_COPY_NAME, OnnxOLSSRunner,
                                           check_manifest, file_sha256, manifest_digest, read_manifest,
                                           verify_component_files)
-from olss_fast.export.plan import DEFAULT_OPSET, ExportPlan, plan_export
+from olss_fast.export.plan import ExportPlan, plan_export
 
 logger = logging.getLogger(__name__)
 
@@ -406,52 +406,33 @@ def staging_folder(out: Path) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def export_onnx(
-    pipe: Any,
-    schedule: Any = None,
-    out_dir: "str | os.PathLike[str] | None" = None,
-    *,
-    num_inference_steps: Optional[int] = None,
-    batch_size: int = 1,
-    height: Optional[int] = None,
-    width: Optional[int] = None,
-    guidance_scale: Optional[float] = None,
-    dtype: Any = None,
-    opset: int = DEFAULT_OPSET,
-    overwrite: bool = False,
-    allow_mismatch: Any = (),
-    call_args: Optional[dict[str, Any]] = None,
-) -> OnnxExport:
+def export_onnx(pipe: Any, schedule: Any = None, out_dir: "str | os.PathLike[str] | None" = None, *,
+                overwrite: bool = False, **plan_options: Any) -> OnnxExport:
     """Export ``pipe`` sampled with an OLSS ``schedule`` to static-shape ONNX in ``out_dir``.
 
     Args:
-        pipe: a ``StableDiffusionPipeline`` or the bundled ``DigitsPipeline``.
+        pipe: a pipeline of a family the export supports (Stable Diffusion, SD3, Flux, the bundled digits model).
         schedule: an ``OLSSSchedule``, or an ``OLSSScheduler`` with ``num_inference_steps`` choosing one
             (``None``: ``pipe.scheduler``).
         out_dir: the export folder: new, empty, or holding this very export (then it is reused, nothing is
             exported; ``OnnxExport.reused`` is ``True``). ``None``: a folder named by the cache key under
             :func:`default_cache_dir`.
-        batch_size, height, width: static sizes (default: batch 1, the pipeline's default size).
-        guidance_scale: baked-in classifier-free guidance scale (> 1 enables CFG; default: the pipeline's own default).
-        dtype: ``"float32"`` / ``"float16"`` (or torch dtypes); default the UNet's. The pipeline is not modified
-            (a converted copy is exported).
-        opset: ONNX opset for the TorchScript exporter.
         overwrite: replace an *olss_fast export* of something else in ``out_dir`` (other content is never
             overwritten).
-        allow_mismatch: export a schedule fitted for another ``"model"``, ``"noise_schedule"`` or
-            ``"prediction_type"`` anyway (see :mod:`olss_fast.core.provenance`).
-        call_args: call arguments that fix conditioning shapes (e.g. ``{"max_sequence_length": 256}`` for SD3 and
-            Flux, whose text encoders run outside the export: their embeddings are the export's inputs).
+        plan_options: :func:`~olss_fast.export.plan.plan_export`'s options: ``num_inference_steps``,
+            ``batch_size``, ``height``, ``width`` (static sizes; default batch 1 and the pipeline's size),
+            ``guidance_scale`` (baked in; > 1 enables CFG; default the pipeline's), ``dtype`` (``"float32"`` /
+            ``"float16"``; default the denoiser's; a converted copy is exported), ``opset``, ``allow_mismatch``
+            (export a schedule fitted for another ``"model"``, ``"noise_schedule"`` or ``"prediction_type"``),
+            ``call_args`` (call arguments that fix conditioning shapes, e.g. ``{"max_sequence_length": 256}`` for
+            SD3 and Flux, whose text encoders run outside the export).
 
     Raises:
-        ValueError: unsupported pipeline, a schedule that does not fit (step count, channels), bad sizes, an
-            ``out_dir`` with other content.
+        ValueError: unsupported pipeline, a schedule that does not fit (step count, channels, provenance), bad
+            sizes, an ``out_dir`` with other content.
         RuntimeError: both exporters failed on a module.
     """
-    plan = plan_export(pipe, schedule, num_inference_steps=num_inference_steps, batch_size=batch_size,
-                       height=height, width=width, guidance_scale=guidance_scale, dtype=dtype, opset=opset,
-                       allow_mismatch=allow_mismatch, call_args=call_args)
-    return export_plan(plan, out_dir, overwrite=overwrite)
+    return export_plan(plan_export(pipe, schedule, **plan_options), out_dir, overwrite=overwrite)
 
 
 def export_plan(plan: ExportPlan, out_dir: "str | os.PathLike[str] | None" = None, *,

@@ -19,7 +19,7 @@ from diffusers import DiffusionPipeline
 from olss_fast import __version__
 from olss_fast.core import checks
 from olss_fast.core.checks import any_int, finite_float, positive_int
-from olss_fast.core.files import atomic_write_text, exclusive_lock
+from olss_fast.core.files import atomic_write_text, exclusive_lock, parse_json, read_limited
 from olss_fast.core.schedule import GRANULARITIES, OLSSSchedule
 from olss_fast.core.search import DEFAULT_PATH, DEFAULT_STATS_PATH, PATHS
 from olss_fast.core.stats import GramStats
@@ -59,27 +59,19 @@ def cli_message(message: str) -> str:
 def _read_prompts(path: str) -> list[str]:
     """Prompts from a text file (every non-empty line is one prompt, verbatim apart from surrounding whitespace) or
     a JSON list of strings / class labels."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"prompts file {p} does not exist (or is not a file)")
-    if p.stat().st_size > MAX_PROMPTS_BYTES:
-        raise ValueError(f"prompts file {p} is larger than {MAX_PROMPTS_BYTES >> 20} MiB")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"prompts file {p} is not UTF-8 text") from None
-    if p.suffix == ".json":
-        try:
-            prompts = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise ValueError(f"{p}: not valid JSON: {exc}") from None
-        if not isinstance(prompts, list) or not all(
-                isinstance(x, str) or (isinstance(x, int) and not isinstance(x, bool)) for x in prompts):
-            raise ValueError(f"{p}: a JSON prompts file must hold a list of strings (or integer class labels)")
+    data = read_limited(path, MAX_PROMPTS_BYTES, "prompts file")
+    if path.endswith(".json"):
+        prompts = checks.listing(parse_json(data, f"prompts file {path}"), f"prompts file {path}", 10**7)
+        for x in prompts:
+            if not isinstance(x, str):
+                checks.integer(x, f"a prompts file entry (a string or an integer class label) in {path}")
     else:
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        try:
+            prompts = [line.strip() for line in data.decode("utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise ValueError(f"prompts file {path} is not UTF-8 text") from None
     if not prompts:
-        raise ValueError(f"prompts file {p} holds no prompts")
+        raise ValueError(f"prompts file {path} holds no prompts")
     return prompts
 
 

@@ -19,7 +19,8 @@ def main() -> None:
     from olss_fast.serve.compile_cache import inductor_counters
     from olss_fast.serve.runner import compile_olss_pipeline
     from olss_fast.serve.scheduler import OLSSScheduler
-    from olss_fast.testing import perturbed, tiny_sd_pipeline
+    from olss_fast.testing import tiny_sd_pipeline
+    from helpers import perturbed
 
     pipe = tiny_sd_pipeline(seed=0)
     sched = perturbed(OLSSScheduler.from_config(pipe.scheduler.config).ddim_schedule(3), seed=1)

@@ -25,7 +25,8 @@ from olss_fast.serve.backend import ProgramRequest
 from olss_fast.serve.config import RuntimeConfig
 from olss_fast.serve.runner import compile_olss_pipeline
 from olss_fast.serve.scheduler import OLSSScheduler
-from olss_fast.testing import assert_close_scaled, perturbed, tiny_sd_pipeline
+from olss_fast.testing import tiny_sd_pipeline
+from helpers import assert_close_scaled, perturbed
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

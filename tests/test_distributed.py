@@ -16,7 +16,7 @@ from olss_fast import GramStats, OLSSSchedule, fit_olss_scheduler
 from olss_fast.fit.distributed import LOCAL, DistContext, gather_by_sum, make_batches, shard_batches
 from olss_fast.models.gmm import make_gmm
 from olss_fast.fit.work import make_work_items
-from olss_fast.testing import assert_fit_errors_optimal, assert_same_fit
+from helpers import assert_fit_errors_optimal, assert_same_fit
 
 if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):  # pragma: no cover
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)

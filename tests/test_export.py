@@ -38,7 +38,7 @@ from olss_fast.export.onnx_runner import OnnxOLSSRunner, manifest_digest  # noqa
 from olss_fast.serve.runner import compile_olss_pipeline  # noqa: E402
 from olss_fast.core.schedule import OLSSSchedule  # noqa: E402
 from olss_fast.serve.scheduler import OLSSScheduler  # noqa: E402
-from olss_fast.testing import assert_close_scaled, perturbed  # noqa: E402
+from helpers import assert_close_scaled, perturbed  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,7 +12,8 @@ import torch
 
 from olss_fast import compile_olss_pipeline, fit_olss_scheduler
 from olss_fast.pipelines.registry import adapter_for
-from olss_fast.testing import assert_close_scaled, tiny_flux_pipeline
+from olss_fast.testing import tiny_flux_pipeline
+from helpers import assert_close_scaled
 
 from flow_quality import check_quality_against_teacher
 

@@ -333,7 +333,7 @@ def test_fuzz_every_loader(tmp_path, recording):
     from olss_fast.export.onnx_runner import manifest_digest
     from olss_fast.serve.scheduler_config import CONFIG_DIGEST_KEY, config_digest
     from olss_fast.core.stats import DIGEST_KEY, stats_digest as _digest
-    from olss_fast.testing import resign_schedule_dict
+    from helpers import resign_schedule_dict
 
     def resigned(text: str, sign: Callable[[dict], dict]) -> str:
         try:

@@ -22,7 +22,7 @@ import torch
 from olss_fast import GramStats, OLSSSchedule, OLSSScheduler, fit_olss_scheduler
 from olss_fast.models.gmm import GMMPipeline, make_gmm
 from olss_fast.fit.recording import record_trajectories
-from olss_fast.testing import resign_schedule_dict, rewrite_stats_file
+from helpers import resign_schedule_dict, rewrite_stats_file
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

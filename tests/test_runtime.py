@@ -34,7 +34,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from olss_fast.serve.runner import OLSSRunner, compile_olss_pipeline  # noqa: E402
 from olss_fast.core.schedule import OLSSSchedule  # noqa: E402
 from olss_fast.core.step import ddim_coefficients  # noqa: E402
-from olss_fast.testing import assert_close_scaled, perturbed, write_clip_tokenizer  # noqa: E402
+from olss_fast.testing import write_clip_tokenizer
+from helpers import assert_close_scaled, perturbed  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,7 +11,8 @@ import torch
 
 from olss_fast import OLSSScheduler, compile_olss_pipeline
 from olss_fast.core.schedule import OLSSSchedule
-from olss_fast.testing import assert_close_scaled, perturbed, tiny_sd_pipeline, tiny_sdxl_pipeline
+from olss_fast.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+from helpers import assert_close_scaled, perturbed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,7 @@ from olss_fast.models.gmm import make_gmm
 from olss_fast.fit.recording import record_trajectories
 from olss_fast.core.search import coefficient_errors, uniform_path
 from olss_fast.core.step import ddim_coefficients
-from olss_fast.testing import assert_fit_errors_optimal, assert_same_fit
+from helpers import assert_fit_errors_optimal, assert_same_fit
 
 
 def record_gmm(seed, components=3, shape=(2, 3, 3), samples=24, T=30):

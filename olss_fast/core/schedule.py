@@ -279,9 +279,6 @@ class OLSSSchedule:
             raise ValueError(f"schedule file {path}: {exc}") from None
 
     # ------------------------------------------------------------------ helpers
-    def coeffs_as(self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
-        return self.coeffs.to(device=device, dtype=dtype)
-
     def __repr__(self) -> str:  # short and useful
         errs = ", ".join(f"{e:.3g}" for e in self.errors)
         return (

@@ -280,11 +280,6 @@ def search_schedule(stats: GramStats, num_steps: int, *, config: SearchConfig | 
     )
 
 
-def path_errors(stats: GramStats, indices: Sequence[int], granularity: str = "global") -> list[float]:
-    """Per-step fit MSE of the least-squares coefficients on a given path."""
-    return _Fitter(stats, granularity).path_fit(list(indices))[1]
-
-
 def coefficient_errors(stats: GramStats, indices: Sequence[int], coeffs: torch.Tensor) -> list[float]:
     """Per-step MSE on the teacher data of *given* coefficients ``[n, n+1]`` (e.g. DDIM's) on a path.
 

@@ -193,12 +193,5 @@ class GraphCache(Generic[V]):
             self.evictions += 1
             logger.info("evicted the least recently used captured program %s", old)
 
-    def get_or_create(self, key: Hashable, create: Callable[[], V]) -> V:
-        value = self.get(key)
-        if value is None:
-            value = create()
-            self.put(key, value)
-        return value
-
     def clear(self) -> None:
         self._entries.clear()
