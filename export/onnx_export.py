@@ -52,6 +52,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,33 @@ class OnnxExport:
         return OnnxOLSSRunner(self.path, **kwargs)
 
 
+@contextlib.contextmanager
+def _native_output_to(log: Path) -> Iterator[None]:
+    """Send what native code writes to the process's stdout and stderr to ``log`` for the body (logged at DEBUG)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = (os.dup(1), os.dup(2))
+    try:
+        with open(log, "wb") as sink:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    finally:
+        for fd in saved:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            text = log.read_text(errors="replace")
+            if text.strip():
+                logger.debug("exporter output (%d lines): %s", text.count("\n"), text[:2000])
+            log.unlink()
+
+
 def _torch_export(module: Any, args: tuple, path: Path, input_names: list[str], output_names: list[str],
                   opset: int) -> str:
     """Export ``module(*args)`` to ``path``; TorchScript exporter first, dynamo exporter if it fails.
@@ -120,7 +148,9 @@ def _torch_export(module: Any, args: tuple, path: Path, input_names: list[str], 
     import onnx
 
     try:
-        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        # (the TorchScript exporter prints its whole IR graph to the process's stdout when it fails: kept in a file)
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught, \
+                _native_output_to(path.with_suffix(".log")):
             warnings.simplefilter("always")
             torch.onnx.export(
                 module, args, str(path), dynamo=False, opset_version=opset, input_names=input_names,
@@ -226,17 +256,19 @@ def _shapes(plan: ExportPlan) -> dict:
 # ==================================================================================================== writing
 @contextlib.contextmanager
 def _module_as(module: Any, dtype: str) -> Iterator[Any]:
-    """``module`` in ``dtype`` (a converted copy when it differs; the pipeline's own module is never modified)."""
-
+    """``module`` in ``dtype`` and in eval mode (a converted copy when the dtype differs); the pipeline's own modules
+    are left as they were, each submodule's train/eval mode included (``train(mode)`` on a wrapper would set them
+    all)."""
     want = {"float32": torch.float32, "float16": torch.float16}[dtype]
     params = list(module.parameters())
     if not params or all(p.dtype == want for p in params):
-        was_training = module.training
+        modes = [(m, m.training) for m in module.modules()]
         module.eval()
         try:
             yield module
         finally:
-            module.train(was_training)
+            for m, training in modes:
+                m.training = training
         return
     logger.info("exporting a %s copy of %s", dtype, type(module).__name__)
     yield copy.deepcopy(module).to(want).eval()
@@ -478,3 +510,41 @@ def _fsync_tree(folder: Path) -> None:
         if p.is_file():
             with open(p, "rb") as fh:
                 os.fsync(fh.fileno())
+
+
+def trim_export_cache(folder: Path, max_bytes: int, keep: Path) -> list[Path]:
+    """Bound the export cache ``folder`` (one olss_fast export per sub-folder) to ``max_bytes``: remove the least
+    recently used exports (by modification time; :func:`mark_used` refreshes it) until the rest fit, never ``keep``,
+    never a folder that is not a readable olss_fast export, never one another process is writing. Returns what was
+    removed."""
+    entries = []
+    for sub in (p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) if folder.is_dir() else ():
+        try:
+            read_manifest(sub)
+        except ValueError:
+            continue  # not ours (or damaged): never deleted by the cache
+        size = sum(f.stat().st_size for f in sub.rglob("*") if f.is_file() and not f.is_symlink())
+        entries.append((sub.stat().st_mtime, sub, size))
+    total = sum(size for _, _, size in entries)
+    removed = []
+    for _, sub, size in sorted(entries):
+        if total <= max_bytes:
+            break
+        if sub.resolve() == keep.resolve():
+            continue
+        try:
+            with exclusive_lock(sub, "ONNX export folder"):
+                shutil.rmtree(sub)
+        except (ValueError, OSError):
+            continue  # being written by another process, or already gone
+        total -= size
+        removed.append(sub)
+        logger.info("export cache %s over %.1f GB: removed the least recently used export %s", folder,
+                    max_bytes / 1e9, sub.name)
+    return removed
+
+
+def mark_used(export_dir: Path) -> None:
+    """Record that an export was used now (its folder's modification time orders :func:`trim_export_cache`)."""
+    with contextlib.suppress(OSError):
+        os.utime(export_dir)

@@ -258,7 +258,7 @@ def test_scheduler_configs_are_read_strictly(tmp_path, content, match):
 def test_edited_scheduler_configs_fail_their_digest(tmp_path):
     OLSSScheduler.from_schedules([OLSSSchedule.from_dict(sched_dict())]).save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "scheduler_config.json").read_text())
-    cfg["clip_sample"] = True  # valid, but not what was written
+    cfg["clip_sample"] = not cfg["clip_sample"]  # valid, but not what was written
     (tmp_path / "scheduler_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="does not match its digest"):
         OLSSScheduler.from_pretrained(tmp_path)

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 #: differences that make the coefficients wrong: refused unless named in ``allow_mismatch``
 REFUSED = ("model", "noise_schedule", "prediction_type")
 #: differences the coefficients were not tuned for: one warning, then used as they are
-WARNED = ("guidance_scale", "latent_shape", "mu")
+WARNED = ("guidance_scale", "latent_shape", "mu", "call_kwargs")
 
 
 # ---------------------------------------------------------------------------------------------- identities

@@ -309,7 +309,7 @@ def _coeff_tensor(value: Any, n: int) -> torch.Tensor:
 
 
 _FITTED_FOR_KEYS = ("model", "noise_schedule", "guidance_scale", "latent_shape", "teacher", "prompts_sha256",
-                    "call_kwargs_sha256", "num_samples", "mu", "accepted_mismatch")
+                    "call_kwargs_sha256", "call_kwargs", "num_samples", "mu", "accepted_mismatch")
 
 
 def _check_fitted_for(f: dict) -> None:
@@ -317,7 +317,7 @@ def _check_fitted_for(f: dict) -> None:
     if not f:
         return
     checks.mapping(f, "fitted_for", keys=[], optional=_FITTED_FOR_KEYS)
-    for key in ("model", "noise_schedule", "teacher"):
+    for key in ("model", "noise_schedule", "teacher", "call_kwargs"):
         if f.get(key) is not None:
             checks.mapping(f[key], f"fitted_for.{key}")
     if f.get("guidance_scale") is not None:

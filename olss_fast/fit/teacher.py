@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffusers import DPMSolverMultistepScheduler
+from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
 from olss_fast.core.provenance import scheduler_prediction_type
 
@@ -39,9 +39,14 @@ def default_teacher(scheduler: Any) -> Any:
     as accurate (0.0182) but has a corrector; OLSS fitted from the DPM-Solver++-100 teacher reaches 0.0182 at 10 NFE
     against the exact ODE where from DDIM-100 it reaches 0.0593 (the teacher is the limit).
     """
-    if scheduler_prediction_type(scheduler) == "flow":
-        return type(scheduler).from_config(scheduler.config)
-    base = {k: v for k, v in dict(scheduler.config).items() if k != "schedules"}
+    flow = scheduler_prediction_type(scheduler) == "flow"
+    cls = FlowMatchEulerDiscreteScheduler if flow else DPMSolverMultistepScheduler
+    if flow and isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        cls = type(scheduler)
+    # only the keys the teacher's class takes (a pipeline that already runs an OLSSScheduler holds schedules)
+    base = {k: v for k, v in dict(scheduler.config).items() if k in cls._get_init_keys(cls)}
+    if flow:
+        return cls.from_config(base)
     return DPMSolverMultistepScheduler.from_config(
         base, algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", timestep_spacing="trailing",
         final_sigmas_type="zero", lower_order_final=True, euler_at_final=False, use_karras_sigmas=False,

@@ -14,7 +14,7 @@ from olss_fast.core.fingerprint import model_id
 from olss_fast.core.provenance import check_allow, compare, config_dict, prediction_type_of
 from olss_fast.core.schedule import OLSSSchedule
 from olss_fast.pipelines.base import PipelineAdapter
-from olss_fast.pipelines.facts import denoiser_of, noise_schedule_id
+from olss_fast.pipelines.facts import NEGATIVE_PROMPTS, call_parameters, denoiser_of, noise_schedule_id
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,10 @@ def recording_context(*, pipe: Any, teacher: Any, teacher_steps: int, guidance_s
                     "config_sha256": digest({k: v for k, v in cfg.items() if not str(k).startswith("_")})},
         "prompts_sha256": digest(_jsonable(prompts)),
         "call_kwargs_sha256": digest(_jsonable(dict(call_kwargs))),
+        # the recorded call arguments themselves (negative prompts: the empty one when none was given), compared
+        # where the schedule is used
+        "call_kwargs": dict({k: "" for k in call_parameters(pipe) if k in NEGATIVE_PROMPTS},
+                            **{k: v for k, v in _jsonable(dict(call_kwargs)).items() if isinstance(v, (str, int, float))}),
     }
     if mu is not None:
         out["mu"] = float(mu)
@@ -42,6 +46,19 @@ def recording_context(*, pipe: Any, teacher: Any, teacher_steps: int, guidance_s
 
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=repr))
+
+
+def call_usage(schedule: OLSSSchedule, args: Mapping[str, Any]) -> dict[str, Any]:
+    """The call arguments the schedule was recorded with (``fitted_for["call_kwargs"]``: negative prompts, ...) as
+    this call passes them (a list of one repeated value counts as that value; a missing negative prompt is the empty
+    one, as the pipelines use it)."""
+    out = {}
+    for key in schedule.fitted_for.get("call_kwargs", {}):
+        value = args.get(key)
+        if isinstance(value, (list, tuple)) and value and all(v == value[0] for v in value):
+            value = value[0]
+        out[key] = "" if value is None and key.startswith("negative_prompt") else value
+    return {"call_kwargs": out}
 
 
 def scheduler_usage(scheduler: Any) -> dict[str, Any]:

@@ -1,11 +1,15 @@
 """The ``OLSSScheduler`` config: its value checks and its digest (the scheduler folder's ``scheduler_config.json``)."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from olss_fast.core import checks
+from olss_fast.core.checks import warn_once
 from olss_fast.core.files import digest
 from olss_fast.core.step import PREDICTION_TYPES
+
+logger = logging.getLogger(__name__)
 
 
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -61,3 +65,27 @@ def validate_config(cfg: dict[str, Any]) -> None:
         checks.integer(cfg[key], what(key), 1, 2**31)
     checks.optional(checks.real, cfg["shift_terminal"], what("shift_terminal"), 0.0, 1.0)
     checks.choice(cfg["time_shift_type"], what("time_shift_type"), ("exponential", "linear"))
+
+
+def check_config_data(data: Any, class_name: str, known: set, source: str) -> dict:
+    """A parsed ``scheduler_config.json`` checked strictly: a JSON object of ``class_name``'s config, its digest
+    verified (``ValueError`` on any problem); returns it without the digest."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source} must hold a JSON object, got {type(data).__name__}")
+    name = data.get("_class_name", class_name)
+    if name != class_name:
+        raise ValueError(f"{source} is a {str(name)[:80]} config, not an {class_name}'s: to run that noise "
+                         f"schedule through OLSSScheduler (DDIM without searched schedules), use "
+                         f"OLSSScheduler.from_config(pipe.scheduler.config); to use searched schedules, load the "
+                         f"folder fit_olss_scheduler saved, or use_olss_scheduler(pipe, schedules)")
+    stored = data.get(CONFIG_DIGEST_KEY)
+    if stored is None:
+        warn_once("scheduler-config-no-digest", "%s carries no digest (written by olss_fast 0.1): it cannot be "
+                  "checked for edits", source, logger=logger)
+    elif stored != config_digest(data):
+        raise ValueError(f"{source} does not match its digest: it was modified or corrupted after it was "
+                         "written (re-create it, or save an edited scheduler with save_pretrained)")
+    unknown = sorted(k for k in data if not str(k).startswith("_") and k not in known)
+    if unknown:
+        raise ValueError(f"{source} has unknown field(s) {unknown[:10]}")
+    return {k: v for k, v in data.items() if k != CONFIG_DIGEST_KEY}
