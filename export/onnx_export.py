@@ -42,15 +42,21 @@ side file (``<name>.onnx.data``), which is how ONNX stores models beyond protobu
 **Caching and atomicity.** The export's key hashes the weights and configs of the exported modules, the schedule,
 shapes, dtype, guidance scale, opset and the library versions. :func:`export_onnx` into a folder that already holds
 the export with the same key returns it without exporting again; everything is written into a temporary sibling
-folder and renamed into place at the end, so a failure leaves no partial output.
+folder and moved into place at the end, so a failure leaves no partial output, and a crash at any moment leaves the
+old export or the new one (see :func:`_publish`). ``overwrite=True`` replaces only a folder whose manifest is an
+olss_fast manifest with a valid digest; any other content is refused.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import errno
 import json
 import logging
 import os
+import re
+import secrets
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -62,12 +68,12 @@ import numpy as np
 import torch
 
 from olss_fast.core.files import (atomic_write_text, clean_stale_temporaries, current_umask, default_cache_dir,
-                                  exclusive_lock, temporary_name)
+                                  exclusive_lock, short_name, temporary_name)
 from olss_fast.core.version import __version__
 from olss_fast.export.graph import PREFIX, build_denoise_model, static_dims, tensor_elem
 from olss_fast.export.onnx_runner import (EXPORT_FORMAT, EXPORT_VERSION, MANIFEST_NAME, RUNNER_COPY_NAME, OnnxOLSSRunner,
-                                          check_manifest, file_sha256, manifest_digest, read_manifest,
-                                          verify_component_files)
+                                          check_manifest, file_sha256, input_metadata, manifest_digest,
+                                          read_manifest, verify_component_files)
 from olss_fast.export.plan import ExportPlan, plan_export
 
 logger = logging.getLogger(__name__)
@@ -209,11 +215,23 @@ def _set_metadata(model: Any, plan: ExportPlan, component: str, exporter: str) -
         "olss_fast.version": __version__,
         "olss_fast.exporter": exporter,
         "olss_fast.cache_key": plan.key,
+        "olss_fast.inputs": input_metadata(_inputs(plan)),
     }
     del model.metadata_props[:]
     for k, v in props.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = k, v
+
+
+def _inputs(plan: ExportPlan) -> dict:
+    """The manifest's fields about the inputs (:data:`olss_fast.export.onnx_runner.INPUT_FIELDS`)."""
+    spec = plan.spec
+    return {
+        "cond_inputs": [{"name": c.name, "shape": list(c.shape), "dtype": plan.dtype if c.dtype == "model" else c.dtype,
+                         "batched": c.batched} for c in spec.cond],
+        "text_input": spec.text_input, "id_input": spec.id_input, "uncond_ids": plan.uncond_ids,
+        "id_limit": plan.id_limit, "guided": plan.guided, "latent_shape": list(plan.latent_shape),
+    }
 
 
 def _shapes(plan: ExportPlan) -> dict:
@@ -325,11 +343,7 @@ def _write_export(plan: ExportPlan, folder: Path) -> dict:
         "exporter": exporter_names[0] if len(exporter_names) == 1 else exporter_names,
         "pipeline": plan.pipeline, "num_inference_steps": sched.num_steps, "batch_size": plan.batch_size,
         "height": plan.height, "width": plan.width, "dtype": plan.dtype, "guidance_scale": plan.guidance_scale,
-        "guided": plan.guided, "latent_shape": list(plan.latent_shape),
-        "cond_inputs": [{"name": c.name, "shape": list(c.shape), "dtype": plan.dtype if c.dtype == "model" else c.dtype,
-                         "batched": c.batched} for c in spec.cond],
-        "text_input": spec.text_input, "id_input": spec.id_input, "image_shape": image_shape,
-        "uncond_ids": plan.uncond_ids, "id_limit": plan.id_limit, "image_range": spec.image_range,
+        **_inputs(plan), "image_shape": image_shape, "image_range": spec.image_range,
         "schedule": sched.to_dict(),
         "components": components, "runner": RUNNER_COPY_NAME,
         "runner_sha256": file_sha256(folder / RUNNER_COPY_NAME),
@@ -349,7 +363,8 @@ def _existing_export(out: Path, key: str, verify: bool = True) -> Optional[OnnxE
 
 
 def _check_target(out: Path, key: str, overwrite: bool) -> Optional[OnnxExport]:
-    """Reuse a matching export, accept a missing/empty folder, refuse anything else (unless ``overwrite``)."""
+    """Reuse a matching export, accept a missing/empty folder, refuse anything else (``overwrite`` replaces only a
+    folder whose manifest is an olss_fast export manifest with a valid digest: never other content)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"export path {out} exists and is not a folder")
     if not out.exists() or not any(out.iterdir()):
@@ -357,12 +372,13 @@ def _check_target(out: Path, key: str, overwrite: bool) -> Optional[OnnxExport]:
     found = _existing_export(out, key)
     if found is not None:
         return found
-    ours = (out / MANIFEST_NAME).is_file()
-    if not ours:
+    try:
+        read_manifest(out)
+    except ValueError as exc:
         raise ValueError(
-            f"export folder {out} exists with other content (no olss_fast {MANIFEST_NAME}); refusing to write into "
-            "it: choose an empty or new folder"
-        )
+            f"export folder {out} exists with other content, not an olss_fast export ({exc}); refusing to write "
+            "into it or replace it, also with overwrite=True: choose an empty or new folder"
+        ) from None
     if not overwrite:
         raise ValueError(
             f"export folder {out} holds an olss_fast export of another model, schedule, shape or dtype (or a "
@@ -371,19 +387,60 @@ def _check_target(out: Path, key: str, overwrite: bool) -> Optional[OnnxExport]:
     return None
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the C library or the
+    filesystem cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _parked(out: Path) -> list[Path]:
+    """Old exports a publish parked beside ``out`` (``.<name>.<pid>.<tag>.old``), newest first."""
+    head = f".{short_name(out.name)}."
+    try:
+        found = [p for p in out.parent.iterdir() if p.name.startswith(head) and p.name.endswith(".old")
+                 and re.fullmatch(r"\d+\.[0-9a-f]{12}", p.name[len(head):-4]) and p.is_dir() and not p.is_symlink()]
+    except OSError:
+        return []
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def _restore_parked(out: Path) -> None:
+    """Under the folder's lock: a publish killed between its two renames left the old export parked and none at
+    ``out``: put the newest parked one back; parked exports of finished publishes are removed."""
+    parked = _parked(out)
+    if parked and not out.exists():
+        logger.warning("restoring the ONNX export %s, which an interrupted write had moved to %s", out, parked[0])
+        os.replace(parked.pop(0), out)
+    for p in parked:
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def _publish(staging: Path, out: Path) -> None:
-    """Move the finished ``staging`` folder onto ``out`` (replacing an empty folder or an old export)."""
-    old: Optional[Path] = None
-    if out.exists():
-        if any(out.iterdir()):
-            old = temporary_name(out, "partial")
-            old.mkdir()
-            os.replace(out, old / "x")
-        else:
-            out.rmdir()
+    """Move the finished ``staging`` folder onto ``out``, replacing an empty folder or an old export so that a crash
+    at any point leaves the old or the new export: swapped in one step where the system can, else the old one is
+    parked under a name no cleanup removes and put back by the next write (:func:`_restore_parked`)."""
+    if out.exists() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    if _exchange(staging, out):  # the new export at out, the old one at staging's name
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    parked = out.parent / f".{short_name(out.name)}.{os.getpid()}.{secrets.token_hex(6)}.old"
+    os.replace(out, parked)
     os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(parked, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -451,6 +508,7 @@ def write_export(plan: ExportPlan, out: Path, *, overwrite: bool = False, what: 
     with exclusive_lock(out, what):  # one writer per folder: a second one gets a ValueError
         if out.parent.is_dir():
             clean_stale_temporaries(out.parent)  # staging folders of killed exports, also when this one is reused
+            _restore_parked(out)
         found = _check_target(out, plan.key, overwrite)
         if found is not None:
             logger.info("reusing the ONNX export in %s (cache key %s)", out, plan.key[:12])
