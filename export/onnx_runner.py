@@ -56,6 +56,7 @@ RUNNER_COPY_NAME = "olss_onnx_runner.py"
 COMPONENTS = ("text_encoder", "denoise", "decoder")
 MAX_MANIFEST_BYTES = 16 * 2**20
 MAX_RUNNER_BYTES = 2**20
+MAX_MANIFEST_VALUES = 2**21
 #: the manifest fields about the inputs that each model's metadata repeats (``olss_fast.inputs``)
 INPUT_FIELDS = ("cond_inputs", "text_input", "id_input", "uncond_ids", "id_limit", "guided", "latent_shape")
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -265,8 +266,11 @@ def _unique(pairs: list) -> dict:
     return out
 
 
-def parse_json(text: "str | bytes") -> Any:
-    """Strict JSON: no NaN/Infinity literals, no numbers beyond float range, no duplicate keys."""
+def parse_json(text: str, max_values: int = MAX_MANIFEST_VALUES) -> Any:
+    """Strict JSON: no NaN/Infinity literals, no numbers beyond float range, no duplicate keys, and at most
+    ``max_values`` values (and an eighth as many arrays and objects), counted before anything is built."""
+    if text.count(",") + 1 > max_values or text.count("[") + text.count("{") > max_values // 8:
+        raise ValueError(f"it holds more values than a manifest can (at most {max_values})")
     return json.loads(text, parse_constant=_no_constant, parse_float=_finite, object_pairs_hook=_unique)
 
 

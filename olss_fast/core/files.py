@@ -420,10 +420,8 @@ def _depth(obj: Any, limit: int) -> int:
         deepest = max(deepest, d)
         if deepest > limit:
             return deepest
-        if isinstance(cur, dict):
-            stack.extend((v, d + 1) for v in cur.values())
-        elif isinstance(cur, list):
-            stack.extend((v, d + 1) for v in cur)
+        values = cur.values() if isinstance(cur, dict) else cur
+        stack.extend((v, d + 1) for v in values if isinstance(v, (dict, list)))
     return deepest
 
 

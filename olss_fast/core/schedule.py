@@ -22,6 +22,7 @@ boundaries"), so every field is also checked for what it means.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -219,8 +220,8 @@ class OLSSSchedule:
             "path": self.path,
             "refined": bool(self.refined),
             "teacher": self.teacher,
-            "fitted_for": self.fitted_for,
-            "meta": self.meta,
+            "fitted_for": copy.deepcopy(self.fitted_for),  # a copy: editing the dict must not edit the schedule
+            "meta": copy.deepcopy(self.meta),
         }
         data["sha256"] = digest(data)
         return data
@@ -307,18 +308,22 @@ def _coeff_tensor(value: Any, n: int) -> torch.Tensor:
     mats = [checks.listing(m, "coeffs", MAX_STEPS) for m in rows] if per_channel else [rows]
     if len(mats) * n * (n + 1) > MAX_COEFFS:
         raise ValueError(f"a schedule holds at most {MAX_COEFFS} coefficients, got {len(mats)} × {n} × {n + 1}")
-    out = []
     for m in mats:
         if len(m) != n:
             raise ValueError(f"coeffs must have {n} rows per channel for {n} timesteps, got {len(m)}")
-        mat = []
         for r in m:
-            r = checks.listing(r, "a coeffs row", MAX_STEPS + 1)
-            if len(r) != n + 1:
+            if len(checks.listing(r, "a coeffs row", MAX_STEPS + 1)) != n + 1:
                 raise ValueError(f"coeffs rows must have n+1 = {n + 1} entries, got {len(r)}")
-            mat.append([checks.real(v, "a coefficient", -MAX_COEFF, MAX_COEFF) for v in r])
-        out.append(mat)
-    t = torch.tensor(out, dtype=torch.float64)
+            if not all(type(v) is float or type(v) is int for v in r):  # exact JSON number types (no bools)
+                bad = next(v for v in r if type(v) is not float and type(v) is not int)
+                checks.real(bad, "a coefficient")  # raises the usual message
+    try:
+        t = torch.tensor(mats, dtype=torch.float64)
+    except (OverflowError, RuntimeError, TypeError):
+        raise ValueError("a coefficient is a number too large for a float") from None
+    if not torch.isfinite(t).all() or t.abs().max().item() > MAX_COEFF:
+        raise ValueError(f"a coefficient must be a finite number in [-{MAX_COEFF:g}, {MAX_COEFF:g}], got "
+                         f"{t.abs().max().item():.3g}")
     return t if per_channel else t[0]
 
 
