@@ -360,20 +360,21 @@ def check_regular_file(path: str | os.PathLike, max_bytes: int, what: str) -> os
     return st
 
 
-def read_fd(fd: int, size: int, what: str, offset: int = 0) -> bytes:
-    """``size`` bytes of an open file from ``offset``, read in chunks (never a buffer larger than what is there);
-    ``ValueError`` when the file is shorter."""
-    chunks, got = [], 0
+def read_fd(fd: int, size: int, what: str, offset: int = 0) -> bytearray:
+    """``size`` bytes of an open file from ``offset``, read in chunks into one buffer of exactly that size (never a
+    buffer larger than what is there); ``ValueError`` when the file is shorter."""
+    buf = bytearray(size)
+    view, got = memoryview(buf), 0
     while got < size:
         chunk = os.pread(fd, min(_READ_CHUNK, size - got), offset + got)
         if not chunk:
             raise ValueError(f"{what} ended after {got} of {size} bytes (truncated while being read?)")
-        chunks.append(chunk)
+        view[got:got + len(chunk)] = chunk
         got += len(chunk)
-    return b"".join(chunks)
+    return buf
 
 
-def read_limited(path: str | os.PathLike, max_bytes: int, what: str, *, follow: bool = True) -> bytes:
+def read_limited(path: str | os.PathLike, max_bytes: int, what: str, *, follow: bool = True) -> bytearray:
     """The bytes of a regular file of at most ``max_bytes`` (:func:`open_regular`), read in chunks up to its real
     size; ``ValueError`` otherwise, and when the file changes size while being read."""
     fd, st = open_regular(path, max_bytes, what, follow=follow)
@@ -429,15 +430,16 @@ def parse_json(data: bytes | str, what: str, max_values: Optional[int] = None) -
     """JSON text → Python objects; every problem is a ``ValueError`` naming ``what``. With ``max_values`` a text
     holding more values (counted by separators, before anything is built) or more than ``max_values // 8`` arrays and
     objects is refused: what a file may cost is bounded by what the format can hold."""
+    if max_values is not None:  # counted on the raw text, before anything is decoded or built
+        comma, brackets = (",", "[{") if isinstance(data, str) else (b",", (b"[", b"{"))
+        values, containers = data.count(comma) + 1, data.count(brackets[0]) + data.count(brackets[1])
+        if values > max_values or containers > max(max_values // 8, 64):
+            raise ValueError(f"{what} holds more values ({values}) or arrays and objects ({containers}) than such a "
+                             "file can (not one of ours, or corrupted)")
     try:
         text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
     except UnicodeDecodeError:
         raise ValueError(f"{what} is not UTF-8 text (corrupted?)") from None
-    if max_values is not None:
-        values, containers = text.count(",") + 1, text.count("[") + text.count("{")
-        if values > max_values or containers > max(max_values // 8, 64):
-            raise ValueError(f"{what} holds more values ({values}) or arrays and objects ({containers}) than such a "
-                             "file can (not one of ours, or corrupted)")
     try:
         obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
                          object_pairs_hook=_unique_keys)
