@@ -86,6 +86,7 @@ class _FakeArtifacts:
     def load(self, data: bytes) -> Any:
         if self.fail:
             raise RuntimeError("incompatible artefacts")
+        assert type(data) is bytes  # inductor's cache writer takes bytes only (not a bytearray)
         self.loaded.append(bytes(data))
         return compile_cache_info()
 

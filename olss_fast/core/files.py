@@ -352,14 +352,6 @@ def open_regular(path: str | os.PathLike, max_bytes: int, what: str, *, follow: 
     return fd, st
 
 
-def check_regular_file(path: str | os.PathLike, max_bytes: int, what: str) -> os.stat_result:
-    """``ValueError`` unless ``path`` is a regular file of at most ``max_bytes`` (missing, a folder, a device or FIFO,
-    too large, unreadable) — for readers that open the file themselves; returns its ``os.stat``."""
-    fd, st = open_regular(path, max_bytes, what)
-    os.close(fd)
-    return st
-
-
 def read_fd(fd: int, size: int, what: str, offset: int = 0) -> bytearray:
     """``size`` bytes of an open file from ``offset``, read in chunks into one buffer of exactly that size (never a
     buffer larger than what is there); ``ValueError`` when the file is shorter."""

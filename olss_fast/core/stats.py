@@ -192,7 +192,8 @@ class GramStats:
                              "has one dtype")
         new_items = None
         if items is not None:
-            items = [checks.integer(i, "items", 0, ranges.MAX_ITEMS - 1) for i in items]
+            items = [checks.integer(i.item() if isinstance(i, torch.Tensor) else i, "items", 0, ranges.MAX_ITEMS - 1)
+                     for i in items]
             new_items = ranges.to_ranges(items)
             if len(items) != batch or ranges.count(new_items) != batch:
                 raise ValueError(f"items must list {batch} distinct non-negative work-item indices, got "

@@ -250,7 +250,7 @@ class CompileCache:
             if st.st_size != newline + 1 + size:
                 raise ValueError(f"it has {st.st_size - newline - 1} payload bytes, the header says {size} "
                                  "(truncated?)")
-            payload = _io.read_fd(fd, size, "compile cache entry", newline + 1)
+            payload = bytes(_io.read_fd(fd, size, "compile cache entry", newline + 1))  # PyTorch wants bytes
         finally:
             os.close(fd)
         mac = header["hmac"]
