@@ -24,7 +24,8 @@ import torch
 
 from olss_fast.core.checks import warn_once
 from olss_fast.core.files import default_cache_dir
-from olss_fast.export.onnx_export import export_plan, mark_used, plan_export, trim_export_cache
+from olss_fast.export.folders import mark_used, trim_export_cache
+from olss_fast.export.onnx_export import export_plan, plan_export
 from olss_fast.export.onnx_runner import OnnxOLSSRunner
 from olss_fast.export.tensorrt import TensorRTOLSSProgram, build_engines, require_tensorrt
 from olss_fast.pipelines.base import CallOptions

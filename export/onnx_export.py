@@ -42,7 +42,9 @@ side file (``<name>.onnx.data``), which is how ONNX stores models beyond protobu
 **Caching and atomicity.** The export's key hashes the weights and configs of the exported modules, the schedule,
 shapes, dtype, guidance scale, opset and the library versions. :func:`export_onnx` into a folder that already holds
 the export with the same key returns it without exporting again; everything is written into a temporary sibling
-folder and renamed into place at the end, so a failure leaves no partial output.
+folder and moved into place at the end, so a failure leaves no partial output, and a crash at any moment leaves the
+old export or the new one (see :func:`olss_fast.export.folders.publish_folder`). ``overwrite=True`` replaces only a folder whose manifest is an
+olss_fast manifest with a valid digest; any other content is refused.
 """
 from __future__ import annotations
 
@@ -62,13 +64,14 @@ import numpy as np
 
 import torch
 
-from olss_fast.core.files import (atomic_write_text, clean_stale_temporaries, current_umask, default_cache_dir,
-                                  exclusive_lock, temporary_name)
+from olss_fast.core.files import (atomic_write_text, clean_stale_temporaries, default_cache_dir,
+                                  exclusive_lock)
 from olss_fast.core.version import __version__
+from olss_fast.export.folders import fsync_tree, publish_folder, restore_parked, staging_folder
 from olss_fast.export.graph import PREFIX, build_denoise_model, static_dims, tensor_elem
 from olss_fast.export.onnx_runner import (EXPORT_FORMAT, EXPORT_VERSION, MANIFEST_NAME, RUNNER_COPY_NAME, OnnxOLSSRunner,
-                                          check_manifest, file_sha256, manifest_digest, read_manifest,
-                                          verify_component_files)
+                                          check_manifest, file_sha256, input_metadata, manifest_digest,
+                                          read_manifest, verify_component_files)
 from olss_fast.export.plan import ExportPlan, plan_export
 
 logger = logging.getLogger(__name__)
@@ -239,11 +242,23 @@ def _set_metadata(model: Any, plan: ExportPlan, component: str, exporter: str) -
         "olss_fast.version": __version__,
         "olss_fast.exporter": exporter,
         "olss_fast.cache_key": plan.key,
+        "olss_fast.inputs": input_metadata(_inputs(plan)),
     }
     del model.metadata_props[:]
     for k, v in props.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = k, v
+
+
+def _inputs(plan: ExportPlan) -> dict:
+    """The manifest's fields about the inputs (:data:`olss_fast.export.onnx_runner.INPUT_FIELDS`)."""
+    spec = plan.spec
+    return {
+        "cond_inputs": [{"name": c.name, "shape": list(c.shape), "dtype": plan.dtype if c.dtype == "model" else c.dtype,
+                         "batched": c.batched} for c in spec.cond],
+        "text_input": spec.text_input, "id_input": spec.id_input, "uncond_ids": plan.uncond_ids,
+        "id_limit": plan.id_limit, "guided": plan.guided, "latent_shape": list(plan.latent_shape),
+    }
 
 
 def _shapes(plan: ExportPlan) -> dict:
@@ -357,11 +372,7 @@ def _write_export(plan: ExportPlan, folder: Path) -> dict:
         "exporter": exporter_names[0] if len(exporter_names) == 1 else exporter_names,
         "pipeline": plan.pipeline, "num_inference_steps": sched.num_steps, "batch_size": plan.batch_size,
         "height": plan.height, "width": plan.width, "dtype": plan.dtype, "guidance_scale": plan.guidance_scale,
-        "guided": plan.guided, "latent_shape": list(plan.latent_shape),
-        "cond_inputs": [{"name": c.name, "shape": list(c.shape), "dtype": plan.dtype if c.dtype == "model" else c.dtype,
-                         "batched": c.batched} for c in spec.cond],
-        "text_input": spec.text_input, "id_input": spec.id_input, "image_shape": image_shape,
-        "uncond_ids": plan.uncond_ids, "id_limit": plan.id_limit, "image_range": spec.image_range,
+        **_inputs(plan), "image_shape": image_shape, "image_range": spec.image_range,
         "schedule": sched.to_dict(),
         "components": components, "runner": RUNNER_COPY_NAME,
         "runner_sha256": file_sha256(folder / RUNNER_COPY_NAME),
@@ -381,7 +392,8 @@ def _existing_export(out: Path, key: str, verify: bool = True) -> Optional[OnnxE
 
 
 def _check_target(out: Path, key: str, overwrite: bool) -> Optional[OnnxExport]:
-    """Reuse a matching export, accept a missing/empty folder, refuse anything else (unless ``overwrite``)."""
+    """Reuse a matching export, accept a missing/empty folder, refuse anything else (``overwrite`` replaces only a
+    folder whose manifest is an olss_fast export manifest with a valid digest: never other content)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"export path {out} exists and is not a folder")
     if not out.exists() or not any(out.iterdir()):
@@ -389,53 +401,19 @@ def _check_target(out: Path, key: str, overwrite: bool) -> Optional[OnnxExport]:
     found = _existing_export(out, key)
     if found is not None:
         return found
-    ours = (out / MANIFEST_NAME).is_file()
-    if not ours:
+    try:
+        read_manifest(out)
+    except ValueError as exc:
         raise ValueError(
-            f"export folder {out} exists with other content (no olss_fast {MANIFEST_NAME}); refusing to write into "
-            "it: choose an empty or new folder"
-        )
+            f"export folder {out} exists with other content, not an olss_fast export ({exc}); refusing to write "
+            "into it or replace it, also with overwrite=True: choose an empty or new folder"
+        ) from None
     if not overwrite:
         raise ValueError(
             f"export folder {out} holds an olss_fast export of another model, schedule, shape or dtype (or a "
             "damaged one); pass overwrite=True (CLI: --overwrite) to replace it, or choose another folder"
         )
     return None
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Move the finished ``staging`` folder onto ``out`` (replacing an empty folder or an old export)."""
-    old: Optional[Path] = None
-    if out.exists():
-        if any(out.iterdir()):
-            old = temporary_name(out, "partial")
-            old.mkdir()
-            os.replace(out, old / "x")
-        else:
-            out.rmdir()
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def staging_folder(out: Path) -> Iterator[Path]:
-    """A temporary sibling of ``out`` that is deleted unless the body moved it away (atomic folder writes)."""
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"cannot create {parent}: {exc}") from None
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"cannot write to {parent}")
-    clean_stale_temporaries(parent)  # staging folders of killed exports
-    staging = temporary_name(out, "partial")
-    staging.mkdir(mode=0o777 & ~current_umask())
-    try:
-        yield staging
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def export_onnx(pipe: Any, schedule: Any = None, out_dir: "str | os.PathLike[str] | None" = None, *,
@@ -483,6 +461,7 @@ def write_export(plan: ExportPlan, out: Path, *, overwrite: bool = False, what: 
     with exclusive_lock(out, what):  # one writer per folder: a second one gets a ValueError
         if out.parent.is_dir():
             clean_stale_temporaries(out.parent)  # staging folders of killed exports, also when this one is reused
+            restore_parked(out)
         found = _check_target(out, plan.key, overwrite)
         if found is not None:
             logger.info("reusing the ONNX export in %s (cache key %s)", out, plan.key[:12])
@@ -493,8 +472,8 @@ def write_export(plan: ExportPlan, out: Path, *, overwrite: bool = False, what: 
             manifest = _write_export(plan, staging)
             write_manifest(staging, manifest)
             extra = finish(staging, False) if finish is not None else None
-            _fsync_tree(staging)
-            _publish(staging, out)
+            fsync_tree(staging)
+            publish_folder(staging, out)
     return OnnxExport(out, manifest, reused=False), extra
 
 
@@ -505,46 +484,3 @@ def write_manifest(folder: Path, manifest: dict) -> None:
     atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False))
 
 
-def _fsync_tree(folder: Path) -> None:
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-def trim_export_cache(folder: Path, max_bytes: int, keep: Path) -> list[Path]:
-    """Bound the export cache ``folder`` (one olss_fast export per sub-folder) to ``max_bytes``: remove the least
-    recently used exports (by modification time; :func:`mark_used` refreshes it) until the rest fit, never ``keep``,
-    never a folder that is not a readable olss_fast export, never one another process is writing. Returns what was
-    removed."""
-    entries = []
-    for sub in (p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) if folder.is_dir() else ():
-        try:
-            read_manifest(sub)
-        except ValueError:
-            continue  # not ours (or damaged): never deleted by the cache
-        size = sum(f.stat().st_size for f in sub.rglob("*") if f.is_file() and not f.is_symlink())
-        entries.append((sub.stat().st_mtime, sub, size))
-    total = sum(size for _, _, size in entries)
-    removed = []
-    for _, sub, size in sorted(entries):
-        if total <= max_bytes:
-            break
-        if sub.resolve() == keep.resolve():
-            continue
-        try:
-            with exclusive_lock(sub, "ONNX export folder"):
-                shutil.rmtree(sub)
-        except (ValueError, OSError):
-            continue  # being written by another process, or already gone
-        total -= size
-        removed.append(sub)
-        logger.info("export cache %s over %.1f GB: removed the least recently used export %s", folder,
-                    max_bytes / 1e9, sub.name)
-    return removed
-
-
-def mark_used(export_dir: Path) -> None:
-    """Record that an export was used now (its folder's modification time orders :func:`trim_export_cache`)."""
-    with contextlib.suppress(OSError):
-        os.utime(export_dir)

@@ -114,7 +114,8 @@ class FitConfig:
         search_stride: the programme of ``path="refit"`` places steps on every this-many-th teacher index only
             (default 1: all; 2 halves its cost).
         search_sweeps: coordinate-descent passes after the programme in ``path="refit"`` (default 0: on held-out
-            noise the descent's gains on the search samples did not carry over, benchmarks/RESULTS.md issue 14).
+            noise the descent's gains on the search samples did not carry over; benchmarks/RESULTS.md, learned-step
+            baselines).
     """
 
     num_steps: Sequence[int] = (5, 10)

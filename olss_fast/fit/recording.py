@@ -196,7 +196,8 @@ def _resolve_job(pipe: Any, prompts: list[Any], teacher: Any, config: RecordConf
     return _Job(teacher=teacher, items=items, prompts=list(prompts), shape=shape, device=pipeline_device(pipe),
                 dtype=pipeline_dtype(pipe), timesteps=[t.item() for t in teacher.timesteps], context=context,
                 teacher_desc=describe_scheduler(teacher, config.teacher_steps), model_desc=describe_model(pipe),
-                scheduler_config=jsonable_config(getattr(pipe.scheduler, "config", {})))
+                scheduler_config={k: v for k, v in jsonable_config(getattr(pipe.scheduler, "config", {})).items()
+                                  if k != "_use_default_values"})  # diffusers' bookkeeping, in random order
 
 
 def record_trajectories(

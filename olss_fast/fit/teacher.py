@@ -33,10 +33,10 @@ def default_teacher(scheduler: Any) -> Any:
     """The default teacher for a pipeline's scheduler: its own class for flow matching (an Euler ODE solver on the
     velocity), DPM-Solver++(2M) with trailing timesteps on the same noise schedule otherwise (ending at clean data).
 
-    Chosen by measurement (benchmarks/quality.py --part teachers, benchmarks/RESULTS.md issue 14): on the analytic
-    Gaussian mixture, against the exact probability-flow ODE on 500 held-out noises, DPM-Solver++(2M) with 100 steps
-    has an RMSE of 0.0181 where DDIM-100 (the default before) has 0.0592 and even DDIM-250 has 0.0550; UniPC-100 is
-    as accurate (0.0182) but has a corrector; OLSS fitted from the DPM-Solver++-100 teacher reaches 0.0182 at 10 NFE
+    Chosen by measurement (benchmarks/quality.py --part teachers; benchmarks/RESULTS.md, learned-step baselines): on the
+    analytic Gaussian mixture, against the exact probability-flow ODE on 500 held-out noises, DPM-Solver++(2M) with 100
+    steps has an RMSE of 0.0181 where DDIM-100 (the default before) has 0.0592 and even DDIM-250 has 0.0550; UniPC-100
+    is as accurate (0.0182) but has a corrector; OLSS fitted from the DPM-Solver++-100 teacher reaches 0.0182 at 10 NFE
     against the exact ODE where from DDIM-100 it reaches 0.0593 (the teacher is the limit).
     """
     flow = scheduler_prediction_type(scheduler) == "flow"

@@ -35,8 +35,9 @@ from olss_fast.core.provenance import check_allow, compare, is_flow
 from olss_fast.core.schedule import OLSSSchedule, stack_schedules_by_steps
 from olss_fast.core.step import ddim_coefficients, olss_combine
 from olss_fast.pipelines.facts import DDIM_KEYS, FLOW_KEYS, noise_schedule_id
-from olss_fast.pipelines.provenance import check_schedule
-from olss_fast.serve.scheduler_config import (CONFIG_DIGEST_KEY, MAX_CONFIG_BYTES, check_config_data, config_digest,
+from olss_fast.pipelines.provenance import check_schedule, scheduler_usage
+from olss_fast.serve.scheduler_config import (CONFIG_DIGEST_KEY, MAX_CONFIG_BYTES, MAX_CONFIG_VALUES,
+                                              check_alphas_cumprod, check_config_data, config_digest,
                                               validate_config)
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         known = set(base._get_init_keys(base))  # keys this diffusers version's class takes
         self._fallback: Any = base(**{k: cfg[k] for k in (FLOW_KEYS if self.is_flow else DDIM_KEYS) if k in known})
         if not self.is_flow:
+            check_alphas_cumprod(self._fallback.alphas_cumprod, prediction_type)
             for name in ("betas", "alphas", "alphas_cumprod", "final_alpha_cumprod"):
                 setattr(self, name, getattr(self._fallback, name))
         if not isinstance(schedules, (list, tuple)) and schedules is not None:
@@ -179,10 +181,12 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
             elif flow_source:
                 init["prediction_type"] = "flow"
         dicts = []
+        used = scheduler_usage(dict(init, prediction_type=init.get("prediction_type", "epsilon")))
         for s in schedules:
-            if allow:  # the acceptance is recorded in the schedule itself (and so in its digest)
-                s = dataclasses.replace(s, fitted_for=dict(s.fitted_for, accepted_mismatch=sorted(
-                    set(s.fitted_for.get("accepted_mismatch", ())) | set(allow))))
+            if allow:  # the acceptance, naming what it accepted, is recorded in the schedule (and so in its digest)
+                accepted = dict(s.fitted_for.get("accepted_mismatch") or {})
+                accepted.update({name: used[name] for name in allow if name in used})
+                s = dataclasses.replace(s, fitted_for=dict(s.fitted_for, accepted_mismatch=accepted))
             dicts.append(s.to_dict())
         return cls(schedules=dicts, **init)
 
@@ -460,6 +464,9 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         self._history.append(model_output.detach().to(torch.float32))
         prev = olss_combine(self._device_coeffs(sample.device), j, self._x0, self._history)
         prev = prev.to(sample.dtype)
+        if not torch.isfinite(prev).all():
+            raise ValueError(f"step {j} of the searched {n}-step OLSS schedule produced NaN or Inf latents (model "
+                             f"output finite: {bool(torch.isfinite(model_output).all())}); the images would be noise")
         self._step_index = j + 1
         if self._step_index == n:
             self._history = []  # free memory; the next call starts a new trajectory
@@ -569,7 +576,7 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"no scheduler at {path}: not a local folder, and not loadable from the Hub "
                                  f"({str(exc).splitlines()[0][:200]})") from None
         config_file = path / cls.config_name if path.is_dir() else path
-        data = read_json(config_file, MAX_CONFIG_BYTES, "scheduler config")
+        data = read_json(config_file, MAX_CONFIG_BYTES, "scheduler config", MAX_CONFIG_VALUES)
         scheduler = cls.from_config_data(data, str(config_file), **kwargs)
         return (scheduler, {}) if return_unused_kwargs else scheduler
 
