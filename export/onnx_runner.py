@@ -417,7 +417,9 @@ class OnnxOLSSRunner:
             try:
                 sess = ort.InferenceSession(str(path), sess_options=session_options, providers=self.providers)
             except Exception as exc:  # onnxruntime raises InvalidProtobuf / Fail / InvalidGraph
-                raise ValueError(f"{name}: onnxruntime cannot load {path} (truncated or corrupted?): {exc}") from None
+                why = ("an operator this onnxruntime lacks: olss_fast's exports need onnxruntime >= 1.29"
+                       if "NOT_IMPLEMENTED" in str(exc) else "truncated or corrupted?")
+                raise ValueError(f"{name}: onnxruntime {ort.__version__} cannot load {path} ({why}): {exc}") from None
             self._check_signature(name, sess, comp)
             check_metadata(name, sess.get_modelmeta().custom_metadata_map, m)
             self._sessions[name] = sess
