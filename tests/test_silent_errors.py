@@ -1,0 +1,233 @@
+"""Wrong numbers and wrong decisions that would pass silently: each test here fails on one plausible bug.
+
+Every test names, in its docstring, the wrong behaviour it catches and why it fails on it. They compare with
+independent references (diffusers' DDIMScheduler, float64 closed forms) and are fast: they are part of the mutation
+benchmark's scope (benchmarks/mutation.py) for the modules they cover.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from olss_fast.core import files
+from olss_fast.core.lstsq import gram_lstsq, solve_spd
+from olss_fast.core.provenance import compare
+from olss_fast.core.stats import GramStats
+from olss_fast.core.step import ddim_coefficients, ddim_step_factors
+
+# DDIMScheduler's own defaults (leading spacing, steps_offset=0, set_alpha_to_one=True; clipping off) and variants
+_DDIM_DEFAULT_LIKE = [
+    dict(),
+    dict(steps_offset=1),
+    dict(set_alpha_to_one=False),
+    dict(timestep_spacing="trailing"),
+    dict(timestep_spacing="linspace", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+]
+
+
+def _ddim_prev(ddim: DDIMScheduler, n: int) -> list[int]:
+    """DDIMScheduler.step's own previous timestep for each of its timesteps (t − T/n)."""
+    ratio = ddim.config.num_train_timesteps // n
+    return [int(t) - ratio for t in ddim.timesteps]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("cfg", _DDIM_DEFAULT_LIKE, ids=["default", "offset1", "alpha_one_off", "trailing", "linspace"])
+def test_ddim_coefficients_run_as_ddimscheduler_on_its_default_config(cfg, prediction_type):
+    """Regression: the end of sampling tested with ``tp > 0`` instead of ``tp >= 0`` in ``ddim_coefficients``.
+
+    On DDIMScheduler's default config (leading spacing, steps_offset=0) a step lands exactly on timestep 0; the
+    bug takes ᾱ_final (1.0 with set_alpha_to_one) there instead of ᾱ_0 and the result is ~2 % off DDIM. The
+    unrolled coefficients must reproduce DDIMScheduler.step's loop to float32 rounding (2e-6 of the largest value)."""
+    ddim = DDIMScheduler(prediction_type=prediction_type, clip_sample=False, **cfg)  # (clipping is not linear)
+    n = 6
+    ddim.set_timesteps(n)
+    ts = [int(t) for t in ddim.timesteps]
+    coeffs = ddim_coefficients(ddim.alphas_cumprod, ts, _ddim_prev(ddim, n), float(ddim.final_alpha_cumprod),
+                               prediction_type)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    x, hist = x0.clone(), []
+    for j, t in enumerate(ddim.timesteps):
+        e = torch.sin(3 * x + j)  # a deterministic stand-in for a model
+        hist.append(e)
+        x = ddim.step(e, t, x).prev_sample
+        ours = coeffs[j, 0] * x0 + sum(coeffs[j, k + 1] * hist[k] for k in range(j + 1))
+        torch.testing.assert_close(ours, x, rtol=0, atol=2e-6 * float(x.abs().max()))  # (DDIM takes √ᾱ in float32)
+
+
+def test_ddim_step_factors_match_the_closed_forms_in_float64():
+    """Regression: a wrong sign or factor in any of DDIM's three parametrisations (or in the flow Euler step).
+
+    x_prev = √ᾱ_p·x̂0 + √(1−ᾱ_p)·ε̂ with x̂0, ε̂ from each parametrisation, written out here in numpy float64."""
+    a, ap = 0.31, 0.77
+    x, m = 0.9, -0.4
+    sa, s1a, sap, s1ap = np.sqrt(a), np.sqrt(1 - a), np.sqrt(ap), np.sqrt(1 - ap)
+    refs = {
+        "epsilon": ((x - s1a * m) / sa, m),
+        "v_prediction": (sa * x - s1a * m, s1a * x + sa * m),
+        "sample": (m, (x - sa * m) / s1a),
+    }
+    for kind, (x0_hat, eps_hat) in refs.items():
+        A, B = ddim_step_factors(a, ap, kind)
+        assert A * x + B * m == pytest.approx(sap * x0_hat + s1ap * eps_hat, rel=1e-14), kind
+    assert ddim_step_factors(0.8, 0.5, "flow") == (1.0, pytest.approx(-0.3, rel=1e-15))
+    with pytest.raises(ValueError, match="unknown prediction_type"):
+        ddim_step_factors(a, ap, "x0")
+
+
+# ---------------------------------------------------------------------------------------------------- least squares
+def test_ridge_solve_is_the_tikhonov_solution_of_the_scaled_system():
+    """Regression: the ridge added with the wrong sign, dropped, or applied unscaled in ``solve_spd``.
+
+    The reference is numpy's LAPACK solve of ``(D^-½ A D^-½ + r·I) y = D^-½ b``, ``x = D^-½ y``; with the sign
+    flipped or the ridge dropped the answer moves by far more than rounding (r = 1e-2 on a nearly collinear A)."""
+    g = torch.Generator().manual_seed(3)
+    basis = torch.randn(40, 4, generator=g, dtype=torch.float64)
+    basis[:, 3] = basis[:, 2] + 1e-3 * basis[:, 3]  # nearly collinear, as the late outputs are
+    basis *= torch.tensor([1.0, 10.0, 0.1, 3.0], dtype=torch.float64)
+    y = torch.randn(40, generator=g, dtype=torch.float64)
+    a, b = basis.T @ basis, basis.T @ y
+    for r in (1e-2, 1e-8):
+        d = 1 / np.sqrt(np.diag(a.numpy()))
+        ref = d * np.linalg.solve(d[:, None] * a.numpy() * d[None, :] + r * np.eye(4), d * b.numpy())
+        np.testing.assert_allclose(solve_spd(a, b, r).numpy(), ref, rtol=1e-9)
+        # and gram_lstsq reports the true residual of those shrunk coefficients
+        gram = torch.cat([basis, y[:, None]], 1)
+        coef, sse = gram_lstsq(gram.T @ gram, [0, 1, 2, 3], 4, r)
+        np.testing.assert_allclose(coef.numpy(), ref, rtol=1e-9)
+        assert float(sse) == pytest.approx(float(((y - basis @ torch.from_numpy(ref)) ** 2).sum()), rel=1e-9)
+    np.testing.assert_allclose(solve_spd(a, b, 0.0).numpy(), np.linalg.lstsq(basis.numpy(), y.numpy(), rcond=None)[0],
+                               rtol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------- provenance
+def test_noise_schedule_id_tells_zero_snr_rescaling_apart():
+    """Regression: a noise-schedule id that ignores ``rescale_betas_zero_snr``.
+
+    Zero-SNR rescaling changes every ᾱ (ᾱ_T becomes 0), so a schedule fitted without it is wrong with it; the id
+    must differ, and a schedule fitted for one must be refused on the other."""
+    from olss_fast.pipelines.facts import noise_schedule_id
+
+    base = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    plain, zero_snr = noise_schedule_id(base), noise_schedule_id(dict(base, rescale_betas_zero_snr=True))
+    assert plain != zero_snr
+    ac = DDIMScheduler(**base, rescale_betas_zero_snr=True).alphas_cumprod
+    assert float(ac[-1]) < 1e-6 < float(DDIMScheduler(**base).alphas_cumprod[-1])  # (the reason they differ)
+    # the same ᾱ from another spelling is the same schedule
+    assert noise_schedule_id(dict(base, rescale_betas_zero_snr=False, clip_sample=True)) == plain
+    with pytest.raises(ValueError, match="noise schedule"):
+        compare({"noise_schedule": plain}, {"noise_schedule": zero_snr})
+
+
+def test_same_model_class_with_another_config_is_refused_not_a_fine_tune(caplog):
+    """Regression: "same class, other config" treated as a harmless fine-tune (only a warning).
+
+    A fine-tune keeps the class and the config and changes the weights: that warns. Another config of the same
+    class is another architecture: it must raise, listing the model."""
+    fitted = {"model": {"class": "UNet2DConditionModel", "config_sha256": "a" * 64, "weights_sha256": "1" * 64}}
+    other_weights = {"model": dict(fitted["model"], weights_sha256="2" * 64)}
+    other_config = {"model": dict(other_weights["model"], config_sha256="b" * 64)}
+    other_class = {"model": dict(fitted["model"], **{"class": "UNet2DModel"})}
+    with caplog.at_level(logging.WARNING):
+        compare(fitted, other_weights, what="the test schedule x1")
+    assert "fine-tune" in caplog.text
+    for actual in (other_config, other_class):
+        with pytest.raises(ValueError, match="model: fitted for"):
+            compare(fitted, actual)
+        compare(fitted, actual, allow=("model",))  # the explicit override
+    # a strict comparison (statistics) refuses other weights too
+    with pytest.raises(ValueError, match="model"):
+        compare(fitted, other_weights, fine_tune_warns=False)
+
+
+# ---------------------------------------------------------------------------------------------------- file rules
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def test_json_nesting_is_limited_well_below_pythons_own_recursion_limit(tmp_path):
+    """Regression: the JSON depth limit removed.
+
+    Python's parser accepts 200 nested arrays (it only fails near its recursion limit, ~50k), so without the
+    library's own limit a file nested 200 deep is accepted. The limit is exactly ``MAX_JSON_DEPTH`` levels."""
+    limit = files.MAX_JSON_DEPTH
+    assert json.loads(_nested(200))  # what the library must not rely on
+    assert files.parse_json(_nested(limit), "test data") is not None
+    for depth in (limit + 1, 200):
+        with pytest.raises(ValueError, match="nests JSON too deeply"):
+            files.parse_json(_nested(depth), "test data")
+    # objects count as levels too, and a deep value anywhere in a real schedule file is refused when loaded
+    deep_obj = '{"a":' * (limit + 1) + "1" + "}" * (limit + 1)
+    with pytest.raises(ValueError, match="too deeply"):
+        files.parse_json(deep_obj, "test data")
+    from olss_fast.core.schedule import OLSSSchedule
+
+    d = OLSSSchedule([900, 500], [0, 5], torch.tensor([[1.0, 0.5, 0.0], [0.9, 0.1, 0.2]]),
+                     teacher_steps=10).to_dict()
+    d.setdefault("meta", {})["note"] = json.loads(_nested(200))
+    p = tmp_path / "deep.json"
+    p.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="too deeply"):
+        OLSSSchedule.load(p)
+
+
+def test_stale_temporaries_of_a_dead_writer_are_removed_and_live_ones_kept(tmp_path):
+    """Regression: the stale-temporaries clean-up removed (or keeping nothing apart).
+
+    A temporary named for a process that has exited is stale and the next write to that folder removes it; one
+    named for a live process (this one) is being written and must stay. Deterministic: the dead writer is a child
+    that creates its temporary and exits."""
+    target = tmp_path / "s.json"
+    code = ("import sys; from pathlib import Path; from olss_fast.core.files import temporary_name\n"
+            "p = temporary_name(Path(sys.argv[1])); p.write_text('half'); print(p.name)")
+    dead = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, check=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1")).stdout.strip()
+    live = files.temporary_name(target)
+    live.write_text("being written")
+    assert (tmp_path / dead).exists()
+    files.atomic_write_text(target, "{}")  # the next write to the folder
+    assert target.read_text() == "{}"
+    assert not (tmp_path / dead).exists()
+    assert live.exists()
+    assert files.clean_stale_temporaries(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------------- statistics
+def _stats(seed: int, **kw) -> GramStats:
+    s = GramStats([900, 600, 300], prediction_type=kw.pop("prediction_type", "epsilon"), **kw)
+    g = torch.Generator().manual_seed(seed)
+    s.update(torch.randn(4, 2, 3, generator=g), torch.randn(3, 2, 3, generator=g), items=[2 * seed, 2 * seed + 1])
+    return s
+
+
+@pytest.mark.parametrize("field, a, b", [
+    ("model", "unet-a", "unet-b"),
+    ("prediction_type", "epsilon", "v_prediction"),
+    ("context", {"guidance_scale": 7.5}, {"guidance_scale": 3.0}),
+    ("teacher", "DDIM-50", "DDIM-40"),
+])
+def test_gram_statistics_of_another_setting_never_merge(field, a, b):
+    """Regression: ``GramStats`` merging statistics of another context, model, teacher or prediction type.
+
+    Their Gram matrices describe different trajectories; a sum of them fits neither. Both ``merge_`` and ``+`` must
+    raise and leave the statistics unchanged; the same setting with other samples merges into the exact sum."""
+    left, right = _stats(0, **{field: a}), _stats(1, **{field: b})
+    before = left.gram.clone()
+    with pytest.raises(ValueError, match="cannot merge"):
+        left.merge_(right)
+    with pytest.raises(ValueError, match="cannot merge"):
+        left + right
+    assert torch.equal(left.gram, before) and left.num_samples == 2
+    same = _stats(1, **{field: a})
+    merged = left + same
+    torch.testing.assert_close(merged.gram, before + same.gram, rtol=0, atol=0)
+    assert merged.num_samples == 4
