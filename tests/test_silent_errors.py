@@ -84,6 +84,62 @@ def test_ddim_step_factors_match_the_closed_forms_in_float64():
         ddim_step_factors(a, ap, "x0")
 
 
+def test_step_rows_and_combination_against_explicit_sums():
+    """Regression: a wrong dtype, shape rule or history check in ``olss_combine``/``coeff_row``/``student_latent``.
+
+    The combination is ``w_j·x0 + Σ_l v_{j,l}·e_l`` computed here term by term in float64, for global and
+    per-channel coefficients (also on ``[B, C]`` latents); the result has the dtype of ``x0`` whatever the history's
+    dtype (float64 rows or a float32 history must not promote a float16 latent); a history shorter than the step
+    needs, or per-channel coefficients for another channel count, raise ``ValueError`` with the numbers in it."""
+    from olss_fast.core.step import coeff_row, olss_combine, student_latent
+
+    g = torch.Generator().manual_seed(4)
+    for shape, coeffs in (((2, 3, 2, 2), torch.randn(3, 4, generator=g, dtype=torch.float64)),
+                          ((2, 3, 2, 2), torch.randn(3, 3, 4, generator=g, dtype=torch.float64)),
+                          ((5, 3), torch.randn(3, 3, 4, generator=g, dtype=torch.float64))):
+        x0 = torch.randn(shape, generator=g, dtype=torch.float64)
+        hist = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3)]
+        chan = (lambda v: v.view([1, -1] + [1] * (len(shape) - 2))) if coeffs.dim() == 3 else (lambda v: v)
+        for j in range(3):
+            row = coeffs[..., j, :]
+            ref = chan(row[..., 0]) * x0 + sum(chan(row[..., l + 1]) * hist[l] for l in range(j + 1))
+            torch.testing.assert_close(olss_combine(coeffs, j, x0, hist), ref, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(student_latent(coeffs, j + 1, x0, hist), ref, rtol=1e-12, atol=1e-12)
+        assert student_latent(coeffs, 0, x0, []) is x0
+        half = olss_combine(coeffs, 2, x0.half(), [h.float() for h in hist])
+        assert half.dtype == torch.float16
+        torch.testing.assert_close(half.double(), olss_combine(coeffs, 2, x0.half().double(), hist), rtol=2e-3,
+                                   atol=2e-3)
+        assert coeff_row(coeffs, 1, x0.float()).dtype == torch.float32
+    with pytest.raises(ValueError, match="step 2 needs 3 model outputs in the history, got 2"):
+        olss_combine(torch.randn(3, 4, dtype=torch.float64), 2, torch.zeros(1, 3), [torch.zeros(1, 3)] * 2)
+    with pytest.raises(ValueError, match=r"per-channel coefficients for 3 channels, but the latents have shape "
+                                         r"\[2, 4, 2, 2\]"):
+        coeff_row(torch.zeros(3, 2, 3, dtype=torch.float64), 0, torch.zeros(2, 4, 2, 2))
+    with pytest.raises(ValueError, match="per-channel coefficients for 3 channels"):
+        coeff_row(torch.zeros(3, 2, 3, dtype=torch.float64), 0, torch.zeros(3))
+
+
+def test_step_defaults_and_float64_unrolling():
+    """Regression: a wrong default parametrisation (``epsilon``) or float32 unrolled coefficients.
+
+    Called without ``prediction_type`` both helpers are DDIM's epsilon update; the unrolled matrix is float64 and
+    equals the products ``B_l·Π_{k>l} A_k`` written out here."""
+    a, ap = 0.4, 0.9
+    assert ddim_step_factors(a, ap) == ddim_step_factors(a, ap, "epsilon")
+    ac = torch.linspace(0.99, 0.01, 10)
+    assert torch.equal(ddim_coefficients(ac, [8, 5, 2], [5, 2, -1], 1.0),
+                       ddim_coefficients(ac, [8, 5, 2], [5, 2, -1], 1.0, "epsilon"))
+    from olss_fast.core.step import unroll_linear_steps
+
+    f = [(1.1, 0.3), (0.7, -0.2), (1.3, 0.5)]
+    c = unroll_linear_steps(f)
+    assert c.dtype == torch.float64
+    ref = torch.tensor([[1.1, 0.3, 0, 0], [1.1 * 0.7, 0.3 * 0.7, -0.2, 0],
+                        [1.1 * 0.7 * 1.3, 0.3 * 0.7 * 1.3, -0.2 * 1.3, 0.5]], dtype=torch.float64)
+    torch.testing.assert_close(c, ref, rtol=1e-15, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------------- least squares
 def test_ridge_solve_is_the_tikhonov_solution_of_the_scaled_system():
     """Regression: the ridge added with the wrong sign, dropped, or applied unscaled in ``solve_spd``.
@@ -185,12 +241,13 @@ def test_stale_temporaries_of_a_dead_writer_are_removed_and_live_ones_kept(tmp_p
 
     A temporary named for a process that has exited is stale and the next write to that folder removes it; one
     named for a live process (this one) is being written and must stay. Deterministic: the dead writer is a child
-    that creates its temporary and exits."""
+    process that has exited."""
     target = tmp_path / "s.json"
-    code = ("import sys; from pathlib import Path; from olss_fast.core.files import temporary_name\n"
-            "p = temporary_name(Path(sys.argv[1])); p.write_text('half'); print(p.name)")
-    dead = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, check=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1")).stdout.strip()
+    child = subprocess.run([sys.executable, "-S", "-c", "import os; print(os.getpid())"], capture_output=True,
+                           text=True, check=True)
+    dead_pid = int(child.stdout)  # a process that has exited: its temporary is stale
+    dead = files.temporary_name(target).name.replace(f".{os.getpid()}.", f".{dead_pid}.", 1)
+    (tmp_path / dead).write_text("half")
     live = files.temporary_name(target)
     live.write_text("being written")
     assert (tmp_path / dead).exists()
@@ -231,3 +288,75 @@ def test_gram_statistics_of_another_setting_never_merge(field, a, b):
     merged = left + same
     torch.testing.assert_close(merged.gram, before + same.gram, rtol=0, atol=0)
     assert merged.num_samples == 4
+
+
+# ---------------------------------------------------------------------------------------------------- search
+def test_minimax_search_falls_back_to_uniform_when_its_path_is_worse(monkeypatch, caplog):
+    """Regression: the minimax search's fallback to the uniform path removed (or its comparison reversed).
+
+    The bisection assumes the error grows with the jump length; where the data break that, its path can be worse
+    than the uniform one on its own criterion (the largest per-step error). A path search that returns such a path
+    (here: every step crowded at the start) must give way to the uniform path, errors and label included; a better
+    minimax path must be kept."""
+    from olss_fast.core import search
+    from olss_fast.fit.recording import record_trajectories
+    from olss_fast.models.gmm import make_gmm
+
+    pipe = make_gmm((2, 3, 3), num_components=3, seed=2)
+    stats = record_trajectories(pipe, [None] * 16, teacher_steps=30, batch_size=16, progress=False, base_seed=2)
+    uni = search.search_schedule(stats, 5, path="uniform")
+    good = search.search_schedule(stats, 5, path="minimax")
+    assert good.path == "minimax" and max(good.errors) < max(uni.errors)  # kept when better
+    monkeypatch.setattr(search, "minimax_path", lambda fitter, n, iters=60: list(range(n)))
+    with caplog.at_level(logging.INFO, logger=search.__name__):
+        bad = search.search_schedule(stats, 5, path="minimax")
+    assert bad.path == "uniform" and bad.indices == search.uniform_path(30, 5)
+    assert bad.errors == uni.errors and torch.equal(bad.coeffs, uni.coeffs)
+    assert "using uniform" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------- re-fit
+def _refit(ridge=None):
+    from olss_fast.core.refine import sequential_refit
+    from olss_fast.core.schedule import OLSSSchedule
+
+    n = 4
+    g = torch.Generator().manual_seed(8)
+    x0 = torch.randn(6, 2, 3, 3, generator=g)
+    targets = torch.randn(n, 6, 2, 3, 3, generator=g) * 0.5 + x0 * torch.linspace(0.9, 0.1, n).view(n, 1, 1, 1, 1)
+    outputs = []
+
+    def evaluate(j, coeffs, history):  # a smooth stand-in for a model, at the student's own latent
+        from olss_fast.core.step import student_latent
+
+        z = student_latent(coeffs, j, x0, history)
+        e = torch.tanh(1.5 * z + 0.1 * j) + 0.999 * (history[-1] if history else 0)  # nearly collinear outputs
+        outputs.append(e)
+        return e
+
+    sched = OLSSSchedule([900, 600, 300, 100], [0, 3, 6, 8], torch.eye(n, n + 1, dtype=torch.float64),
+                         teacher_steps=10)
+    kw = {} if ridge is None else {"ridge": ridge}
+    out = sequential_refit(sched, x0, targets, evaluate, "global", progress=False, **kw)
+    return out, x0, targets, outputs
+
+
+def test_refit_ridge_is_the_tikhonov_fit_on_the_students_outputs():
+    """Regression: the re-fit's ridge with its sign flipped, dropped, or another default than 1e-8.
+
+    Each row j of a re-fit with ridge r must be the Tikhonov solution of the Jacobi-scaled normal equations over
+    the student's own basis ``[x0, e_0 … e_j]`` (computed here with numpy's LAPACK solve in float64), and its error
+    the true residual of those coefficients. With r = 1e-2 on nearly collinear outputs the flipped or dropped ridge
+    moves the coefficients far beyond rounding; the default must be exactly r = 1e-8 (not 0)."""
+    r = 1e-2
+    out, x0, targets, outputs = _refit(r)
+    for j in range(out.num_steps):
+        X = torch.stack([x0.flatten()] + [e.flatten() for e in outputs[: j + 1]], 1).double().numpy()
+        y = targets[j].flatten().double().numpy()
+        d = 1 / np.linalg.norm(X, axis=0)
+        ref = d * np.linalg.solve(d[:, None] * (X.T @ X) * d[None, :] + r * np.eye(j + 2), d * (X.T @ y))
+        np.testing.assert_allclose(out.coeffs[j, : j + 2].numpy(), ref, rtol=1e-6, atol=1e-9)
+        assert out.errors[j] == pytest.approx(float(((y - X @ ref) ** 2).mean()), rel=1e-6)
+    default, *_ = _refit()
+    assert torch.equal(default.coeffs, _refit(1e-8)[0].coeffs)
+    assert not torch.equal(default.coeffs, _refit(0.0)[0].coeffs)

@@ -1,0 +1,283 @@
+"""Mutation testing of the modules where a wrong number is silent (mutmut 3, per module, scoped to its tests).
+
+    python benchmarks/mutation.py [--modules step,lstsq,...] [--tests-from REV] [--label after] [--max-children 2]
+
+For each module it builds a scratch copy of the repository under ``build/mutation/<label>/<module>/`` (git-ignored:
+the package, the ``export/``/``kernels/`` folders its links point to, ``pyproject.toml`` with a generated
+``[tool.mutmut]`` section that mutates only that module and selects only the tests that cover it, and ``tests/``,
+taken from git revision ``--tests-from`` when given, to measure an older suite against today's code), runs
+``mutmut run`` there (optionally only on the functions listed in ``functions``), reads mutmut's per-mutant exit codes
+from ``mutants/<file>.meta`` and writes ``benchmarks/mutation_<label>.json``. ``--report`` regenerates the section
+"Mutation testing (issue 23)" of benchmarks/RESULTS.md from ``mutation_before.json`` and ``mutation_after.json``;
+the equivalent mutants (no observable change) are listed in ``EQUIVALENT`` below with a one-line reason each.
+
+Too slow for every CI run on 2 cores (see RESULTS.md for the time): run it by hand when the covered modules change.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTION = "## Mutation testing (issue 23)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Module:
+    path: str
+    tests: tuple[str, ...]
+    #: mutmut function-name globs (``x_name``, ``xǁClassǁmethod``) when only part of the module is measured
+    functions: tuple[str, ...] = ()
+    note: str = ""
+
+
+SE = "tests/test_silent_errors.py::"
+MODULES: dict[str, Module] = {
+    "step": Module("olss_fast/core/step.py", (
+        SE + "test_ddim_coefficients_run_as_ddimscheduler_on_its_default_config",
+        SE + "test_ddim_step_factors_match_the_closed_forms_in_float64", SE + "test_step_", "tests/test_kernels.py",
+        "tests/test_scheduler.py::test_ddim_schedule_in_olss_form_reproduces_ddim",
+        "tests/test_scheduler.py::test_step_applies_coefficients_exactly")),
+    "lstsq": Module("olss_fast/core/lstsq.py", (
+        "tests/test_stats_lstsq.py", SE + "test_ridge_solve_is_the_tikhonov_solution_of_the_scaled_system",
+        "tests/test_search.py::test_coefficient_errors_of_fitted_coeffs_equal_reported_errors")),
+    "stats": Module("olss_fast/core/stats.py", (
+        "tests/test_stats_lstsq.py", SE + "test_gram_statistics_of_another_setting_never_merge",
+        "tests/test_schedule_io.py::test_merging_different_teachers_is_refused",
+        "tests/test_schedule_io.py::test_stats_round_trip",
+        "tests/test_hostile_inputs.py::test_merging_never_counts_a_sample_twice"),
+        functions=("xǁGramStatsǁupdate", "xǁGramStatsǁ_check_compatible", "xǁGramStatsǁ_check_disjoint",
+                   "xǁGramStatsǁ__add__", "xǁGramStatsǁmerge_", "xǁGramStatsǁcopy", "xǁGramStatsǁx_index",
+                   "xǁGramStatsǁe_index", "xǁGramStatsǁglobal_gram", "x_check_gram"),
+        note="the statistics' arithmetic and merge rules (the file format is measured by its loaders' fuzz tests)"),
+    "search": Module("olss_fast/core/search.py", ("tests/test_search.py", SE + "test_minimax_search_falls_back")),
+    "refine": Module("olss_fast/core/refine.py", (
+        "tests/test_refine.py", SE + "test_refit_ridge",
+        "tests/test_refit_search.py::test_programme_is_exact_for_two_steps_and_reports_the_refit_error"),
+        functions=("x_sequential_refit", "xǁ_RefitStateǁ*", "x_path_targets", "x_refine_schedule"),
+        note="the re-fit's arithmetic (its state, per-step fit and driver); the path search over re-fits is not "
+             "measured"),
+    "schedule": Module("olss_fast/core/schedule.py", ("tests/test_schedule_io.py",),
+        functions=("xǁOLSSScheduleǁ__post_init__", "xǁOLSSScheduleǁvalidate", "xǁOLSSScheduleǁto_dict",
+                   "xǁOLSSScheduleǁfrom_dict", "x__coeff_tensor", "x__index", "x__timestep",
+                   "x_stack_schedules_by_steps"),
+        note="construction, validation and the dict round trip"),
+    "scheduler": Module("olss_fast/serve/scheduler.py", ("tests/test_scheduler.py",),
+        functions=("xǁOLSSSchedulerǁstep", "xǁOLSSSchedulerǁ_olss_step", "xǁOLSSSchedulerǁset_timesteps",
+                   "xǁOLSSSchedulerǁddim_schedule", "xǁOLSSSchedulerǁ_select_searched",
+                   "xǁOLSSSchedulerǁ_select_fallback", "xǁOLSSSchedulerǁ_device_coeffs",
+                   "xǁOLSSSchedulerǁ_index_for_timestep"),
+        note="the step, the timestep setting, DDIM's schedule in OLSS form and the schedule selection"),
+    "provenance": Module("olss_fast/core/provenance.py", (
+        SE + "test_noise_schedule_id_tells_zero_snr_rescaling_apart",
+        SE + "test_same_model_class_with_another_config_is_refused_not_a_fine_tune",
+        "tests/test_scheduler.py::test_schedule_fitted_for_another_noise_schedule_or_parametrisation_is_refused",
+        "tests/test_runtime.py::test_prediction_type_mismatch_is_refused_unless_allowed",
+        "tests/test_use_and_follow.py::test_use_olss_scheduler_checks_what_the_plain_swap_cannot",
+        "tests/test_use_and_follow.py::test_a_plain_swap_says_once_what_it_cannot_check_and_warns_at_another_size",
+        "tests/test_hostile_inputs.py::test_fit_refuses_a_teacher_on_another_noise_schedule_before_any_work"),
+        functions=("x_compare", "x_same_value", "x__same", "x_check_allow", "x_check_timesteps", "x_is_flow",
+                   "x_prediction_type_of"),
+        note="the comparison of fitted_for with the use and the identity helpers"),
+    "files": Module("olss_fast/core/files.py", (
+        SE + "test_json_nesting_is_limited_well_below_pythons_own_recursion_limit",
+        SE + "test_stale_temporaries_of_a_dead_writer_are_removed_and_live_ones_kept",
+        "tests/test_trust_writers.py::test_temporaries_of_live_writers_elsewhere_are_kept",
+        "tests/test_trust_writers.py::test_lock_files_are_never_followed_or_truncated",
+        "tests/test_trust_writers.py::test_writers_refuse_fifos_and_devices",
+        "tests/test_schedule_io.py"),
+        functions=("x_parse_json", "x__depth", "x__unique_keys", "x__finite_float", "x__reject_constant",
+                   "x_clean_stale_temporaries", "x__is_stale", "x_temporary_name", "x_atomic_path",
+                   "x_read_limited", "x_open_regular", "x_read_fd"),
+        note="the JSON rules, the temporaries and their clean-up, the atomic write and the bounded reads"),
+    "runner": Module("olss_fast/serve/backend.py", (
+        "tests/test_runtime.py::test_update_schedule_with_other_timesteps_equals_a_fresh_runner",
+        "tests/test_runtime.py::test_sd_update_schedule", "tests/test_runtime.py::test_digits_eager_matches_pipeline"),
+        functions=("xǁProgramStateǁ*", "x_timesteps_tensor"),
+        note="the runner's schedule handling: ProgramState (create, load) and the timestep tensor"),
+}
+
+#: surviving mutants with no observable change: mutmut name -> reason (checked by reading each diff)
+EQUIVALENT: dict[str, str] = {
+    "olss_fast.core.step.x_unroll_linear_steps__mutmut_24":
+        "`row[j + 1] = B` for `+= B`: entry j+1 is still zero when step j adds B (only 0..j are set before)",
+    "olss_fast.core.step.x_ddim_coefficients__mutmut_4":
+        "`.to(None)` keeps ᾱ in float32: `float()` of a float32 element equals that of its exact float64 copy",
+    "olss_fast.core.step.x_coeff_row__mutmut_2":
+        "`device=None`: equivalent where every tensor is on the CPU (the only device of this run)",
+    "olss_fast.core.step.x_coeff_row__mutmut_4":
+        "`device=` dropped: equivalent where every tensor is on the CPU (the only device of this run)",
+}
+
+
+def _copy_tree(dst: Path, tests_from: str | None) -> None:
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("olss_fast", "export", "kernels"):
+        shutil.copytree(ROOT / name, dst / name, symlinks=True, ignore=ignore)
+    if tests_from:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", tests_from, "tests"], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dst)], input=archive, check=True)
+        # the new test files of this branch do not exist at the old revision: keep only what it had
+    else:
+        shutil.copytree(ROOT / "tests", dst / "tests", ignore=ignore)
+
+
+def _exists(work: Path, test: str) -> bool:
+    """Whether a test file (or ``file::function-prefix``) exists in the copy (older revisions lack new tests)."""
+    path, _, name = test.partition("::")
+    if not (work / path).exists():
+        return False
+    return not name or f"def {name}" in (work / path).read_text()
+
+
+def _select(work: Path, test: str) -> list[str]:
+    """pytest arguments for a test: a file, a node id, or ``file::prefix`` (every function starting with it)."""
+    path, _, name = test.partition("::")
+    if not name:
+        return [path]
+    import re
+
+    names = re.findall(rf"^def ({re.escape(name)}\w*)\(", (work / path).read_text(), re.M)
+    return [f"{path}::{n}" for n in names]
+
+
+def _config(module: Module, tests: list[str], max_children: int) -> str:
+    lines = ["", "[tool.mutmut]", 'source_paths = ["olss_fast"]', f"only_mutate = {json.dumps([module.path])}",
+             f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",
+             'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]',
+             'process_isolation = "forkserver"', "use_git_change_detection = false"]
+    return "\n".join(lines) + "\n"
+
+
+def run_module(name: str, label: str, tests_from: str | None, max_children: int) -> dict:
+    module = MODULES[name]
+    work = ROOT / "build" / "mutation" / label / name
+    _copy_tree(work, tests_from)
+    tests = [t for t in module.tests if _exists(work, t)]
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    start = pyproject.find("[tool.mutmut]")
+    if start >= 0:  # the repository's own section is replaced by the per-module one
+        end = pyproject.find("\n[", start + 1)
+        pyproject = pyproject[:start] + (pyproject[end + 1:] if end >= 0 else "")
+    selection = [arg for t in tests for arg in _select(work, t)]
+    (work / "pyproject.toml").write_text(pyproject + _config(module, selection, max_children))
+    names = [f"{module.path[:-3].replace('/', '.')}.{f}__mutmut_*" for f in module.functions]
+    cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *names]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONHASHSEED="0")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    (work / "mutmut_run.log").write_text(proc.stdout[-200_000:] + "\n--- stderr\n" + proc.stderr[-200_000:])
+    meta = json.loads((work / "mutants" / (module.path + ".meta")).read_text())
+    codes = meta.get("exit_code_by_key", {})
+    if names:
+        import fnmatch
+
+        codes = {k: v for k, v in codes.items() if any(fnmatch.fnmatchcase(k, n) for n in names)}
+    return {"module": module.path, "tests": tests, "functions": list(module.functions), "note": module.note,
+            "seconds": round(seconds, 1), "returncode": proc.returncode,
+            "command": " ".join(["mutmut", "run", "--max-children", str(max_children), *names]),
+            "exit_codes": codes}
+
+
+def summarise(result: dict) -> dict:
+    from mutmut.stats import status_by_exit_code
+
+    status = {k: status_by_exit_code[v] for k, v in result["exit_codes"].items()}
+    # a mutant no selected test runs ("no tests") is a survivor too: nothing would notice it
+    survived = sorted(k for k, s in status.items() if s in ("survived", "no tests"))
+    equivalent = [k for k in survived if k in EQUIVALENT]
+    killed = sum(s in ("killed", "timeout") for s in status.values())
+    timeouts = sum(s == "timeout" for s in status.values())
+    other = sorted(k for k, s in status.items() if s not in ("killed", "timeout", "survived", "no tests"))
+    total = len(status)
+    denominator = total - len(equivalent) - len(other)
+    return {"total": total, "killed": killed, "timeouts": timeouts, "survived": len(survived),
+            "equivalent": equivalent, "not_equivalent": [k for k in survived if k not in EQUIVALENT],
+            "other": {k: status[k] for k in other},
+            "score": round(killed / denominator, 4) if denominator else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--modules", default=",".join(MODULES))
+    ap.add_argument("--label", default="after")
+    ap.add_argument("--tests-from", default=None, help="git revision whose tests/ to use (e.g. main before the fix)")
+    ap.add_argument("--max-children", type=int, default=2)
+    ap.add_argument("--report", action="store_true", help="only regenerate the RESULTS.md section")
+    args = ap.parse_args()
+    out = ROOT / "benchmarks" / f"mutation_{args.label}.json"
+    if not args.report:
+        data = json.loads(out.read_text()) if out.exists() else {}
+        for name in args.modules.split(","):
+            result = run_module(name, args.label, args.tests_from, args.max_children)
+            result["tests_from"] = args.tests_from
+            data[name] = result
+            out.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+            s = summarise(result)
+            print(f"{name}: {s['killed']}/{s['total']} killed, {s['survived']} survived, score {s['score']}, "
+                  f"{result['seconds']} s", flush=True)
+    report()
+
+
+def report() -> None:
+    import mutmut
+
+    runs = {}
+    for label in ("before", "after"):
+        p = ROOT / "benchmarks" / f"mutation_{label}.json"
+        if p.exists():
+            runs[label] = json.loads(p.read_text())
+    after, before = runs.get("after", {}), runs.get("before", {})
+    version = getattr(mutmut, "__version__", "3.8.1")
+    lines = [SECTION, "",
+             f"Tool: mutmut {version}, run per module by `python benchmarks/mutation.py --label after` (and "
+             "`--label before --tests-from <main before the new tests>`): each module in its own scratch copy under "
+             "build/mutation/, `[tool.mutmut]` generated with `only_mutate` = the module and "
+             "`pytest_add_cli_args_test_selection` = the tests below, then `mutmut run --max-children 2 [function "
+             "globs]` (the command per module is in benchmarks/mutation_after.json). Score = killed (timeouts count as "
+             "killed) / (total − equivalent). 2 CPU cores, shared.", "",
+             "| module | scope | tests | total | killed | survived | equivalent | timeouts | score before | "
+             "score after | time |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in MODULES:
+        if name not in after:
+            continue
+        a = summarise(after[name])
+        b = summarise(before[name]) if name in before else None
+        scope = ", ".join(f"`{f}`" for f in after[name]["functions"]) or "whole module"
+        tests = ", ".join(t.replace("tests/", "") for t in after[name]["tests"])
+        pct = (lambda s: "–" if s is None or s["score"] is None else f"{100 * s['score']:.1f} %")
+        lines.append(f"| {after[name]['module']} | {scope} | {tests} | {a['total']} | {a['killed']} | "
+                     f"{a['survived']} | {len(a['equivalent'])} | {a['timeouts']} | {pct(b)} | {pct(a)} | "
+                     f"{after[name]['seconds']:.0f} s |")
+    lines += ["", "Equivalent survivors (no observable change):", ""]
+    for name in MODULES:
+        for k in summarise(after[name])["equivalent"] if name in after else []:
+            lines.append(f"- `{k}`: {EQUIVALENT[k]}")
+    lines += ["", "Non-equivalent survivors left:", ""]
+    for name in MODULES:
+        for k in summarise(after[name])["not_equivalent"] if name in after else []:
+            lines.append(f"- `{k}`")
+    text = "\n".join(lines) + "\n"
+    results = ROOT / "benchmarks" / "RESULTS.md"
+    old = results.read_text()
+    start = old.find(SECTION)
+    if start >= 0:
+        end = old.find("\n## ", start + len(SECTION))
+        old = old[:start] + (old[end + 1:] if end >= 0 else "")
+    results.write_text(old.rstrip("\n") + "\n\n" + text)
+
+
+if __name__ == "__main__":
+    main()
