@@ -435,6 +435,10 @@ def test_prediction_type_mismatch_is_refused_unless_allowed(tokenizer_dir: Path)
 
 
 # ================================================================================================ graph plumbing (CPU)
+# What runs where: on the CPU, serve/cuda_graph.py's capture/replay plumbing runs only through _FakeCapture below, a
+# stand-in for CapturedGraph (no torch.cuda.CUDAGraph is ever captured here). The real CapturedGraph is exercised
+# only by the gpu-marked tests at the end of this file (test_gpu_*), which skip without CUDA and which
+# benchmarks/gpu_check.sh runs (`pytest -m gpu`). A CPU-only pass of this file says nothing about real graphs.
 class _FakeCapture:
     """Stands in for CapturedGraph on the CPU with CUDA-graph semantics: static outputs overwritten by each replay."""
 

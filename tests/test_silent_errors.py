@@ -360,3 +360,36 @@ def test_refit_ridge_is_the_tikhonov_fit_on_the_students_outputs():
     default, *_ = _refit()
     assert torch.equal(default.coeffs, _refit(1e-8)[0].coeffs)
     assert not torch.equal(default.coeffs, _refit(0.0)[0].coeffs)
+
+
+# ---------------------------------------------------------------------------------------------------- what a user gets
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="known defect: the statistics-only fit (the paper's, without the re-fit) "
+                   "blows up on held-out noise at 8-10 NFE; strict, so a fix makes this test fail until the mark goes")
+def test_statistics_only_fit_is_not_far_worse_than_ddim_on_held_out_noise():
+    """Regression: the documented statistics-only call ``search_schedule(stats, n)`` giving a user a schedule far
+    worse than plain DDIM of the same NFE on noise it was not fitted on.
+
+    On a 4-component Gaussian mixture (64 training noises, DDIM-100 teacher) DDIM-10 is 0.25 RMSE from the teacher
+    on 128 held-out noises; the paper's fit on the default path reaches ~7 (its large alternating coefficients on
+    nearly collinear late outputs amplify any difference). The bound asked here is 2x DDIM's error."""
+    from olss_fast.core.search import search_schedule
+    from olss_fast.fit.recording import record_trajectories
+    from olss_fast.models.gmm import make_gmm
+    from olss_fast.serve.scheduler import OLSSScheduler
+
+    pipe = make_gmm((3, 6, 6), num_components=4, seed=0)
+    stats = record_trajectories(pipe, [None] * 64, teacher_steps=100, batch_size=64, progress=False, base_seed=0)
+    config = dict(pipe.scheduler.config)
+    held_out = torch.randn(128, 3, 6, 6, generator=torch.Generator().manual_seed(999))
+
+    def run(scheduler, n):
+        pipe.scheduler = scheduler
+        return pipe(prompt=128, latents=held_out.clone(), num_inference_steps=n).sample
+
+    teacher = run(DDIMScheduler.from_config(config), 100)
+    n = 10
+    ddim = float(((run(DDIMScheduler.from_config(config), n) - teacher) ** 2).mean().sqrt())
+    fit = search_schedule(stats, n)
+    olss = float(((run(OLSSScheduler.from_schedules([fit], config=config), n) - teacher) ** 2).mean().sqrt())
+    assert 0.1 < ddim < 0.5  # (the model and teacher are what the docstring says)
+    assert olss <= 2 * ddim, (olss, ddim)
