@@ -97,7 +97,7 @@ MODULES: dict[str, Module] = {
                    "x__is_stale", "x_temporary_name"),
         note="the JSON rules, the temporaries and their clean-up"),
     "runner": Module("olss_fast/serve/backend.py", (
-        "tests/test_runtime.py::test_update_schedule_with_other_timesteps_equals_a_fresh_runner",
+        SE + "test_program_state", "tests/test_runtime.py::test_update_schedule_with_other_timesteps_equals_a_fresh_runner",
         "tests/test_runtime.py::test_sd_update_schedule", "tests/test_runtime.py::test_digits_eager_matches_pipeline"),
         functions=("xǁProgramStateǁ*", "x_timesteps_tensor"),
         note="the runner's schedule handling: ProgramState (create, load) and the timestep tensor"),
@@ -113,6 +113,21 @@ EQUIVALENT: dict[str, str] = {
         "`device=None`: equivalent where every tensor is on the CPU (the only device of this run)",
     "olss_fast.core.step.x_coeff_row__mutmut_4":
         "`device=` dropped: equivalent where every tensor is on the CPU (the only device of this run)",
+    **{f"olss_fast.serve.backend.{name}": "device argument dropped or None: equivalent where every tensor is on the "
+       "CPU (the only device of this run; the gpu tests of tests/test_runtime.py cover it)" for name in (
+           "xǁProgramStateǁcreate__mutmut_9", "xǁProgramStateǁcreate__mutmut_11", "xǁProgramStateǁcreate__mutmut_14",
+           "xǁProgramStateǁcreate__mutmut_20", "xǁProgramStateǁcreate__mutmut_24", "xǁProgramStateǁload__mutmut_11",
+           "x_timesteps_tensor__mutmut_5", "x_timesteps_tensor__mutmut_8")},
+    "olss_fast.serve.backend.xǁProgramStateǁcreate__mutmut_19":
+        "`torch.full` of a Python float without `dtype` gives the default dtype, float32, as asked",
+    "olss_fast.serve.backend.xǁProgramStateǁcreate__mutmut_23":
+        "`torch.full` of a Python float without `dtype` gives the default dtype, float32, as asked",
+    "olss_fast.serve.backend.xǁProgramStateǁload__mutmut_19":
+        "`.to(None)`: `copy_` into the float32 buffer converts the float64 coefficients anyway",
+    "olss_fast.serve.backend.x_timesteps_tensor__mutmut_4":
+        "`dtype=None`: torch infers int64 for Python ints and the default float32 for floats, the same types",
+    "olss_fast.serve.backend.x_timesteps_tensor__mutmut_7":
+        "`dtype` dropped: torch infers int64 for Python ints and the default float32 for floats, the same types",
 }
 
 

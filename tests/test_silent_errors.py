@@ -393,3 +393,35 @@ def test_statistics_only_fit_is_not_far_worse_than_ddim_on_held_out_noise():
     olss = float(((run(OLSSScheduler.from_schedules([fit], config=config), n) - teacher) ** 2).mean().sqrt())
     assert 0.1 < ddim < 0.5  # (the model and teacher are what the docstring says)
     assert olss <= 2 * ddim, (olss, ddim)
+
+
+# ---------------------------------------------------------------------------------------------------- runner state
+def test_program_state_holds_the_schedule_as_typed_tensors():
+    """Regression: the runner's loaded schedule with the wrong timestep type (VP timesteps as floats, flow-matching
+    timesteps truncated to integers), coefficients not in float32, a load that keeps old values, or a timestep-type
+    change accepted silently.
+
+    The state is what the compiled loop reads: integer timesteps for VP schedules, float32 for flow matching,
+    float32 coefficients, copied in place by ``load``; another timestep type needs a new runner."""
+    from olss_fast.core.schedule import OLSSSchedule
+    from olss_fast.serve.backend import ProgramState
+
+    cpu = torch.device("cpu")
+    c = torch.tensor([[1.0, 0.5, 0.0], [0.9, 0.1, 0.2]], dtype=torch.float64)
+    vp = OLSSSchedule([900, 500], [0, 5], c, teacher_steps=10)
+    flow = OLSSSchedule([937.5, 500.25], [0, 5], c, teacher_steps=10)
+    state = ProgramState.create(vp, 3.0, cpu)
+    assert state.timesteps.dtype == torch.int64 and state.timesteps.tolist() == [900, 500]
+    assert state.coeffs.dtype == torch.float32 and torch.equal(state.coeffs, c.float())
+    assert state.guidance.dtype == torch.float32 and state.guidance.tolist() == [3.0]
+    fs = ProgramState.create(flow, 1.0, cpu)
+    assert fs.timesteps.dtype == torch.float32 and fs.timesteps.tolist() == [937.5, 500.25]
+    other = OLSSSchedule([800, 300], [0, 7], c * 2, teacher_steps=10)
+    coeffs, timesteps = state.coeffs, state.timesteps
+    state.load(other)
+    assert state.schedule is other and state.coeffs is coeffs and state.timesteps is timesteps  # in place
+    assert state.timesteps.tolist() == [800, 300] and torch.equal(state.coeffs, (c * 2).float())
+    with pytest.raises(ValueError, match=r"^timestep type torch.float32 differs from the loaded torch.int64; compile "
+                                         r"a new runner$"):
+        state.load(flow)
+    assert state.timesteps.tolist() == [800, 300]
