@@ -77,6 +77,7 @@ MODULES: dict[str, Module] = {
     "provenance": Module("olss_fast/core/provenance.py", (
         SE + "test_noise_schedule_id_tells_zero_snr_rescaling_apart",
         SE + "test_same_model_class_with_another_config_is_refused_not_a_fine_tune",
+        SE + "test_provenance_values_compare_with_their_own_rules", SE + "test_compare_",
         "tests/test_scheduler.py::test_schedule_fitted_for_another_noise_schedule_or_parametrisation_is_refused",
         "tests/test_runtime.py::test_prediction_type_mismatch_is_refused_unless_allowed",
         "tests/test_use_and_follow.py::test_use_olss_scheduler_checks_what_the_plain_swap_cannot",
@@ -115,6 +116,8 @@ EQUIVALENT: dict[str, str] = {
            "xǁProgramStateǁcreate__mutmut_9", "xǁProgramStateǁcreate__mutmut_11", "xǁProgramStateǁcreate__mutmut_14",
            "xǁProgramStateǁcreate__mutmut_20", "xǁProgramStateǁcreate__mutmut_24", "xǁProgramStateǁload__mutmut_11",
            "x_timesteps_tensor__mutmut_5", "x_timesteps_tensor__mutmut_8")},
+    **{f"olss_fast.core.provenance.x_compare__mutmut_{i}": "the first element of a one-time-warning key only keeps "
+       "fine-tune keys apart from mismatch keys; another distinct constant does the same" for i in (62, 63, 142, 143)},
     "olss_fast.serve.backend.xǁProgramStateǁcreate__mutmut_19":
         "`torch.full` of a Python float without `dtype` gives the default dtype, float32, as asked",
     "olss_fast.serve.backend.xǁProgramStateǁcreate__mutmut_23":

@@ -205,6 +205,84 @@ def test_same_model_class_with_another_config_is_refused_not_a_fine_tune(caplog)
         compare(fitted, other_weights, fine_tune_warns=False)
 
 
+def test_provenance_values_compare_with_their_own_rules():
+    """Regression: guidance and resolution shift compared exactly (or with a loose or missing tolerance), latent
+    shapes compared by type instead of value, or a value that cannot be compared counted as the same.
+
+    ``same_value`` is what decides whether a schedule is refused or warned about: guidance scale and mu within
+    1e-6 relative (or 1e-9 absolute near zero) are the same; a latent shape is its integer sizes; anything that
+    cannot be compared differs."""
+    from olss_fast.core.provenance import same_value
+
+    for key in ("guidance_scale", "mu"):
+        assert same_value(key, 7.5, 7.5 * (1 + 1e-7)) and not same_value(key, 7.5, 7.5 * (1 + 1e-5))
+        assert same_value(key, 0.0, 1e-10) and not same_value(key, 0.0, 1e-8)
+        assert not same_value(key, 7.5, 8.0) and not same_value(key, "abc", 7.5)
+    assert same_value("latent_shape", [4, 64, 64], (4.0, 64, 64)) and not same_value("latent_shape", [4, 64], [4, 65])
+    assert not same_value("latent_shape", [4, 64], None)
+    assert same_value("model", {"a": 1}, {"a": 1}) and not same_value("model", {"a": 1}, {"a": 2})
+
+
+def test_compare_checks_every_refused_key_and_says_what_and_where(caplog):
+    """Regression: ``compare`` stopping at the first refused key it accepts (an explicitly accepted value, or a
+    fine-tune that only warns) instead of checking the rest; tolerances lost for refused keys; fine-tune warnings
+    keyed so that a second, different fine-tune is never reported; messages or logger that do not say what runs where.
+    """
+    ft = {"class": "UNet2DConditionModel", "config_sha256": "a" * 64, "weights_sha256": "1" * 64}
+    fitted = {"model": ft, "noise_schedule": {"kind": "vp", "alphas_cumprod_sha256": "x"}, "guidance_scale": 7.5}
+    with pytest.raises(ValueError, match=r"^the schedule was fitted for another setting than it is used here: "
+                                         r"noise schedule: fitted for"):
+        compare(fitted, dict(fitted, model=dict(ft, weights_sha256="2" * 64),
+                             noise_schedule={"kind": "vp", "alphas_cumprod_sha256": "y"}))
+    with pytest.raises(ValueError, match="noise schedule"):
+        compare(fitted, dict(fitted, model=dict(ft, config_sha256="b" * 64), noise_schedule={"kind": "flow"}),
+                accepted={"model": dict(ft, config_sha256="b" * 64)})
+    # refused keys keep their tolerance, and an accepted value counts with it too
+    compare({"guidance_scale": 7.5}, {"guidance_scale": 7.5 * (1 + 1e-8)}, refuse=("guidance_scale",), warn=())
+    compare({"guidance_scale": 7.5}, {"guidance_scale": 3.0 * (1 + 1e-8)}, refuse=("guidance_scale",), warn=(),
+            accepted={"guidance_scale": 3.0})
+    with pytest.raises(ValueError, match="guidance scale"):
+        compare({"guidance_scale": 7.5}, {"guidance_scale": 3.1}, refuse=("guidance_scale",), warn=(),
+                accepted={"guidance_scale": 3.0})
+    # each different fine-tune warns once, naming what runs where, from this module's logger
+    with caplog.at_level(logging.WARNING):
+        for fitted_w, used_w in (("1", "2"), ("1", "2"), ("3", "2"), ("1", "4")):
+            compare({"model": dict(ft, weights_sha256=fitted_w * 64)}, {"model": dict(ft, weights_sha256=used_w * 64)},
+                    what="the test schedule s1", where="on this test pipe")
+    records = [r for r in caplog.records if "the test schedule s1" in r.getMessage()]
+    assert len(records) == 3 and {r.name for r in records} == {"olss_fast.core.provenance"}
+    assert records[0].getMessage() == (
+        "the test schedule s1 was fitted on other weights of the same UNet2DConditionModel (a fine-tune or a fused "
+        "LoRA?) than on this test pipe; it runs unchanged (re-fit on these weights for the best quality)")
+
+
+def test_compare_messages_name_every_difference_and_warn_once_per_setting(caplog):
+    """Regression: refusal or warning texts that lose what differs, where, or how to override; warnings for a key
+    missing on one side, for values equal within tolerance, or keyed so that another difference is never reported.
+    """
+    m1 = {"class": "UNet2DModel", "config_sha256": "a" * 64, "weights_sha256": "1" * 64}
+    m2 = {"class": "UNet2DConditionModel", "config_sha256": "b" * 64, "weights_sha256": "2" * 64}
+    with pytest.raises(ValueError) as err:
+        compare({"model": m1, "prediction_type": "epsilon"}, {"model": m2, "prediction_type": "v_prediction"})
+    assert str(err.value) == (
+        "the schedule was fitted for another setting than it is used here: model: fitted for UNet2DModel (config "
+        "aaaaaaaaaaaa…, weights 111111111111…), used with UNet2DConditionModel (config bbbbbbbbbbbb…, weights "
+        "222222222222…); prediction type: fitted for 'epsilon', used with 'v_prediction'. Its coefficients are only "
+        "right for what it was fitted on: search a schedule for this one, or pass allow_mismatch=(...) with any of "
+        "'model', 'noise_schedule', 'prediction_type' (CLI: --allow-mismatch) to use it anyway")
+    with caplog.at_level(logging.WARNING):
+        compare({"guidance_scale": 7.5}, {})  # unknown on one side: nothing to say
+        compare({"guidance_scale": 7.5}, {"guidance_scale": 7.5 * (1 + 1e-8)})  # the same within tolerance
+        assert caplog.records == []
+        for a, b in ((7.5, 3.0), (7.5, 3.0), (5.0, 3.0), (7.5, 4.0)):
+            compare({"guidance_scale": a}, {"guidance_scale": b}, what="the test schedule s2", where="on this test pipe")
+    records = [r for r in caplog.records if "the test schedule s2" in r.getMessage()]
+    assert len(records) == 3 and {r.name for r in records} == {"olss_fast.core.provenance"}
+    assert records[0].getMessage() == (
+        "the test schedule s2 was fitted at guidance_scale = 7.5 but runs at guidance_scale = 3.0 on this test pipe; "
+        "it runs unchanged, tuned for 7.5 (search a schedule at this setting for the best quality)")
+
+
 # ---------------------------------------------------------------------------------------------------- file rules
 def _nested(depth: int) -> str:
     return "[" * depth + "]" * depth
