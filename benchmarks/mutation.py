@@ -88,6 +88,8 @@ MODULES: dict[str, Module] = {
     "files": Module("olss_fast/core/files.py", (
         SE + "test_json_nesting_is_limited_well_below_pythons_own_recursion_limit",
         SE + "test_stale_temporaries_of_a_dead_writer_are_removed_and_live_ones_kept",
+        SE + "test_json_value_and_container_counts_are_bounded_exactly",
+        SE + "test_foreign_temporaries_are_stale_only_when_older_than_the_limit",
         "tests/test_trust_writers.py::test_temporaries_of_live_writers_elsewhere_are_kept",
         "tests/test_trust_writers.py::test_lock_files_are_never_followed_or_truncated",
         "tests/test_trust_writers.py::test_writers_refuse_fifos_and_devices",
@@ -118,6 +120,10 @@ EQUIVALENT: dict[str, str] = {
            "x_timesteps_tensor__mutmut_5", "x_timesteps_tensor__mutmut_8")},
     **{f"olss_fast.core.provenance.x_compare__mutmut_{i}": "the first element of a one-time-warning key only keeps "
        "fine-tune keys apart from mismatch keys; another distinct constant does the same" for i in (62, 63, 142, 143)},
+    "olss_fast.core.files.x_parse_json__mutmut_26":
+        "`max_values / 8` for `// 8`: for an integer count c, c > n // 8 and c > n / 8 agree",
+    "olss_fast.core.files.x__depth__mutmut_4":
+        "`deepest = 1` for `0`: the first item popped (depth 1) sets it to 1 anyway",
     "olss_fast.serve.backend.xǁProgramStateǁcreate__mutmut_19":
         "`torch.full` of a Python float without `dtype` gives the default dtype, float32, as asked",
     "olss_fast.serve.backend.xǁProgramStateǁcreate__mutmut_23":
@@ -274,12 +280,23 @@ def report() -> None:
         a = summarise(after[name])
         b = summarise(before[name]) if name in before else None
         scope = ", ".join(f"`{f}`" for f in after[name]["functions"]) or "whole module"
-        tests = ", ".join(t.replace("tests/", "") for t in after[name]["tests"])
+        files = {}
+        for t in after[name]["tests"]:
+            path, _, func = t.replace("tests/", "").partition("::")
+            files.setdefault(path, []).append(func)
+        tests = ", ".join(f if "" in fs else f"{f} ({len(fs)} test{'s' if len(fs) > 1 else ''})"
+                          for f, fs in files.items())
         pct = (lambda s: "–" if s is None or s["score"] is None else f"{100 * s['score']:.1f} %")
         lines.append(f"| {after[name]['module']} | {scope} | {tests} | {a['total']} | {a['killed']} | "
                      f"{a['survived']} | {len(a['equivalent'])} | {a['timeouts']} | {pct(b)} | {pct(a)} | "
                      f"{after[name]['seconds']:.0f} s |")
-    lines += ["", "Equivalent survivors (no observable change):", ""]
+    total_s = sum(after[n]["seconds"] for n in after) + sum(before[n]["seconds"] for n in before)
+    lines += ["", f"Time: {total_s / 60:.0f} min for both runs of every module (after: "
+              f"{sum(after[n]['seconds'] for n in after) / 60:.0f} min, --max-children 2; before: "
+              f"{sum(before[n]['seconds'] for n in before) / 60:.0f} min, --max-children 1, concurrently with other "
+              "jobs). The test selections of each module are listed in benchmarks/mutation.py (MODULES); 'before' "
+              "uses the same selection at the old revision, without the test files and functions it lacks.",
+              "", "Equivalent survivors (no observable change):", ""]
     for name in MODULES:
         for k in summarise(after[name])["equivalent"] if name in after else []:
             lines.append(f"- `{k}`: {EQUIVALENT[k]}")

@@ -336,6 +336,48 @@ def test_stale_temporaries_of_a_dead_writer_are_removed_and_live_ones_kept(tmp_p
     assert files.clean_stale_temporaries(tmp_path) == []
 
 
+def test_json_value_and_container_counts_are_bounded_exactly():
+    """Regression: the pre-parse bounds of ``parse_json(max_values=...)`` off by one, counting only one kind of
+    bracket, testing one bound instead of either, or not applied to ``str`` input.
+
+    ``values`` = commas + 1 may reach ``max_values``; arrays plus objects may reach ``max(max_values // 8, 64)``;
+    one more of either is refused, before anything is parsed, with both counts in the message."""
+    def arrays(n_values):
+        return "[" + ",".join(["0"] * n_values) + "]"
+
+    def containers(k, kind="[]"):
+        return "[" + ",".join([kind] * (k - 1)) + "]"
+
+    for conv in (str, str.encode):
+        assert len(files.parse_json(conv(arrays(100)), "t", max_values=100)) == 100
+        with pytest.raises(ValueError, match=r"^t holds more values \(101\) or arrays and objects \(1\) than such a "
+                                             r"file can \(not one of ours, or corrupted\)$"):
+            files.parse_json(conv(arrays(101)), "t", max_values=100)
+        for kind in ("[]", "{}"):
+            assert len(files.parse_json(conv(containers(125, kind)), "t", max_values=1000)) == 124
+            with pytest.raises(ValueError, match=r"arrays and objects \(126\)"):
+                files.parse_json(conv(containers(126, kind)), "t", max_values=1000)
+            assert len(files.parse_json(conv(containers(64, kind)), "t", max_values=100)) == 63  # the floor of 64
+            with pytest.raises(ValueError, match=r"arrays and objects \(65\)"):
+                files.parse_json(conv(containers(65, kind)), "t", max_values=100)
+
+
+def test_foreign_temporaries_are_stale_only_when_older_than_the_limit(tmp_path, monkeypatch):
+    """Regression: a temporary of another machine (no namespace tag of ours) removed at exactly the age limit or
+    when its age cannot be read. Only older than ``STALE_AGE_S`` counts as stale; a file that vanished is not."""
+    now = 2_000_000_000
+    monkeypatch.setattr(files.time, "time", lambda: now)
+    name = f".s.json.{os.getpid()}.0123abcd.tmp"  # an old-style name: another writer's, age decides
+    p = tmp_path / name
+    p.write_text("x")
+    m = files._TMP_RE.match(name)
+    os.utime(p, (now - files.STALE_AGE_S, now - files.STALE_AGE_S))
+    assert not files._is_stale(p, m)
+    os.utime(p, (now - files.STALE_AGE_S - 1, now - files.STALE_AGE_S - 1))
+    assert files._is_stale(p, m)
+    assert not files._is_stale(tmp_path / "gone" / name, m)
+
+
 # ---------------------------------------------------------------------------------------------------- statistics
 def _stats(seed: int, **kw) -> GramStats:
     s = GramStats([900, 600, 300], prediction_type=kw.pop("prediction_type", "epsilon"), **kw)
