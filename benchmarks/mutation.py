@@ -90,6 +90,8 @@ MODULES: dict[str, Module] = {
         SE + "test_stale_temporaries_of_a_dead_writer_are_removed_and_live_ones_kept",
         SE + "test_json_value_and_container_counts_are_bounded_exactly",
         SE + "test_foreign_temporaries_are_stale_only_when_older_than_the_limit",
+        SE + "test_json_text_rules_each_refuse_with_their_own_message",
+        SE + "test_stale_temporary_folders_are_removed_and_links_only_unlinked",
         "tests/test_trust_writers.py::test_temporaries_of_live_writers_elsewhere_are_kept",
         "tests/test_trust_writers.py::test_lock_files_are_never_followed_or_truncated",
         "tests/test_trust_writers.py::test_writers_refuse_fifos_and_devices",
@@ -122,6 +124,8 @@ EQUIVALENT: dict[str, str] = {
        "fine-tune keys apart from mismatch keys; another distinct constant does the same" for i in (62, 63, 142, 143)},
     "olss_fast.core.files.x_parse_json__mutmut_26":
         "`max_values / 8` for `// 8`: for an integer count c, c > n // 8 and c > n / 8 agree",
+    "olss_fast.core.files.x_parse_json__mutmut_37":
+        "`decode(\"UTF-8\")` for `decode(\"utf-8\")`: codec names are case-insensitive",
     "olss_fast.core.files.x__depth__mutmut_4":
         "`deepest = 1` for `0`: the first item popped (depth 1) sets it to 1 anyway",
     "olss_fast.serve.backend.xǁProgramStateǁcreate__mutmut_19":

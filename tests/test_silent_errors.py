@@ -378,6 +378,45 @@ def test_foreign_temporaries_are_stale_only_when_older_than_the_limit(tmp_path, 
     assert not files._is_stale(tmp_path / "gone" / name, m)
 
 
+def test_json_text_rules_each_refuse_with_their_own_message():
+    """Regression: bytes handed to ``json.loads`` undecoded (it guesses UTF-16/32 and reports another error),
+    infinities or duplicate keys let through, or the refusals without the file's name and reason."""
+    assert files.parse_json(b'{"a": [1, 2.5]}', "t") == {"a": [1, 2.5]}
+    with pytest.raises(ValueError, match=r"^t is not UTF-8 text \(corrupted\?\)$"):
+        files.parse_json(b'"\xff"', "t")
+    with pytest.raises(ValueError, match=r"^t is not UTF-8 text"):
+        files.parse_json('{"a": 1}'.encode("utf-16"), "t")
+    with pytest.raises(ValueError, match="^t"):
+        files.parse_json("[1e400]", "t")
+    with pytest.raises(ValueError, match="appears twice"):
+        files.parse_json('{"a": 1, "a": 2}', "t")
+    with pytest.raises(ValueError, match=r"^t nests JSON too deeply \(corrupted\?\)$"):
+        files.parse_json("[" * 200_000 + "]" * 200_000, "t")
+
+
+def test_stale_temporary_folders_are_removed_and_links_only_unlinked(tmp_path):
+    """Regression: a stale temporary folder left in place, or a stale temporary that is a link to a folder followed
+    and emptied (``rmtree`` through the link); the clean-up returns exactly what it removed."""
+    child = subprocess.run([sys.executable, "-S", "-c", "import os; print(os.getpid())"], capture_output=True,
+                           text=True, check=True)
+    dead_pid = int(child.stdout)
+
+    def stale(name):
+        return tmp_path / files.temporary_name(tmp_path / name).name.replace(f".{os.getpid()}.", f".{dead_pid}.", 1)
+
+    folder, link = stale("export"), stale("other")
+    folder.mkdir()
+    (folder / "model.onnx").write_text("half")
+    outside = tmp_path.parent / f"{tmp_path.name}-kept"
+    outside.mkdir()
+    (outside / "precious").write_text("keep")
+    link.symlink_to(outside, target_is_directory=True)
+    removed = files.clean_stale_temporaries(tmp_path)
+    assert sorted(removed) == sorted([folder, link])
+    assert not folder.exists() and not link.is_symlink()
+    assert (outside / "precious").read_text() == "keep"
+
+
 # ---------------------------------------------------------------------------------------------------- statistics
 def _stats(seed: int, **kw) -> GramStats:
     s = GramStats([900, 600, 300], prediction_type=kw.pop("prediction_type", "epsilon"), **kw)
