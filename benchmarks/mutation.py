@@ -262,11 +262,10 @@ def main() -> None:
 def report() -> None:
     import mutmut
 
-    runs = {}
-    for label in ("before", "after"):
-        p = ROOT / "benchmarks" / f"mutation_{label}.json"
-        if p.exists():
-            runs[label] = json.loads(p.read_text())
+    runs: dict[str, dict] = {}
+    for label in ("before", "after"):  # a later file (mutation_after2.json: a re-run of some modules) overrides
+        for p in sorted((ROOT / "benchmarks").glob(f"mutation_{label}*.json")):
+            runs.setdefault(label, {}).update(json.loads(p.read_text()))
     after, before = runs.get("after", {}), runs.get("before", {})
     version = getattr(mutmut, "__version__", "3.8.1")
     lines = [SECTION, "",
