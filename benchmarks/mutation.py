@@ -52,7 +52,7 @@ MODULES: dict[str, Module] = {
         functions=("x_gram_lstsq", "x_solve_spd"),
         note="the fit and the guarded solve (not the pseudo-inverse fallback or the rank helper)"),
     "stats": Module("olss_fast/core/stats.py", (
-        "tests/test_stats_lstsq.py", SE + "test_gram_statistics_of_another_setting_never_merge",
+        "tests/test_stats_lstsq.py", SE + "test_gram_statistics_",
         "tests/test_schedule_io.py::test_merging_different_teachers_is_refused",
         "tests/test_schedule_io.py::test_stats_round_trip",
         "tests/test_hostile_inputs.py::test_merging_never_counts_a_sample_twice"),

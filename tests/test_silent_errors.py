@@ -584,3 +584,39 @@ def test_program_state_holds_the_schedule_as_typed_tensors():
                                          r"a new runner$"):
         state.load(flow)
     assert state.timesteps.tolist() == [800, 300]
+
+
+def test_gram_statistics_merge_refuses_what_may_count_a_sample_twice():
+    """Regression: merging statistics without work items by default (``disjoint=True``), checking items only when
+    both sides lack them, refusing to merge an empty recording, or refusals whose text loses the reason and the way
+    out. The merged sums are exact where the merge is allowed."""
+    def stats(seed, items=None):
+        s = GramStats([900, 600, 300], prediction_type="epsilon")
+        if seed is not None:
+            g = torch.Generator().manual_seed(seed)
+            s.update(torch.randn(4, 2, 3, generator=g), torch.randn(3, 2, 3, generator=g), items=items)
+        return s
+
+    plain_a, plain_b, with_items = stats(0), stats(1), stats(2, items=[0, 1])
+    no_items = ("cannot tell whether these statistics share samples: they record no work items (updated without "
+                "items=, or a version-1 file), and merging a recording with itself would count every sample twice. "
+                "Pass items= to update(), or, if you know the parts are disjoint, merge with a.merge_(b, disjoint=True)")
+    for left, right in ((plain_a, plain_b), (plain_a, with_items), (with_items, plain_a)):
+        with pytest.raises(ValueError) as err:
+            left.copy().merge_(right)
+        assert str(err.value) == no_items
+    with pytest.raises(ValueError, match="disjoint"):
+        plain_a.copy().merge_(plain_b, disjoint="yes")
+    merged = plain_a.copy().merge_(plain_b, disjoint=True)
+    torch.testing.assert_close(merged.gram, plain_a.gram + plain_b.gram, rtol=0, atol=0)
+    assert merged.num_samples == 4 and merged.items is None
+    # an empty recording merges into anything, either way round
+    assert torch.equal(plain_a.copy().merge_(stats(None)).gram, plain_a.gram)
+    assert torch.equal(stats(None).merge_(plain_a).gram, plain_a.gram)
+    with pytest.raises(ValueError) as err:
+        plain_a.merge_(plain_a)
+    assert str(err.value) == "cannot merge statistics with themselves: every sample would count twice"
+    with pytest.raises(ValueError) as err:
+        with_items.copy().merge_(stats(3, items=[1, 2]))
+    assert str(err.value) == ("cannot merge statistics that share 1 work item(s) (e.g. item 1): those samples would "
+                              "count twice")
