@@ -605,7 +605,10 @@ def test_gram_statistics_merge_refuses_what_may_count_a_sample_twice():
         with pytest.raises(ValueError) as err:
             left.copy().merge_(right)
         assert str(err.value) == no_items
-    with pytest.raises(ValueError, match="disjoint"):
+    with pytest.raises(ValueError) as err:
+        plain_a + plain_b
+    assert str(err.value) == no_items
+    with pytest.raises(ValueError, match="^disjoint must be true or false, got 'yes'"):
         plain_a.copy().merge_(plain_b, disjoint="yes")
     merged = plain_a.copy().merge_(plain_b, disjoint=True)
     torch.testing.assert_close(merged.gram, plain_a.gram + plain_b.gram, rtol=0, atol=0)
@@ -620,3 +623,35 @@ def test_gram_statistics_merge_refuses_what_may_count_a_sample_twice():
         with_items.copy().merge_(stats(3, items=[1, 2]))
     assert str(err.value) == ("cannot merge statistics that share 1 work item(s) (e.g. item 1): those samples would "
                               "count twice")
+
+
+def test_gram_statistics_refusals_name_what_differs_on_both_sides():
+    """Regression: a merge refusal that does not say which property differs or shows only one side (or the wrong
+    context keys: every key present on either side with another value)."""
+    def stats(shape=(2, 3), dtype=torch.float32, timesteps=(900, 600, 300), **kw):
+        s = GramStats(list(timesteps), prediction_type=kw.pop("prediction_type", "epsilon"), **kw)
+        g = torch.Generator().manual_seed(len(kw))
+        T = len(timesteps)
+        s.update(torch.randn(T + 1, 2, *shape, generator=g).to(dtype),
+                 torch.randn(T, 2, *shape, generator=g).to(dtype), items=[0, 1])
+        return s
+
+    def refusal(a, b):
+        with pytest.raises(ValueError) as err:
+            a.merge_(b)
+        return str(err.value)
+
+    base = stats()
+    cases = [
+        (stats(timesteps=(900, 600, 300, 100, 50)), "teacher timesteps: [900, 600, 300, '...'] vs [900, 600, 300, 100, "
+         "'...']"),
+        (stats(teacher="DDIM-40"), "teachers: '' vs 'DDIM-40'"),
+        (stats(model="unet-b"), "models: '' vs 'unet-b'"),
+        (stats(prediction_type="sample"), "prediction types: 'epsilon' vs 'sample'"),
+        (stats(shape=(2, 4)), "sample shapes: (2, 3) vs (2, 4)"),
+        (stats(dtype=torch.float16), "dtypes: 'float32' vs 'float16'"),
+    ]
+    for other, text in cases:
+        assert refusal(base, other) == f"cannot merge statistics recorded with different {text}"
+    a, b = stats(context={"g": 7.5, "x": 1, "same": 0}), stats(context={"g": 3.0, "y": 1, "same": 0})
+    assert refusal(a, b) == "cannot merge statistics recorded for different settings (context differs in ['g', 'x', 'y'])"
