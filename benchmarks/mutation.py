@@ -48,6 +48,7 @@ MODULES: dict[str, Module] = {
         "tests/test_scheduler.py::test_step_applies_coefficients_exactly")),
     "lstsq": Module("olss_fast/core/lstsq.py", (
         "tests/test_stats_lstsq.py", SE + "test_ridge_solve_is_the_tikhonov_solution_of_the_scaled_system",
+        SE + "test_gram_fits_batched_unbatched_and_degenerate_agree_with_per_group_fits",
         "tests/test_search.py::test_coefficient_errors_of_fitted_coeffs_equal_reported_errors"),
         functions=("x_gram_lstsq", "x_solve_spd"),
         note="the fit and the guarded solve (not the pseudo-inverse fallback or the rank helper)"),
@@ -122,6 +123,15 @@ EQUIVALENT: dict[str, str] = {
            "x_timesteps_tensor__mutmut_5", "x_timesteps_tensor__mutmut_8")},
     **{f"olss_fast.core.provenance.x_compare__mutmut_{i}": "the first element of a one-time-warning key only keeps "
        "fine-tune keys apart from mismatch keys; another distinct constant does the same" for i in (62, 63, 142, 143)},
+    **{f"olss_fast.core.lstsq.x_gram_lstsq__mutmut_{i}": "index dtype dropped or None: `torch.as_tensor` of Python "
+       "ints is int64 anyway" for i in (6, 9)},
+    **{f"olss_fast.core.lstsq.{n}": "device argument dropped or None: equivalent where every tensor is on the CPU "
+       "(the only device of this run)" for n in ("x_gram_lstsq__mutmut_7", "x_gram_lstsq__mutmut_10",
+                                                 "x_solve_spd__mutmut_39", "x_solve_spd__mutmut_42")},
+    "olss_fast.core.lstsq.x_solve_spd__mutmut_44":
+        "`shape[-2]` for `shape[-1]` of a square matrix: the same size",
+    "olss_fast.core.lstsq.x_solve_spd__mutmut_71":
+        "`clamp_min(1.0)`: the largest Cholesky diagonal of the unit-diagonal scaled matrix is L00 = √(1 + ridge) ≥ 1",
     "olss_fast.core.files.x_parse_json__mutmut_26":
         "`max_values / 8` for `// 8`: for an integer count c, c > n // 8 and c > n / 8 agree",
     "olss_fast.core.files.x_parse_json__mutmut_37":

@@ -165,6 +165,40 @@ def test_ridge_solve_is_the_tikhonov_solution_of_the_scaled_system():
                                rtol=1e-7)
 
 
+def test_gram_fits_batched_unbatched_and_degenerate_agree_with_per_group_fits(caplog):
+    """Regression: batch dimensions mixed up in the ridge residual or the solve (``unsqueeze``/``squeeze``/``sum``
+    over the wrong axis, the identity sized from another axis), a ridge by default, a zero basis vector turned into
+    NaN, float32 statistics accepted, or the pseudo-inverse fallback taken silently without its debug line."""
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(2, 3, 30, 5, generator=g, dtype=torch.float64)
+    X[..., 3] = X[..., 2] + 1e-4 * X[..., 3]
+    gram = X.transpose(-1, -2) @ X  # [2, 3, 5, 5]: basis 0..3, target 4
+    for r in (0.0, 1e-3):
+        coef, sse = gram_lstsq(gram, [0, 1, 2, 3], 4, r)
+        assert coef.shape == (2, 3, 4) and sse.shape == (2, 3)
+        for i in range(2):
+            for j in range(3):
+                c1, s1 = gram_lstsq(gram[i, j], [0, 1, 2, 3], 4, r)  # unbatched
+                torch.testing.assert_close(coef[i, j], c1, rtol=1e-10, atol=1e-12)
+                torch.testing.assert_close(sse[i, j], s1, rtol=1e-10, atol=1e-12)
+                resid = X[i, j, :, 4] - X[i, j, :, :4] @ c1
+                assert float(s1) == pytest.approx(float(resid @ resid), rel=1e-6, abs=1e-9)
+    a, b = gram[0, 0, :4, :4], gram[0, 0, :4, 4]
+    assert torch.equal(solve_spd(a, b), solve_spd(a, b, 0.0))
+    # a zero basis vector gets a zero coefficient, the others the fit without it
+    Z = X[0, 0].clone()
+    Z[:, 1] = 0
+    gz = Z.T @ Z
+    cz, _ = gram_lstsq(gz, [0, 1, 2], 4)
+    c_ref, _ = gram_lstsq(gz, [0, 2], 4)
+    assert float(cz[1]) == 0.0 and torch.allclose(cz[[0, 2]], c_ref, rtol=1e-10)
+    with pytest.raises(ValueError, match=r"^Gram statistics must be float64, got torch.float32$"):
+        gram_lstsq(gram.float(), [0, 1], 4)
+    with caplog.at_level(logging.DEBUG, logger="olss_fast.core.lstsq"):
+        solve_spd(torch.ones(2, 2, dtype=torch.float64), torch.ones(2, dtype=torch.float64))
+    assert "ill-conditioned normal equations; using the minimum-norm pseudo-inverse solve" in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------------- provenance
 def test_noise_schedule_id_tells_zero_snr_rescaling_apart():
     """Regression: a noise-schedule id that ignores ``rescale_betas_zero_snr``.
