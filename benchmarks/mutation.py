@@ -151,6 +151,33 @@ EQUIVALENT: dict[str, str] = {
 }
 
 
+#: the hand-planted bugs of the issue: (bug, the test that kills it); each passed the suite at main and fails it now
+HAND_MUTANTS = [
+    ("step.ddim_coefficients: end of sampling at `tp > 0` instead of `tp >= 0`",
+     "test_silent_errors::test_ddim_coefficients_run_as_ddimscheduler_on_its_default_config, "
+     "test_scheduler::test_ddim_schedule_in_olss_form_reproduces_ddim[leading-0-True-*]"),
+    ("runner.update_schedule keeping the old timesteps (ProgramState.load without `timesteps.copy_`)",
+     "test_runtime::test_update_schedule_with_other_timesteps_equals_a_fresh_runner"),
+    ("search: minimax fallback to uniform removed (or its comparison reversed)",
+     "test_silent_errors::test_minimax_search_falls_back_to_uniform_when_its_path_is_worse"),
+    ("re-fit ridge sign flipped / removed (in _RefitState.fit; also in lstsq.solve_spd)",
+     "test_silent_errors::test_refit_ridge_is_the_tikhonov_fit_on_the_students_outputs, "
+     "test_silent_errors::test_ridge_solve_is_the_tikhonov_solution_of_the_scaled_system"),
+    ("noise-schedule id ignoring `rescale_betas_zero_snr`",
+     "test_silent_errors::test_noise_schedule_id_tells_zero_snr_rescaling_apart"),
+    ("same class, other config treated as a fine-tune",
+     "test_silent_errors::test_same_model_class_with_another_config_is_refused_not_a_fine_tune"),
+    ("JSON depth limit removed", "test_silent_errors::test_json_nesting_is_limited_well_below_pythons_own_recursion_limit"),
+    ("GramStats merging another model / prediction type / context",
+     "test_silent_errors::test_gram_statistics_of_another_setting_never_merge"),
+    ("stale-temporaries clean-up removed",
+     "test_silent_errors::test_stale_temporaries_of_a_dead_writer_are_removed_and_live_ones_kept, "
+     "test_hostile_inputs::test_killed_writers_leave_a_whole_old_or_new_file (every kind)"),
+    ("statistics-only fit far worse than DDIM on held-out noise (a defect, not a mutant)",
+     "test_silent_errors::test_statistics_only_fit_is_not_far_worse_than_ddim_on_held_out_noise (strict xfail)"),
+]
+
+
 def _extract(rev: str, paths: list[str], dst: Path) -> None:
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, *paths], check=True,
                              capture_output=True).stdout
@@ -309,7 +336,10 @@ def report() -> None:
               f"{sum(before[n]['seconds'] for n in before) / 60:.0f} min, --max-children 1, concurrently with other "
               "jobs). The test selections of each module are listed in benchmarks/mutation.py (MODULES); 'before' "
               "uses the same selection at the old revision, without the test files and functions it lacks.",
-              "", "Equivalent survivors (no observable change):", ""]
+              "", "The bugs planted by hand for the issue (each survived the suite at main; each fails these tests "
+              "now, checked by planting it):", "", "| bug | killed by |", "|---|---|"]
+    lines += [f"| {bug} | {tests} |" for bug, tests in HAND_MUTANTS]
+    lines += ["", "Equivalent survivors (no observable change):", ""]
     for name in MODULES:
         for k in summarise(after[name])["equivalent"] if name in after else []:
             lines.append(f"- `{k}`: {EQUIVALENT[k]}")
