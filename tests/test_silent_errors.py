@@ -508,6 +508,40 @@ def test_minimax_search_falls_back_to_uniform_when_its_path_is_worse(monkeypatch
     assert "using uniform" in caplog.text
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_minimax_path_is_the_brute_force_optimum_on_a_short_teacher(seed):
+    """Regression: off-by-one errors in the greedy walk or its bisection (candidate range, midpoint, ``<`` for
+    ``<=``) that return a path whose largest per-step error is above the optimum.
+
+    With a 12-step teacher every path can be tried: the minimax path's largest error must equal the smallest over all
+    C(11, n-1) paths, and the greedy walk at that bound must take, at each step, the farthest index whose fit stays
+    within it (found here by a linear scan) and reach the end."""
+    import itertools
+
+    from olss_fast.core.search import _Fitter, _greedy, minimax_path
+    from olss_fast.fit.recording import record_trajectories
+    from olss_fast.models.gmm import make_gmm
+
+    T = 12
+    pipe = make_gmm((2, 3, 3), num_components=3, seed=seed)
+    stats = record_trajectories(pipe, [None] * 16, teacher_steps=T, batch_size=16, progress=False, base_seed=seed)
+    fitter = _Fitter(stats, "global")
+    for n in (2, 3, 4):
+        best = min(max(fitter.path_fit([0, *rest])[1]) for rest in itertools.combinations(range(1, T), n - 1))
+        path = minimax_path(fitter, n)
+        assert len(path) == n and path[0] == 0
+        assert max(fitter.path_fit(path)[1]) == pytest.approx(best, rel=1e-12)
+        bound = best * (1 + 1e-9)
+        walk = _greedy(fitter, n, bound)
+        if seed == 0:  # (seed 0: no walk reaches the end at exactly this bound; minimax_path keeps the best path met)
+            continue
+        assert walk is not None and fitter.fit(walk, T)[1] <= bound
+        for j in range(1, len(walk)):
+            ok = [k for k in range(walk[j - 1] + 1, T) if fitter.fit(walk[:j], k)[1] <= bound]
+            assert walk[j] == max(ok), (n, walk, j)
+    assert minimax_path(fitter, 3) == minimax_path(fitter, 3, 60)  # the default bisection depth
+
+
 # ---------------------------------------------------------------------------------------------------- re-fit
 def _refit(ridge=None):
     from olss_fast.core.refine import sequential_refit
