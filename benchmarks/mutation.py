@@ -263,9 +263,10 @@ def summarise(result: dict) -> dict:
     killed = sum(s in ("killed", "timeout") for s in status.values())
     timeouts = sum(s == "timeout" for s in status.values())
     other = sorted(k for k, s in status.items() if s not in ("killed", "timeout", "survived", "no tests"))
-    total = len(status)
-    denominator = total - len(equivalent) - len(other)
-    return {"total": total, "killed": killed, "timeouts": timeouts, "survived": len(survived),
+    not_run = sum(s == "not checked" for s in status.values())  # a run stopped before it reached them
+    total = len(status) - not_run
+    denominator = total - len(equivalent) - (len(other) - not_run)
+    return {"total": total, "not_run": not_run, "killed": killed, "timeouts": timeouts, "survived": len(survived),
             "equivalent": equivalent, "not_equivalent": [k for k in survived if k not in EQUIVALENT],
             "other": {k: status[k] for k in other},
             "score": round(killed / denominator, 4) if denominator else None}
@@ -321,6 +322,8 @@ def report() -> None:
         a = summarise(after[name])
         b = summarise(before[name]) if name in before else None
         scope = ", ".join(f"`{f}`" for f in after[name]["functions"]) or "whole module"
+        if a["not_run"]:
+            scope += f" (run stopped: {a['not_run']} mutants not run)"
         files = {}
         for t in after[name]["tests"]:
             path, _, func = t.replace("tests/", "").partition("::")
