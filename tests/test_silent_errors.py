@@ -542,6 +542,33 @@ def test_minimax_path_is_the_brute_force_optimum_on_a_short_teacher(seed):
     assert minimax_path(fitter, 3) == minimax_path(fitter, 3, 60)  # the default bisection depth
 
 
+def test_search_schedule_labels_explicit_paths_and_refuses_bad_ones():
+    """Regression: explicit paths checked loosely (not starting at 0, not strictly increasing, reaching T, another
+    length) or labelled as another path kind; a schedule that forgets its teacher length, claims a re-fit, or loses
+    what its statistics were recorded for (``fitted_for`` = the recording context + the sample count)."""
+    from olss_fast.core.search import search_schedule
+
+    T = 10
+    g = torch.Generator().manual_seed(6)
+    stats = GramStats(list(range(900, 900 - 90 * T, -90)), prediction_type="epsilon", context={"guidance_scale": 2.0})
+    stats.update(torch.randn(T + 1, 12, 2, 3, generator=g), torch.randn(T, 12, 2, 3, generator=g), items=range(12))
+    sched = search_schedule(stats, 3, path=[0, 4, 9])
+    assert sched.path == "custom" and sched.indices == [0, 4, 9] and sched.timesteps == [900, 540, 90]
+    assert sched.teacher_steps == T and not sched.refined
+    assert sched.fitted_for == {"guidance_scale": 2.0, "num_samples": 12}
+    assert search_schedule(stats, 3).path == "uniform"
+    bare = GramStats(stats.timesteps, prediction_type="epsilon")
+    bare.update(torch.randn(T + 1, 12, 2, 3, generator=g), torch.randn(T, 12, 2, 3, generator=g), items=range(12))
+    assert search_schedule(bare, 3).fitted_for == {}
+    for bad in ([1, 4, 9], [0, 4, 4], [0, 5, 4], [0, 4, 10]):
+        with pytest.raises(ValueError) as err:
+            search_schedule(stats, 3, path=bad)
+        assert str(err.value) == f"explicit path must start at 0, increase strictly and stay below T=10: {bad}"
+    with pytest.raises(ValueError) as err:
+        search_schedule(stats, 3, path=[0, 4])
+    assert str(err.value) == "explicit path has 2 indices but num_steps = 3"
+
+
 # ---------------------------------------------------------------------------------------------------- re-fit
 def _refit(ridge=None):
     from olss_fast.core.refine import sequential_refit
