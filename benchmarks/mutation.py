@@ -223,7 +223,10 @@ def _config(module: Module, tests: list[str], max_children: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_module(name: str, label: str, source_rev: str, tests_from: str | None, max_children: int) -> dict:
+def run_module(name: str, label: str, source_rev: str, tests_from: str | None, max_children: int,
+               retest: dict | None = None) -> dict:
+    """``retest``: an earlier result of this module; only its survivors are run again (new tests cannot make a
+    killed mutant survive), and the verdicts are merged into it."""
     module = MODULES[name]
     work = ROOT / "build" / "mutation" / label / name
     _copy_tree(work, source_rev, tests_from)
@@ -236,7 +239,13 @@ def run_module(name: str, label: str, source_rev: str, tests_from: str | None, m
     selection = [arg for t in tests for arg in _select(work, t)]
     (work / "pyproject.toml").write_text(pyproject + _config(module, selection, max_children))
     names = [f"{module.path[:-3].replace('/', '.')}.{f}__mutmut_*" for f in module.functions]
-    cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *names]
+    run_names = names
+    if retest is not None:
+        from mutmut.stats import status_by_exit_code
+
+        run_names = sorted(k for k, v in retest["exit_codes"].items()
+                           if status_by_exit_code[v] in ("survived", "no tests"))
+    cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *run_names]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONHASHSEED="0")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
@@ -248,6 +257,8 @@ def run_module(name: str, label: str, source_rev: str, tests_from: str | None, m
         import fnmatch
 
         codes = {k: v for k, v in codes.items() if any(fnmatch.fnmatchcase(k, n) for n in names)}
+    if retest is not None:
+        codes = dict(retest["exit_codes"], **{k: codes.get(k) for k in run_names})
     return {"module": module.path, "tests": tests, "functions": list(module.functions), "note": module.note,
             "seconds": round(seconds, 1), "returncode": proc.returncode,
             "command": " ".join(["mutmut", "run", "--max-children", str(max_children), *names]),
@@ -282,6 +293,8 @@ def main() -> None:
                     "e.g. main before the new tests)")
     ap.add_argument("--max-children", type=int, default=2)
     ap.add_argument("--report", action="store_true", help="only regenerate the RESULTS.md section")
+    ap.add_argument("--retest-survivors-of", default=None, metavar="LABEL",
+                    help="run only the survivors of an earlier run (benchmarks/mutation_LABEL.json) with today's tests")
     args = ap.parse_args()
     out = ROOT / "benchmarks" / f"mutation_{args.label}.json"
     if not args.report:
@@ -289,7 +302,13 @@ def main() -> None:
         for name in args.modules.split(","):
             rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.source_rev], check=True,
                                  capture_output=True, text=True).stdout.strip()
-            result = run_module(name, args.label, args.source_rev, args.tests_from, args.max_children)
+            retest = None
+            if args.retest_survivors_of:
+                retest = json.loads((ROOT / "benchmarks" / f"mutation_{args.retest_survivors_of}.json").read_text())[name]
+            result = run_module(name, args.label, args.source_rev, args.tests_from, args.max_children, retest)
+            if retest is not None:
+                result["seconds"] = round(result["seconds"] + retest["seconds"], 1)
+                result["command"] += f" (re-test of the survivors of a run of {retest['seconds']:.0f} s)"
             result["source_rev"], result["tests_from"] = rev, args.tests_from or rev
             data[name] = result
             out.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
