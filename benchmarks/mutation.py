@@ -49,6 +49,7 @@ MODULES: dict[str, Module] = {
     "lstsq": Module("olss_fast/core/lstsq.py", (
         "tests/test_stats_lstsq.py", SE + "test_ridge_solve_is_the_tikhonov_solution_of_the_scaled_system",
         SE + "test_gram_fits_batched_unbatched_and_degenerate_agree_with_per_group_fits",
+        SE + "test_solve_of_a_batch_mixing_regular_and_singular_groups",
         "tests/test_search.py::test_coefficient_errors_of_fitted_coeffs_equal_reported_errors"),
         functions=("x_gram_lstsq", "x_solve_spd"),
         note="the fit and the guarded solve (not the pseudo-inverse fallback or the rank helper)"),

@@ -199,6 +199,23 @@ def test_gram_fits_batched_unbatched_and_degenerate_agree_with_per_group_fits(ca
     assert "ill-conditioned normal equations; using the minimum-norm pseudo-inverse solve" in caplog.text
 
 
+def test_solve_of_a_batch_mixing_regular_and_singular_groups_equals_each_group_alone():
+    """Regression: the batched solve mixing up which groups keep the Cholesky answer and which take the
+    minimum-norm fallback (wrong mask axis, scale applied the wrong way, the fallback answer everywhere)."""
+    g = torch.Generator().manual_seed(9)
+    X = torch.randn(3, 20, 4, generator=g, dtype=torch.float64)
+    X[1, :, 3] = X[1, :, 2] * 2.0  # group 1 exactly collinear: the fallback
+    y = torch.randn(3, 20, generator=g, dtype=torch.float64)
+    a, b = X.transpose(-1, -2) @ X, (X.transpose(-1, -2) @ y.unsqueeze(-1)).squeeze(-1)
+    a = a * torch.tensor([1.0, 1e4, 1e-3], dtype=torch.float64).view(3, 1, 1)  # groups of different scales
+    b = b * torch.tensor([1.0, 1e4, 1e-3], dtype=torch.float64).view(3, 1)
+    x = solve_spd(a, b)
+    for i in range(3):
+        torch.testing.assert_close(x[i], solve_spd(a[i], b[i]), rtol=1e-9, atol=0)
+    np.testing.assert_allclose(x[1].numpy(), np.linalg.lstsq(X[1].numpy(), y[1].numpy(), rcond=None)[0], rtol=1e-6)
+    np.testing.assert_allclose(x[0].numpy(), np.linalg.solve(a[0].numpy(), b[0].numpy()), rtol=1e-9)
+
+
 # ---------------------------------------------------------------------------------------------------- provenance
 def test_noise_schedule_id_tells_zero_snr_rescaling_apart():
     """Regression: a noise-schedule id that ignores ``rescale_betas_zero_snr``.
