@@ -90,9 +90,12 @@ def test_fit_with_path_refit(recorded):
                              path="refit", search_samples=12, progress=False)
     for n, sched in res.schedules.items():
         paper = res.paper_schedules[n]
-        assert sched.path == "refit" and sched.refined and sched.indices == paper.indices
-        info = paper.meta["refit_search"]
-        assert info["samples"] == 12 and info["error"] <= info["uniform_error"]
+        assert sched.path == "refit" and sched.refined and sched.indices == paper.indices and not paper.refined
+        info, held = sched.meta["refit_search"], sched.meta["heldout"]
+        assert info["samples"] == 12 and held["heldout_samples"] == 6 and info["candidate"] == held["chosen"]
+        errors = {k: v for k, v in held["errors"].items() if k != "baseline"}
+        assert set(errors) == {"proposal", "minimax", "uniform"} and min(errors.values()) == errors[held["chosen"]]
+        assert errors[held["chosen"]] <= held["errors"]["baseline"]
     assert res.scheduler.available_steps == [3, 4]
 
 

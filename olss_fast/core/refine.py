@@ -280,6 +280,29 @@ def _fit_errors(state: _RefitState, j: int, ys: torch.Tensor) -> torch.Tensor:
     return sse.sum(0) / state.denom
 
 
+def _node_rule(T: int, steps: Sequence[int], stride: int) -> Callable[[int, int], bool]:
+    """Whether teacher index j is a node of the programme's layer k: on the stride grid, and a path through it can
+    still end at T with one of the wanted step counts."""
+    n_max = max(steps)
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1 or n_max > (T - 1) // stride + 1:
+        raise ValueError(f"stride must be a positive integer leaving at least {n_max} of the {T} teacher indices "
+                         f"(every stride-th), got {stride!r}")
+
+    def useful(k: int, j: int) -> bool:
+        return j < T and j % stride == 0 and any(n > k and n - k - 1 <= (T - 1) // stride - j // stride
+                                                 for n in steps)
+
+    return useful
+
+
+def programme_states(T: int, num_steps: Sequence[int], stride: int = 1) -> int:
+    """The number of states of :func:`refit_programme` (one model evaluation of every search sample each) for a
+    T-step teacher, these step counts and this stride."""
+    steps = sorted(set(int(n) for n in num_steps))
+    useful = _node_rule(T, steps, stride)
+    return 1 + sum(1 for k in range(1, steps[-1]) for j in range(k * stride, T) if useful(k, j))
+
+
 def refit_programme(
     timesteps: Sequence[Any],
     noise: torch.Tensor,
@@ -305,23 +328,15 @@ def refit_programme(
     T = len(timesteps)
     steps = sorted(set(int(n) for n in num_steps))
     n_max = steps[-1]
-    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1 or n_max > (T - 1) // stride + 1:
-        raise ValueError(f"stride must be a positive integer leaving at least {n_max} of the {T} teacher indices "
-                         f"(every stride-th), got {stride!r}")
+    useful = _node_rule(T, steps, stride)
     x0 = noise.to(torch.float32)
     root = _RefitState(x0, n_max, granularity, ridge)
     ys = _teacher_dots(teacher_latents, root.channels)  # [C, T+1, B·rest]
-
-    def useful(k: int, j: int) -> bool:  # (k, j) is a node that can still end at T with a wanted step count
-        return j < T and j % stride == 0 and any(n > k and n - k - 1 <= (T - 1) // stride - j // stride
-                                                 for n in steps)
-
     layer: dict[int, _RefitState] = {0: root}
     parents: list[dict[int, int]] = [{0: -1}]
     finals: dict[int, tuple[float, int]] = {}
     evaluations = 0
-    total = 1 + sum(1 for k in range(1, n_max) for j in range(k, T) if useful(k, j))
-    bar = tqdm(total=total, desc="refit programme", unit="eval", disable=not progress, leave=False)
+    bar = tqdm(total=programme_states(T, steps, stride), desc="refit programme", unit="eval", disable=not progress, leave=False)
     for k in range(n_max):
         best: dict[int, tuple[float, int]] = {}  # node j -> (error at j, predecessor node)
         for i in sorted(layer):
