@@ -71,7 +71,7 @@ def test_plan_counts_every_evaluation_of_the_fit():
     assert len(held) == 6 and len(fitpart) == 18
     fit_evals = held_evals = 0
     for n, s in res.schedules.items():
-        assert s.path == "refit"
+        assert s.path == "refit" and None not in s.meta["heldout"]["errors"].values()  # every candidate ran
         paths = {tuple(uniform_path(T, n)), tuple(paper_schedule(res.stats, n, path="minimax").indices),
                  tuple(s.meta["refit_search"]["proposal"])}
         fit_evals += len(paths) * (n - 1)  # step 0 of every path is the one shared evaluation
@@ -87,14 +87,25 @@ def test_plan_counts_every_evaluation_of_the_fit():
 def test_plan_sizes_the_search_to_the_budget():
     cfg = FitConfig(num_steps=STEPS)
     # the tiny SD case above: 16 recorded samples, 12 fit / 4 held out; the recording costs 1600 sample evaluations,
-    # the three candidates' re-fits 12 x (99 - 14), their and DDIM's held-out runs 4 x (132 - 19): 1728 are left
+    # the three candidates' re-fits 12 x (99 - 14), their and DDIM's held-out runs 4 x (132 - 19): 1728 are left,
+    # which on the 25-index grid (stride 4) is 8 search samples (the minimum)
     plan = plan_search(100, STEPS, 16, 12, 4, cfg)
     assert plan.budget == 4800 and plan.evaluations <= 4800
-    assert 12 * programme_states(100, STEPS, 4) > 1728 >= 12 * programme_states(100, STEPS, 5)
-    assert (plan.samples, plan.stride) == (12, 5)
-    # many recorded samples: 32 search samples on the full grid
+    assert 1728 // programme_states(100, STEPS, 4) == 8
+    assert (plan.samples, plan.stride) == (8, 4)
+    assert plan.evaluations == 4800 - 1728 + 8 * programme_states(100, STEPS, 4)
+    # fewer distinct candidates (min-max = uniform for 4, 5 and 6 steps) leave room for more search samples: each
+    # saves n - 1 evaluations (step 0 is shared) per fit and per held-out sample
+    fewer = plan_search(100, STEPS, 16, 12, 4, cfg, {4: 2, 5: 2, 6: 2})
+    assert (fewer.samples, fewer.stride) == ((1728 + 12 * 12 + 4 * 12) // programme_states(100, STEPS, 4), 4) == (9, 4)
+    # many recorded samples: every fit sample fits on the full grid
     big = plan_search(100, STEPS, 1000, 48, 16, cfg)
-    assert (big.samples, big.stride) == (32, 1)
+    assert (big.samples, big.stride) == (48, 1)
+    # too little room for 8 samples on the 25-index grid (12 recorded: 3600 - 1200 - 9 x 85 - 3 x 113 = 1296 left):
+    # the next coarser grid that takes 8
+    assert [1296 // programme_states(100, STEPS, g) for g in (4, 5)] == [6, 8]
+    tight = plan_search(100, STEPS, 12, 9, 3, cfg)
+    assert (tight.samples, tight.stride) == (8, 5) and tight.evaluations <= tight.budget
     # no room at all: no programme (samples 0), the candidates are the min-max and the uniform path
     assert plan_search(12, (3, 4), 4, 3, 1, FitConfig(num_steps=(3, 4), evaluation_budget=1.5)).samples == 0
     # given options are kept

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -235,23 +235,23 @@ def _fit_refined(pipe: Any, stats: GramStats, teacher: Any, refine_items: Sequen
         warn_once(("no-heldout",), "no held-out re-fit samples (%d re-fit sample(s), heldout_samples=%s): the "
                   "re-fitted schedules are not checked against plain DDIM/Euler on held-out noise; use more "
                   "samples", len(refine_items), fit.heldout_samples, logger=logger)
+    # the paths of the statistics (the paper's search; with path="refit" the min-max and the uniform path)
+    stats_paths = ("minimax", "uniform") if fit.path == "refit" else (fit.path,)
+    known = {n: {p: _search_on_rank0(stats, n, fit, ctx, p) for p in stats_paths} for n in steps}
     proposals: dict[int, list[int]] = {}
     search_info: dict[str, Any] = {}
     if fit.path == "refit":
+        distinct = {n: 1 + len({tuple(c.indices) for c in known[n].values()}) for n in steps}
         proposals, search_info = _programme(pipe, stats, refine_items, fitpos, x0, latents, record, fit, held,
-                                            progress, ctx)
+                                            distinct, progress, ctx)
     final, paper = {}, {}
     for n in tqdm(steps, desc="re-fitting schedules", disable=not progress or not ctx.is_main):
-        if fit.path == "refit":
-            candidates = {}
-            if n in proposals:
-                candidates["proposal"] = paper_schedule(stats, n, config=_search_config(fit, tuple(proposals[n])))
-            candidates["minimax"] = _search_on_rank0(stats, n, fit, ctx, "minimax")
-            candidates["uniform"] = _search_on_rank0(stats, n, fit, ctx, "uniform")
-        else:
-            candidates = {fit.path: _search_on_rank0(stats, n, fit, ctx)}
-        baseline = _baseline_schedule(stats, n, teacher) if heldout is not None else None
-        choice = choose_on_heldout(candidates, baseline, refit, heldout, agree=agree)
+        candidates = {}
+        if n in proposals:
+            candidates["proposal"] = paper_schedule(stats, n, config=_search_config(fit, tuple(proposals[n])))
+        candidates.update(known[n])
+        baseline = _baseline_schedule(stats, n, teacher)
+        choice = choose_on_heldout(candidates, baseline, refit, heldout, fit_samples=len(fitpos), agree=agree)
         schedule = choice.schedule
         if fit.path == "refit" and not choice.fell_back:
             meta = dict(schedule.meta, refit_search=dict(search_info, candidate=choice.chosen,
@@ -274,10 +274,15 @@ def split_heldout(count: int, heldout: int | None) -> tuple[list[int], list[int]
     return held, [k for k in range(count) if k not in set(held)]
 
 
-#: the most samples the planned programme runs on (more did not choose better paths on held-out digits,
-#: benchmarks/RESULTS.md issue 22), and the coarsest planned grid: at least 1.5 teacher indices per step
-SEARCH_SAMPLES_CAP = 32
+#: the planned programme's grid: about this many teacher indices (stride ``round(T / 25)``: 4 for 100 teacher steps,
+#: :func:`olss_fast.core.refine.programme_grid`), never fewer than :data:`GRID_PER_STEP` per step; finer only when
+#: every fit sample fits the budget on it, coarser only to reach :data:`MIN_SEARCH_SAMPLES`. Measured on held-out
+#: noise (benchmarks/RESULTS.md, issue 22): at the same cost, more search samples on this grid chose better paths
+#: than fewer samples on the full grid (digits, 5 NFE: 0.052 vs 0.069 teacher RMSE; the mixture, 4-5 NFE, three
+#: training seeds) or on this grid refined by ±2 indices around its proposal.
+GRID_NODES = 25
 GRID_PER_STEP = 1.5
+MIN_SEARCH_SAMPLES = 8
 
 
 @dataclass(frozen=True)
@@ -293,48 +298,61 @@ class SearchPlan:
 
 
 def plan_search(T: int, steps: Sequence[int], recorded: int, fit_samples: int, heldout_samples: int,
-                fit: FitConfig) -> SearchPlan:
+                fit: FitConfig, candidates: Mapping[int, int] | None = None) -> SearchPlan:
     """Size the programme of ``path="refit"`` so that the whole fit stays within ``fit.evaluation_budget`` times the
     teacher recording's model evaluations (``recorded × T``).
 
-    The rest of the fit costs, in evaluations of one sample (an upper bound: a candidate path that repeats another
-    is re-fitted once): the recording, the re-fit of three candidates on the fit part (``Σ n`` each per sample) and
-    their run on the held-out part plus the DDIM/Euler baseline's (``4 · Σ n`` per held-out sample), less the step-0
-    output every path shares. The programme costs :func:`programme_states` per search sample. Given
-    ``search_samples``/``search_stride`` are kept; otherwise the smallest stride whose grid keeps at least
-    :data:`GRID_PER_STEP` teacher indices per step and fits ``min(fit part, SEARCH_SAMPLES_CAP)`` samples in the
-    budget is taken, else the coarsest such grid with as many samples as fit (none if not one does).
+    The rest of the fit costs, in evaluations of one sample: the recording, the re-fit of the ``candidates[n]``
+    distinct candidate paths of each step count n (default 3: the proposal, the min-max and the uniform path) on the
+    fit part (n per sample each) and their runs on the held-out part plus the DDIM/Euler baseline's, less the step-0
+    output every path shares (one evaluation per sample). A proposal that repeats another path, or a candidate
+    refused for its amplification, costs less: the plan is an upper bound. The programme costs
+    :func:`programme_states` per search sample. Given ``search_samples``/``search_stride`` are kept (the other one is
+    sized to the budget); otherwise the grid is about :data:`GRID_NODES` teacher indices with as many fit samples as
+    the budget allows (see there).
     """
-    k, total_n = len(steps), sum(steps)
-    fixed = (recorded * T + fit_samples * (3 * total_n - (3 * k - 1))
-             + heldout_samples * (4 * total_n - (4 * k - 1)))
+    counts = {n: (candidates or {}).get(n, 3) for n in steps}
+    fitted = sum(counts[n] * n for n in steps) - sum(counts.values()) + 1  # per fit sample, step 0 once
+    held = sum((counts[n] + 1) * n for n in steps) - sum(counts.values()) - len(steps) + 1  # candidates + baseline
+    fixed = recorded * T + fit_samples * fitted + heldout_samples * held
     budget = int(fit.evaluation_budget * recorded * T)
-    room = budget - fixed
+    room = max(0, budget - fixed)
     n_max = max(steps)
     strides = [g for g in range(1, T + 1) if (T - 1) // g + 1 >= max(n_max, math.ceil(GRID_PER_STEP * n_max))] or [1]
-    want = min(fit_samples, fit.search_samples or SEARCH_SAMPLES_CAP)
+    most = min(fit_samples, fit.search_samples or fit_samples)
+
+    def fitting(g: int) -> int:
+        return min(most, room // programme_states(T, steps, g))
+
     if fit.search_stride is not None:
         stride = fit.search_stride
-        samples = fit.search_samples or max(1, min(want, room // programme_states(T, steps, stride)))
+        samples = fit.search_samples or max(1, fitting(stride))
     elif fit.search_samples is not None:
-        fits = [g for g in strides if want * programme_states(T, steps, g) <= room]
-        stride, samples = (fits[0] if fits else strides[-1]), want
+        fits = [g for g in strides if most * programme_states(T, steps, g) <= room]
+        stride, samples = (fits[0] if fits else strides[-1]), most
     else:
-        fits = [g for g in strides if want * programme_states(T, steps, g) <= room]
-        stride = fits[0] if fits else strides[-1]
-        samples = want if fits else max(0, min(want, room // programme_states(T, steps, stride)))
+        at = min(max(1, round(T / GRID_NODES)), strides[-1])
+        stride = at
+        if fitting(at) == most:  # budget to spare: a finer grid while every fit sample still fits
+            stride = min(g for g in strides if g <= at and fitting(g) == most)
+        else:  # a coarser grid only to reach the minimum number of search samples
+            stride = next((g for g in strides if g >= at and fitting(g) >= min(most, MIN_SEARCH_SAMPLES)),
+                          strides[-1])
+        samples = fitting(stride)
     return SearchPlan(samples=samples, stride=stride, budget=budget,
                       evaluations=fixed + samples * programme_states(T, steps, stride))
 
 
 def _programme(pipe: Any, stats: GramStats, refine_items: Sequence[WorkItem], fitpos: list[int], x0: torch.Tensor,
-               latents: torch.Tensor, record: RecordConfig, fit: FitConfig, held: list[int], progress: bool,
+               latents: torch.Tensor, record: RecordConfig, fit: FitConfig, held: list[int],
+               candidates: Mapping[int, int], progress: bool,
                ctx: DistContext) -> tuple[dict[int, list[int]], dict[str, Any]]:
     """The proposal of :func:`refit_programme` for every step count, on ``search_samples`` of the fit part (with
     ``search_sweeps``: improved by coordinate descent on the same samples), sized by :func:`plan_search` unless
     ``search_samples``/``search_stride`` are given."""
     steps = sorted(fit.num_steps)
-    plan = plan_search(stats.num_teacher_steps, steps, stats.num_samples, len(fitpos), len(held), fit)
+    plan = plan_search(stats.num_teacher_steps, steps, stats.num_samples, len(fitpos), len(held), fit,
+                       candidates)
     info: dict[str, Any] = {"samples": plan.samples, "stride": plan.stride, "planned_evaluations": plan.evaluations,
                             "budget": plan.budget}
     if plan.samples == 0:
