@@ -106,8 +106,10 @@ def test_plan_sizes_the_search_to_the_budget():
     assert [1296 // programme_states(100, STEPS, g) for g in (4, 5)] == [6, 8]
     tight = plan_search(100, STEPS, 12, 9, 3, cfg)
     assert (tight.samples, tight.stride) == (8, 5) and tight.evaluations <= tight.budget
-    # no room at all: no programme (samples 0), the candidates are the min-max and the uniform path
-    assert plan_search(12, (3, 4), 4, 3, 1, FitConfig(num_steps=(3, 4), evaluation_budget=1.5)).samples == 0
+    # a 28-step teacher for 4-10 steps: the candidates' re-fits alone (33 evaluations per sample each) exceed 3x the
+    # recording; the smallest programme (8 samples on the coarsest grid) runs anyway and the plan says it is over
+    over = plan_search(28, STEPS, 24, 18, 6, cfg)
+    assert (over.samples, over.stride) == (8, 2) and over.evaluations > over.budget == 3 * 24 * 28
     # given options are kept
     given = plan_search(100, STEPS, 16, 12, 4, FitConfig(num_steps=STEPS, search_samples=4, search_stride=3))
     assert (given.samples, given.stride) == (4, 3)

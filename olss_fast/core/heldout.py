@@ -3,12 +3,12 @@ guard"; beyond the paper).
 
 The re-fit (:mod:`olss_fast.core.refine`) fits each candidate path's coefficients on the *fit part* of the re-fit
 samples; every candidate is then run as the sampler that would ship (fixed coefficients, the model evaluated at the
-student's own latents, exactly as ``OLSSScheduler.step`` computes them) on the *held-out part*, and judged by its
-final-latent MSE against the teacher there. The candidate with the lowest held-out error is kept — unless the plain
-first-order sampler of the same NFE on the uniform path (DDIM, or Euler for flow matching, written as OLSS
-coefficients: ``step.ddim_step_factors``) is better on the same held-out samples, in which case that baseline is
-returned instead. So the returned schedule is never worse than DDIM/Euler of the same NFE on the held-out part, and
-the choice between paths is made on noise none of them was fitted on.
+student's own latents, exactly as ``OLSSScheduler.step`` computes them) on the *held-out part* and judged by its
+final-latent MSE against the teacher there. Candidates whose coefficients amplify far more than the plain sampler's
+are refused unrun; candidates worse than the plain first-order sampler of the same NFE on the uniform path (DDIM, or
+Euler for flow matching, written as OLSS coefficients: ``step.ddim_step_factors``) on the held-out part are refused;
+of the rest the lowest pooled error wins, and if none is left the plain sampler itself is returned. So the returned
+schedule is never worse than DDIM/Euler of the same NFE on the held-out part.
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from olss_fast.core.checks import warn_once
 from olss_fast.core.heldout import choose_on_heldout, reuse_first_output
 from olss_fast.core.provenance import scheduler_prediction_type
-from olss_fast.core.refine import programme_states, refit_path_search, refit_programme
+from olss_fast.core.refine import programme_grid, programme_states, refit_path_search, refit_programme
 from olss_fast.core.schedule import OLSSSchedule
 from olss_fast.core.search import SearchConfig, coefficient_errors, paper_schedule, uniform_path, warn_paper_fit
 from olss_fast.core.stats import GramStats
@@ -309,7 +309,8 @@ def plan_search(T: int, steps: Sequence[int], recorded: int, fit_samples: int, h
     refused for its amplification, costs less: the plan is an upper bound. The programme costs
     :func:`programme_states` per search sample. Given ``search_samples``/``search_stride`` are kept (the other one is
     sized to the budget); otherwise the grid is about :data:`GRID_NODES` teacher indices with as many fit samples as
-    the budget allows (see there).
+    the budget allows (see there), and where not even :data:`MIN_SEARCH_SAMPLES` fit on the coarsest grid, that many
+    run there anyway (``evaluations`` then exceeds ``budget``, and the fit warns).
     """
     counts = {n: (candidates or {}).get(n, 3) for n in steps}
     fitted = sum(counts[n] * n for n in steps) - sum(counts.values()) + 1  # per fit sample, step 0 once
@@ -318,7 +319,9 @@ def plan_search(T: int, steps: Sequence[int], recorded: int, fit_samples: int, h
     budget = int(fit.evaluation_budget * recorded * T)
     room = max(0, budget - fixed)
     n_max = max(steps)
-    strides = [g for g in range(1, T + 1) if (T - 1) // g + 1 >= max(n_max, math.ceil(GRID_PER_STEP * n_max))] or [1]
+    # (the regular part of the grid and its last index must hold GRID_PER_STEP indices per step)
+    strides = [g for g in range(1, T + 1) if len(range(0, T, g)) + 1 >= max(n_max, math.ceil(GRID_PER_STEP * n_max))]
+    strides = [g for g in strides if len(programme_grid(T, g)) >= n_max] or [1]
     most = min(fit_samples, fit.search_samples or fit_samples)
 
     def fitting(g: int) -> int:
@@ -336,9 +339,12 @@ def plan_search(T: int, steps: Sequence[int], recorded: int, fit_samples: int, h
         if fitting(at) == most:  # budget to spare: a finer grid while every fit sample still fits
             stride = min(g for g in strides if g <= at and fitting(g) == most)
         else:  # a coarser grid only to reach the minimum number of search samples
-            stride = next((g for g in strides if g >= at and fitting(g) >= min(most, MIN_SEARCH_SAMPLES)),
-                          strides[-1])
-        samples = fitting(stride)
+            enough = [g for g in strides if g >= at and fitting(g) >= min(most, MIN_SEARCH_SAMPLES)]
+            stride = enough[0] if enough else strides[-1]
+        # no grid fits the minimum: the smallest programme anyway (the budget cannot hold: the re-fit of the
+        # candidates alone nearly fills it, which happens when the step counts add up to about the teacher's steps)
+        floor = min(most, MIN_SEARCH_SAMPLES)
+        samples = fitting(stride) if fitting(stride) >= floor else floor
     return SearchPlan(samples=samples, stride=stride, budget=budget,
                       evaluations=fixed + samples * programme_states(T, steps, stride))
 
@@ -355,11 +361,14 @@ def _programme(pipe: Any, stats: GramStats, refine_items: Sequence[WorkItem], fi
                        candidates)
     info: dict[str, Any] = {"samples": plan.samples, "stride": plan.stride, "planned_evaluations": plan.evaluations,
                             "budget": plan.budget}
-    if plan.samples == 0:
-        logger.info("no room for the refit programme in evaluation_budget=%s (the re-fit and its held-out check "
-                    "alone plan %d sample evaluations of %d): judging the min-max and the uniform path only",
-                    fit.evaluation_budget, plan.evaluations, plan.budget)
-        return {}, info
+    if plan.evaluations > plan.budget:
+        warn_once(("over-budget", plan), "the fit plans %d model evaluations of one sample, %.2fx the teacher "
+                  "recording's, above evaluation_budget=%s: the re-fit of the candidate paths alone nearly fills it "
+                  "(the step counts add up to %d, the teacher has %d steps); the smallest programme (%d samples, "
+                  "stride %d) runs anyway. Record more teacher steps to stay within the budget",
+                  plan.evaluations, plan.evaluations / (stats.num_samples * stats.num_teacher_steps),
+                  fit.evaluation_budget, sum(steps), stats.num_teacher_steps, plan.samples, plan.stride,
+                  logger=logger)
     pick = [fitpos[k] for k in spread_indices(len(fitpos), plan.samples)]
     items = [refine_items[k] for k in pick]
     denoise = pipeline_denoiser(pipe, items, record, distributed=ctx)
