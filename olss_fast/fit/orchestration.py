@@ -287,9 +287,9 @@ MIN_SEARCH_SAMPLES = 8
 
 @dataclass(frozen=True)
 class SearchPlan:
-    """How :func:`plan_search` sized the programme of ``path="refit"``: ``samples`` search samples (0: no programme,
-    the budget is spent by the re-fit alone), grid ``stride``, and the planned model evaluations of the whole fit
-    (``evaluations``, in evaluations of one sample) against ``budget`` (the same unit)."""
+    """How :func:`plan_search` sized the programme of ``path="refit"``: ``samples`` search samples on the grid of
+    ``stride`` (:func:`olss_fast.core.refine.programme_grid`), and the planned model evaluations of the whole fit
+    (``evaluations``, in evaluations of one sample; an upper bound) against ``budget`` (the same unit)."""
 
     samples: int
     stride: int
