@@ -7,9 +7,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-index --no
 #     GPU_STAGES="tests latency" bash benchmarks/gpu_check.sh        # first call of a split run
 #     GPU_STAGES="flow extras" bash benchmarks/gpu_check.sh          # second call
 #
-# 1. makes olss_fast importable from this checkout without installing it: a shim package /tmp/olss_site/olss_fast
-#    whose entries link to olss_fast/*, with kernels/ and export/ linked in as olss_fast.kernels / olss_fast.export
-#    (PYTHONSAFEPATH=1 keeps the checkout's own olss_fast/ — which lacks those two — from shadowing the shim);
+# 1. makes olss_fast importable from this checkout without installing it: the checkout on PYTHONPATH (its
+#    olss_fast/kernels and olss_fast/export packages link to kernels/ and export/, whose lack of __init__.py keeps
+#    them from shadowing installed packages of those names);
 # 2. tests: the GPU-marked tests (pytest -m gpu, without the kernel file; OLSS_FAST_TEST_COMPILE=1 runs the
 #    whole-program compiled runner inside a CUDA graph), then the whole kernel test file (interpreted + compiled);
 # 3. latency: benchmarks/latency.py --quick on the SD1.5 architecture: diffusers DPM-Solver++ / DDIM, OLSS eager /
@@ -40,18 +40,8 @@ mkdir -p "$OUTDIR"
 elapsed() { echo $(( $(date +%s) - START )); }
 left() { echo $(( BUDGET - $(date +%s) + START )); }
 
-# ---- 1. import shim ------------------------------------------------------------------------------------------
-SHIM=/tmp/olss_site
-rm -rf "$SHIM" && mkdir -p "$SHIM/olss_fast"
-for entry in "$REPO"/olss_fast/*; do
-  name=$(basename "$entry")
-  case "$name" in __pycache__|kernels|export) continue ;; esac
-  ln -s "$entry" "$SHIM/olss_fast/$name"
-done
-ln -s "$REPO/kernels" "$SHIM/olss_fast/kernels"
-ln -s "$REPO/export" "$SHIM/olss_fast/export"
-export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONSAFEPATH=1
+# ---- 1. olss_fast from this checkout --------------------------------------------------------------------------
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONDONTWRITEBYTECODE=1
 
 {
@@ -75,7 +65,7 @@ EOF
 SHIM_OK=$?
 cat "$OUTDIR/env.txt"
 if [ $SHIM_OK -ne 0 ]; then
-  echo "FATAL: olss_fast (with olss_fast.kernels / olss_fast.export) does not import through the shim; see above"
+  echo "FATAL: olss_fast (with olss_fast.kernels / olss_fast.export) does not import from this checkout; see above"
   exit 2
 fi
 HAVE_PYTEST=1

@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 
+from olss_fast.core.checks import warn_once
 from olss_fast.core.files import default_cache_dir
+from olss_fast.export.folders import mark_used, trim_export_cache
 from olss_fast.export.onnx_export import export_plan, plan_export
 from olss_fast.export.onnx_runner import OnnxOLSSRunner
 from olss_fast.export.tensorrt import TensorRTOLSSProgram, build_engines, require_tensorrt
@@ -96,9 +98,18 @@ class _ExportedBackend(ProgramBackend):
         plan = plan_export(r.pipe, r.state.schedule, batch_size=req.batch, height=req.height, width=req.width,
                            guidance_scale=req.guidance if req.guided else 1.0, dtype=r.dtype,
                            allow_mismatch=r.config.allow_mismatch, example=cond if req.mode == "embeds" else None)
-        export = export_plan(plan, self.cache_dir / "onnx" / plan.key[:24], overwrite=True)
+        folder = self.cache_dir / "onnx"
+        if not (folder / plan.key[:24]).is_dir() and not req.warmup:
+            warn_once(("export-on-call", id(self), plan.key), "this call exports the %d-step program to ONNX for a new "
+                      "input (batch %d, %dx%d, guidance %s): slow once (minutes for a real model); build it ahead with "
+                      "compile_olss_pipeline(..., warmup=[(batch, height, width), ...])", r.state.num_steps,
+                      req.batch, req.height, req.width, req.guidance if req.guided else "off", logger=logger)
+        export = export_plan(plan, folder / plan.key[:24], overwrite=True)
+        mark_used(export.path)
         if not export.reused:
             self.num_exports += 1
+            if r.config.export_cache_bytes is not None:
+                trim_export_cache(folder, r.config.export_cache_bytes, keep=export.path)
         return export, {c.key: c.name for c in plan.cond}
 
     def run(self, req: ProgramRequest) -> torch.Tensor:

@@ -42,7 +42,9 @@ side file (``<name>.onnx.data``), which is how ONNX stores models beyond protobu
 **Caching and atomicity.** The export's key hashes the weights and configs of the exported modules, the schedule,
 shapes, dtype, guidance scale, opset and the library versions. :func:`export_onnx` into a folder that already holds
 the export with the same key returns it without exporting again; everything is written into a temporary sibling
-folder and renamed into place at the end, so a failure leaves no partial output.
+folder and moved into place at the end, so a failure leaves no partial output, and a crash at any moment leaves the
+old export or the new one (see :func:`olss_fast.export.folders.publish_folder`). ``overwrite=True`` replaces only a folder whose manifest is an
+olss_fast manifest with a valid digest; any other content is refused.
 """
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,13 +64,14 @@ import numpy as np
 
 import torch
 
-from olss_fast.core.files import (atomic_write_text, clean_stale_temporaries, current_umask, default_cache_dir,
-                                  exclusive_lock, temporary_name)
+from olss_fast.core.files import (atomic_write_text, clean_stale_temporaries, default_cache_dir,
+                                  exclusive_lock)
 from olss_fast.core.version import __version__
+from olss_fast.export.folders import fsync_tree, publish_folder, restore_parked, staging_folder
 from olss_fast.export.graph import PREFIX, build_denoise_model, static_dims, tensor_elem
 from olss_fast.export.onnx_runner import (EXPORT_FORMAT, EXPORT_VERSION, MANIFEST_NAME, RUNNER_COPY_NAME, OnnxOLSSRunner,
-                                          check_manifest, file_sha256, manifest_digest, read_manifest,
-                                          verify_component_files)
+                                          check_manifest, file_sha256, input_metadata, manifest_digest,
+                                          read_manifest, verify_component_files)
 from olss_fast.export.plan import ExportPlan, plan_export
 
 logger = logging.getLogger(__name__)
@@ -109,6 +113,33 @@ class OnnxExport:
         return OnnxOLSSRunner(self.path, **kwargs)
 
 
+@contextlib.contextmanager
+def _native_output_to(log: Path) -> Iterator[None]:
+    """Send what native code writes to the process's stdout and stderr to ``log`` for the body (logged at DEBUG)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = (os.dup(1), os.dup(2))
+    try:
+        with open(log, "wb") as sink:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    finally:
+        for fd in saved:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            text = log.read_text(errors="replace")
+            if text.strip():
+                logger.debug("exporter output (%d lines): %s", text.count("\n"), text[:2000])
+            log.unlink()
+
+
 def _torch_export(module: Any, args: tuple, path: Path, input_names: list[str], output_names: list[str],
                   opset: int) -> str:
     """Export ``module(*args)`` to ``path``; TorchScript exporter first, dynamo exporter if it fails.
@@ -120,7 +151,9 @@ def _torch_export(module: Any, args: tuple, path: Path, input_names: list[str], 
     import onnx
 
     try:
-        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        # (the TorchScript exporter prints its whole IR graph to the process's stdout when it fails: kept in a file)
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught, \
+                _native_output_to(path.with_suffix(".log")):
             warnings.simplefilter("always")
             torch.onnx.export(
                 module, args, str(path), dynamo=False, opset_version=opset, input_names=input_names,
@@ -209,11 +242,23 @@ def _set_metadata(model: Any, plan: ExportPlan, component: str, exporter: str) -
         "olss_fast.version": __version__,
         "olss_fast.exporter": exporter,
         "olss_fast.cache_key": plan.key,
+        "olss_fast.inputs": input_metadata(_inputs(plan)),
     }
     del model.metadata_props[:]
     for k, v in props.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = k, v
+
+
+def _inputs(plan: ExportPlan) -> dict:
+    """The manifest's fields about the inputs (:data:`olss_fast.export.onnx_runner.INPUT_FIELDS`)."""
+    spec = plan.spec
+    return {
+        "cond_inputs": [{"name": c.name, "shape": list(c.shape), "dtype": plan.dtype if c.dtype == "model" else c.dtype,
+                         "batched": c.batched} for c in spec.cond],
+        "text_input": spec.text_input, "id_input": spec.id_input, "uncond_ids": plan.uncond_ids,
+        "id_limit": plan.id_limit, "guided": plan.guided, "latent_shape": list(plan.latent_shape),
+    }
 
 
 def _shapes(plan: ExportPlan) -> dict:
@@ -226,17 +271,19 @@ def _shapes(plan: ExportPlan) -> dict:
 # ==================================================================================================== writing
 @contextlib.contextmanager
 def _module_as(module: Any, dtype: str) -> Iterator[Any]:
-    """``module`` in ``dtype`` (a converted copy when it differs; the pipeline's own module is never modified)."""
-
+    """``module`` in ``dtype`` and in eval mode (a converted copy when the dtype differs); the pipeline's own modules
+    are left as they were, each submodule's train/eval mode included (``train(mode)`` on a wrapper would set them
+    all)."""
     want = {"float32": torch.float32, "float16": torch.float16}[dtype]
     params = list(module.parameters())
     if not params or all(p.dtype == want for p in params):
-        was_training = module.training
+        modes = [(m, m.training) for m in module.modules()]
         module.eval()
         try:
             yield module
         finally:
-            module.train(was_training)
+            for m, training in modes:
+                m.training = training
         return
     logger.info("exporting a %s copy of %s", dtype, type(module).__name__)
     yield copy.deepcopy(module).to(want).eval()
@@ -325,11 +372,7 @@ def _write_export(plan: ExportPlan, folder: Path) -> dict:
         "exporter": exporter_names[0] if len(exporter_names) == 1 else exporter_names,
         "pipeline": plan.pipeline, "num_inference_steps": sched.num_steps, "batch_size": plan.batch_size,
         "height": plan.height, "width": plan.width, "dtype": plan.dtype, "guidance_scale": plan.guidance_scale,
-        "guided": plan.guided, "latent_shape": list(plan.latent_shape),
-        "cond_inputs": [{"name": c.name, "shape": list(c.shape), "dtype": plan.dtype if c.dtype == "model" else c.dtype,
-                         "batched": c.batched} for c in spec.cond],
-        "text_input": spec.text_input, "id_input": spec.id_input, "image_shape": image_shape,
-        "uncond_ids": plan.uncond_ids, "id_limit": plan.id_limit, "image_range": spec.image_range,
+        **_inputs(plan), "image_shape": image_shape, "image_range": spec.image_range,
         "schedule": sched.to_dict(),
         "components": components, "runner": RUNNER_COPY_NAME,
         "runner_sha256": file_sha256(folder / RUNNER_COPY_NAME),
@@ -349,7 +392,8 @@ def _existing_export(out: Path, key: str, verify: bool = True) -> Optional[OnnxE
 
 
 def _check_target(out: Path, key: str, overwrite: bool) -> Optional[OnnxExport]:
-    """Reuse a matching export, accept a missing/empty folder, refuse anything else (unless ``overwrite``)."""
+    """Reuse a matching export, accept a missing/empty folder, refuse anything else (``overwrite`` replaces only a
+    folder whose manifest is an olss_fast export manifest with a valid digest: never other content)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"export path {out} exists and is not a folder")
     if not out.exists() or not any(out.iterdir()):
@@ -357,53 +401,19 @@ def _check_target(out: Path, key: str, overwrite: bool) -> Optional[OnnxExport]:
     found = _existing_export(out, key)
     if found is not None:
         return found
-    ours = (out / MANIFEST_NAME).is_file()
-    if not ours:
+    try:
+        read_manifest(out)
+    except ValueError as exc:
         raise ValueError(
-            f"export folder {out} exists with other content (no olss_fast {MANIFEST_NAME}); refusing to write into "
-            "it: choose an empty or new folder"
-        )
+            f"export folder {out} exists with other content, not an olss_fast export ({exc}); refusing to write "
+            "into it or replace it, also with overwrite=True: choose an empty or new folder"
+        ) from None
     if not overwrite:
         raise ValueError(
             f"export folder {out} holds an olss_fast export of another model, schedule, shape or dtype (or a "
             "damaged one); pass overwrite=True (CLI: --overwrite) to replace it, or choose another folder"
         )
     return None
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Move the finished ``staging`` folder onto ``out`` (replacing an empty folder or an old export)."""
-    old: Optional[Path] = None
-    if out.exists():
-        if any(out.iterdir()):
-            old = temporary_name(out, "partial")
-            old.mkdir()
-            os.replace(out, old / "x")
-        else:
-            out.rmdir()
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def staging_folder(out: Path) -> Iterator[Path]:
-    """A temporary sibling of ``out`` that is deleted unless the body moved it away (atomic folder writes)."""
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"cannot create {parent}: {exc}") from None
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"cannot write to {parent}")
-    clean_stale_temporaries(parent)  # staging folders of killed exports
-    staging = temporary_name(out, "partial")
-    staging.mkdir(mode=0o777 & ~current_umask())
-    try:
-        yield staging
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def export_onnx(pipe: Any, schedule: Any = None, out_dir: "str | os.PathLike[str] | None" = None, *,
@@ -451,6 +461,7 @@ def write_export(plan: ExportPlan, out: Path, *, overwrite: bool = False, what: 
     with exclusive_lock(out, what):  # one writer per folder: a second one gets a ValueError
         if out.parent.is_dir():
             clean_stale_temporaries(out.parent)  # staging folders of killed exports, also when this one is reused
+            restore_parked(out)
         found = _check_target(out, plan.key, overwrite)
         if found is not None:
             logger.info("reusing the ONNX export in %s (cache key %s)", out, plan.key[:12])
@@ -461,8 +472,8 @@ def write_export(plan: ExportPlan, out: Path, *, overwrite: bool = False, what: 
             manifest = _write_export(plan, staging)
             write_manifest(staging, manifest)
             extra = finish(staging, False) if finish is not None else None
-            _fsync_tree(staging)
-            _publish(staging, out)
+            fsync_tree(staging)
+            publish_folder(staging, out)
     return OnnxExport(out, manifest, reused=False), extra
 
 
@@ -473,8 +484,3 @@ def write_manifest(folder: Path, manifest: dict) -> None:
     atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False))
 
 
-def _fsync_tree(folder: Path) -> None:
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())

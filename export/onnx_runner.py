@@ -45,15 +45,20 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "EXPORT_FORMAT", "EXPORT_VERSION", "MANIFEST_NAME", "RUNNER_COPY_NAME", "OnnxOLSSRunner", "check_manifest",
-    "check_metadata", "file_sha256", "manifest_digest", "read_manifest", "verify_component_files",
+    "check_metadata", "file_sha256", "input_metadata", "manifest_digest", "parse_json", "read_manifest",
+    "verify_component_files",
 ]
 
 EXPORT_FORMAT = "olss_fast.onnx_export"
-EXPORT_VERSION = 2  # 2: strict manifest with its own digest and the runner copy's digest
+EXPORT_VERSION = 3  # 2: strict manifest with its own digest; 3: the models' metadata also records the call inputs
 MANIFEST_NAME = "manifest.json"
 RUNNER_COPY_NAME = "olss_onnx_runner.py"
 COMPONENTS = ("text_encoder", "denoise", "decoder")
 MAX_MANIFEST_BYTES = 16 * 2**20
+MAX_RUNNER_BYTES = 2**20
+MAX_MANIFEST_VALUES = 2**21
+#: the manifest fields about the inputs that each model's metadata repeats (``olss_fast.inputs``)
+INPUT_FIELDS = ("cond_inputs", "text_input", "id_input", "uncond_ids", "id_limit", "guided", "latent_shape")
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 _ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -71,12 +76,29 @@ _COND_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 _COMPONENT_KEYS = ("file", "bytes", "sha256", "inputs", "exporter")
 
 
-def file_sha256(path: "str | os.PathLike[str]") -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+def _open_file(path: "str | os.PathLike[str]", max_bytes: int) -> tuple[int, os.stat_result]:
+    """Open a file once (non-blocking, not following a final link) and check the opened descriptor: a regular file of
+    at most ``max_bytes``; ``ValueError`` otherwise (a FIFO, a device, a folder, a link, a huge sparse file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        raise ValueError(f"{path} cannot be opened ({exc.strerror}: missing, or a link?)") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+        os.close(fd)
+        raise ValueError(f"{path} is not a regular file of at most {max_bytes} bytes")
+    return fd, st
+
+
+def file_sha256(path: "str | os.PathLike[str]", max_bytes: int = 2**40) -> str:
+    """Hex SHA-256 of a regular file of at most ``max_bytes``, read in 1 MiB chunks (``ValueError`` otherwise)."""
+    fd, _ = _open_file(path, max_bytes)
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
+    try:
+        for chunk in iter(lambda: os.read(fd, 1 << 20), b""):
             h.update(chunk)
+    finally:
+        os.close(fd)
     return h.hexdigest()
 
 
@@ -122,7 +144,7 @@ def check_manifest(m: Any) -> dict:
     the manifest's own digest; ``ValueError`` otherwise."""
     if not isinstance(m, dict) or m.get("format") != EXPORT_FORMAT:
         raise ValueError("not an olss_fast ONNX export manifest")
-    if m.get("version") != EXPORT_VERSION or isinstance(m.get("version"), bool):
+    if type(m.get("version")) is not int or m.get("version") != EXPORT_VERSION:
         raise ValueError(f"export format version {str(m.get('version'))[:20]}; this runner reads version "
                          f"{EXPORT_VERSION} (export again)")
     missing = [k for k in _MANIFEST_KEYS if k not in m]
@@ -144,6 +166,11 @@ def check_manifest(m: Any) -> dict:
             raise _bad(f"{key} must be a SHA-256 hex digest")
     if m["runner"] != RUNNER_COPY_NAME:
         raise _bad(f"runner must be {RUNNER_COPY_NAME!r}")
+    for key in ("olss_fast", "torch", "onnx", "pipeline"):
+        _str(m, key, max_len=200)
+    ex = m["exporter"]
+    if not (isinstance(ex, str) or (isinstance(ex, list) and 1 <= len(ex) <= 4 and all(isinstance(e, str) for e in ex))):
+        raise _bad("exporter must be a string or a list of strings")
     g = m["guidance_scale"]
     if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or abs(g) > 1e6:
         raise _bad(f"guidance_scale must be a finite number, got {str(g)[:40]}")
@@ -195,9 +222,11 @@ def check_manifest(m: Any) -> dict:
         keys = set(comp)
         if not set(_COMPONENT_KEYS) <= keys or not keys <= set(_COMPONENT_KEYS) | {"external_data"}:
             raise _bad(f"component {name} has fields {sorted(keys)}")
-        entries = [comp] + (comp.get("external_data") or [])
         if "external_data" in comp and (not isinstance(comp["external_data"], list) or len(comp["external_data"]) != 1):
             raise _bad(f"component {name}: external_data must list one file")
+        if not isinstance(comp["exporter"], str) or len(comp["exporter"]) > 200:
+            raise _bad(f"component {name}: exporter must be a string")
+        entries = [comp] + list(comp.get("external_data") or [])
         for e in entries:
             if not isinstance(e, dict) or not {"file", "bytes", "sha256"} <= set(e):
                 raise _bad(f"component {name}: file entries need file, bytes and sha256")
@@ -221,6 +250,30 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"the JSON literal {name} is not a number")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is beyond the float range")
+    return value
+
+
+def _unique(pairs: list) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"the key {str(k)[:60]!r} appears twice in one object")
+        out[k] = v
+    return out
+
+
+def parse_json(text: str, max_values: int = MAX_MANIFEST_VALUES) -> Any:
+    """Strict JSON: no NaN/Infinity literals, no numbers beyond float range, no duplicate keys, and at most
+    ``max_values`` values (and an eighth as many arrays and objects), counted before anything is built."""
+    if text.count(",") + 1 > max_values or text.count("[") + text.count("{") > max_values // 8:
+        raise ValueError(f"it holds more values than a manifest can (at most {max_values})")
+    return json.loads(text, parse_constant=_no_constant, parse_float=_finite, object_pairs_hook=_unique)
+
+
 def read_manifest(export_dir: "str | os.PathLike[str]") -> dict:
     """Read and check ``manifest.json`` of an export folder (``ValueError`` when missing, too large, corrupted,
     modified or foreign)."""
@@ -228,18 +281,21 @@ def read_manifest(export_dir: "str | os.PathLike[str]") -> dict:
     if not folder.is_dir():
         raise ValueError(f"ONNX export folder {folder} does not exist")
     path = folder / MANIFEST_NAME
+    if not os.path.lexists(path):
+        raise ValueError(f"{folder} is not an olss_fast ONNX export: {MANIFEST_NAME} is missing")
+    fd, st = _open_file(path, MAX_MANIFEST_BYTES)
     try:
-        st = os.stat(path)
-    except OSError:
-        raise ValueError(f"{folder} is not an olss_fast ONNX export: {MANIFEST_NAME} is missing") from None
-    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_MANIFEST_BYTES:
-        raise ValueError(f"{path} is not a regular file of at most {MAX_MANIFEST_BYTES} bytes")
-    try:
-        with open(path, "rb") as fh:
-            text = fh.read(MAX_MANIFEST_BYTES + 1).decode("utf-8")
-        manifest = json.loads(text, parse_constant=_no_constant)
+        chunks = []
+        while sum(map(len, chunks)) <= st.st_size:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        manifest = parse_json(b"".join(chunks).decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ValueError(f"{path} is unreadable or corrupted (truncated?): {str(exc)[:200]}") from None
+    finally:
+        os.close(fd)
     try:
         return check_manifest(manifest)
     except ValueError as exc:
@@ -266,11 +322,21 @@ def verify_component_files(export_dir: "str | os.PathLike[str]", manifest: Mappi
                 f"{name}: file {path} has {st.st_size} bytes but the export wrote {entry['bytes']} (truncated or "
                 "modified); re-export it"
             )
-        if check_digest and file_sha256(path) != entry["sha256"]:
+        if check_digest and file_sha256(path, int(entry["bytes"])) != entry["sha256"]:
             raise ValueError(f"{name}: file {path} does not match its SHA-256 in {MANIFEST_NAME} (modified?)")
     runner = folder / RUNNER_COPY_NAME
-    if runner.is_file() and check_digest and file_sha256(runner) != manifest["runner_sha256"]:
+    try:  # the copy of this runner every export carries: present, a small regular file, unmodified
+        digest = file_sha256(runner, MAX_RUNNER_BYTES)
+    except ValueError as exc:
+        raise ValueError(f"the export's runner copy: {exc}; re-export it") from None
+    if check_digest and digest != manifest["runner_sha256"]:
         raise ValueError(f"{runner} does not match its SHA-256 in {MANIFEST_NAME} (modified?); re-export it")
+
+
+def input_metadata(manifest: Mapping[str, Any]) -> str:
+    """What every model's ``olss_fast.inputs`` metadata holds: the manifest's :data:`INPUT_FIELDS` as canonical
+    JSON (an edited manifest cannot describe other inputs than the models were exported with)."""
+    return canonical_json({k: manifest[k] for k in INPUT_FIELDS})
 
 
 def check_metadata(name: str, props: Mapping[str, str], manifest: Mapping[str, Any]) -> None:
@@ -285,6 +351,8 @@ def check_metadata(name: str, props: Mapping[str, str], manifest: Mapping[str, A
         raise fail("the dtype")
     if props.get("olss_fast.image_range") != manifest["image_range"]:
         raise fail("the image range")
+    if props.get("olss_fast.inputs") != input_metadata(manifest):
+        raise fail("the inputs (conditioning inputs, unconditional ids, id limit)")
     try:
         sched = json.loads(props.get("olss_fast.schedule", "null"))
         shapes = json.loads(props.get("olss_fast.shapes", "null"))
@@ -349,10 +417,16 @@ class OnnxOLSSRunner:
             try:
                 sess = ort.InferenceSession(str(path), sess_options=session_options, providers=self.providers)
             except Exception as exc:  # onnxruntime raises InvalidProtobuf / Fail / InvalidGraph
-                raise ValueError(f"{name}: onnxruntime cannot load {path} (truncated or corrupted?): {exc}") from None
+                why = ("an operator this onnxruntime lacks: olss_fast's exports need onnxruntime >= 1.29"
+                       if "NOT_IMPLEMENTED" in str(exc) else "truncated or corrupted?")
+                raise ValueError(f"{name}: onnxruntime {ort.__version__} cannot load {path} ({why}): {exc}") from None
             self._check_signature(name, sess, comp)
             check_metadata(name, sess.get_modelmeta().custom_metadata_map, m)
             self._sessions[name] = sess
+        decoded = tuple(self._sessions["decoder"].get_outputs()[0].shape)
+        if decoded != self.image_shape:
+            raise ValueError(f"the manifest's image_shape {list(self.image_shape)} is not the decoder's output "
+                             f"{list(decoded)} (modified?)")
         logger.info("loaded the %d-step OLSS ONNX export %s (%s)", self.num_inference_steps, self.export_dir,
                     ", ".join(self._sessions))
 

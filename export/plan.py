@@ -115,6 +115,10 @@ def plan_export(
     call_args = dict(call_args or {})
     guided = adapter.is_guided(dict(call_args, negative_prompt=""), g)
     spec = adapter.export_spec(batch, h, w, guided, call_args, example)
+    ids = spec.uncond if isinstance(spec.uncond, list) else [] if spec.uncond is None else [spec.uncond]
+    if spec.id_limit and any(not 0 <= int(i) < spec.id_limit for i in ids):
+        raise ValueError(f"the pipeline's unconditional ids {ids[:8]} lie outside its id range [0, {spec.id_limit}) "
+                         "(a tokenizer larger than the text encoder's vocabulary?): the export could not run them")
     check_schedule(sched, usage(adapter, guidance=g, height=h, width=w, call_args=call_args, guided=guided),
                    allow=allow_mismatch, where=f"in this {adapter.name} export")
     plan = ExportPlan(

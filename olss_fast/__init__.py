@@ -19,9 +19,10 @@ from olss_fast.fit.recording import record_trajectories
 from olss_fast.serve.config import RuntimeConfig
 from olss_fast.serve.runner import OLSSRunner, compile_olss_pipeline
 from olss_fast.serve.scheduler import OLSSScheduler
+from olss_fast.serve.schedules import use_olss_scheduler
 
 __all__ = [
     "GramStats", "search_schedule", "refine_schedule", "refit_path_search", "OLSSSchedule", "OLSSScheduler",
-    "compile_olss_pipeline", "OLSSRunner", "RuntimeConfig", "fit_olss_scheduler", "record_trajectories",
+    "use_olss_scheduler", "compile_olss_pipeline", "OLSSRunner", "RuntimeConfig", "fit_olss_scheduler", "record_trajectories",
     "RecordConfig", "FitConfig", "FitResult", "SearchConfig", "__version__",
 ]

@@ -16,13 +16,13 @@ import torch
 import torch.distributed as dist
 from diffusers import DiffusionPipeline
 
-from olss_fast import __version__
 from olss_fast.core import checks
 from olss_fast.core.checks import any_int, finite_float, positive_int
 from olss_fast.core.files import atomic_write_text, exclusive_lock, parse_json, read_limited
 from olss_fast.core.schedule import GRANULARITIES, OLSSSchedule
 from olss_fast.core.search import DEFAULT_PATH, DEFAULT_STATS_PATH, PATHS
 from olss_fast.core.stats import GramStats
+from olss_fast.core.version import __version__
 from olss_fast.demo import add_demo_parser
 from olss_fast.export.onnx_export import export_onnx
 from olss_fast.export.tensorrt import export_tensorrt, require_tensorrt

@@ -14,6 +14,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_one_time_warnings():
+    """Every test sees olss_fast's one-time warnings afresh (they are once per process, so without this a test's
+    warning would depend on which tests ran before it)."""
+    from olss_fast.core import checks
+
+    checks._warned.clear()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module (modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``):

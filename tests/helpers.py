@@ -2,7 +2,9 @@
 their conditioning, re-signed files that reach the checks behind a digest)."""
 from __future__ import annotations
 
+import base64
 import json
+import zlib
 from typing import Any, Sequence
 
 import numpy as np
@@ -129,3 +131,49 @@ def resign_schedule_dict(d: dict) -> dict:
     d = {k: v for k, v in d.items() if k != "sha256"}
     d["sha256"] = digest(d)
     return d
+
+
+def artifact_payload(artifacts: Sequence[tuple[str, str, bytes]]) -> bytes:
+    """A ``torch.compiler.save_cache_artifacts`` payload holding ``(type, key, content)`` artefacts, written here from
+    the format's description (CRC-32, uint64 version 1, per type: name, count, then key and content per artefact;
+    big-endian integers, names and keys as length-prefixed base64) so that tests can plant any key or content."""
+    def u64(i: int) -> bytes:
+        return i.to_bytes(8, "big")
+
+    def blob(b: bytes) -> bytes:
+        return u64(len(b)) + b
+
+    def text(t: str) -> bytes:
+        return blob(base64.b64encode(t.encode()))
+
+    body = u64(1)
+    by_type: dict[str, list[tuple[str, bytes]]] = {}
+    for kind, key, content in artifacts:
+        by_type.setdefault(kind, []).append((key, content))
+    for kind, items in by_type.items():
+        body += text(kind) + u64(len(items)) + b"".join(text(k) + blob(c) for k, c in items)
+    return zlib.crc32(body).to_bytes(4, "big") + body
+
+
+# ---------------------------------------------------------------------------------------------- resources
+def peak_rss_growth(fn: Any) -> tuple[Any, int]:
+    """``(fn(), bytes)``: how far the process's peak resident memory rose above its resident memory before the call
+    (the kernel's high-water mark is reset first by writing 5 to ``/proc/self/clear_refs``; Linux only, else the
+    test is skipped). Counts every allocation, torch's and file mappings included, unlike tracemalloc."""
+    import pytest
+
+    def status(key: str) -> int:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+        raise KeyError(key)
+
+    try:
+        before = status("VmRSS")
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except (OSError, KeyError):
+        pytest.skip("peak memory needs Linux's /proc/self/clear_refs")
+    result = fn()
+    return result, status("VmHWM") - before

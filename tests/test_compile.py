@@ -26,7 +26,7 @@ from olss_fast.serve.config import RuntimeConfig
 from olss_fast.serve.runner import compile_olss_pipeline
 from olss_fast.serve.scheduler import OLSSScheduler
 from olss_fast.testing import tiny_sd_pipeline
-from helpers import assert_close_scaled, perturbed
+from helpers import artifact_payload, assert_close_scaled, perturbed
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -73,8 +73,10 @@ def test_compiled_program_equals_eager_and_a_second_process_loads_it(tmp_path: P
 class _FakeArtifacts:
     """Stands in for torch.compiler.save/load_cache_artifacts: records what is loaded."""
 
-    def __init__(self, payload: bytes = b"compiled artefacts \x00\x01\x02" * 100) -> None:
-        self.payload = payload
+    def __init__(self, payload: bytes | None = None) -> None:
+        self.payload = payload if payload is not None else artifact_payload(
+            [("inductor", "fabc123", b"compiled artefacts \x00\x01\x02" * 100),
+             ("autotune", "ab/abcdef.best_config", b"{}")])
         self.loaded: list[bytes] = []
         self.fail = False
 
@@ -84,6 +86,7 @@ class _FakeArtifacts:
     def load(self, data: bytes) -> Any:
         if self.fail:
             raise RuntimeError("incompatible artefacts")
+        assert type(data) is bytes  # inductor's cache writer takes bytes only (not a bytearray)
         self.loaded.append(bytes(data))
         return compile_cache_info()
 
@@ -327,6 +330,7 @@ def test_warmup_shapes_build_ahead_and_new_shapes_log_once(monkeypatch: pytest.M
     assert eager.cache_info()["builds"] == 2 and eager.cache_info()["hits"] == 1
 
     graphed = _fake_graph_runner(pipe, sched, monkeypatch)  # capture/replay path with a CPU stand-in graph
+    caplog.clear()  # the one-time warning about the schedule's missing provenance depends on test order
     with caplog.at_level(logging.INFO, logger="olss_fast.serve.torch_backend"):
         graphed.warmup(2)
         assert "warm-up: captures" in caplog.text and "WARNING" not in caplog.text

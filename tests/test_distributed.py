@@ -1,4 +1,4 @@
-"""Two gloo processes under torchrun give the same statistics and schedules as one process (issue #6).
+"""Two gloo processes under torchrun give the same statistics and schedules as one process.
 
 One torchrun launch (tests/dist_worker.py, ~30 s on 2 cores, mostly imports) runs the analytic GMM model and the tiny
 random SD pipeline through the API and the CLI; the single-process references are computed here.

@@ -1,5 +1,5 @@
 """A seeded mutation fuzz test of every loader: schedule JSON, scheduler folders, GramStats files, recording
-checkpoints and ONNX export folders.
+checkpoints, ONNX export folders and compile-cache entries.
 
 Each mutation (of the JSON values: deleted keys, other types, extreme and non-finite numbers, huge ranges, deep
 nesting, unknown keys, tiny changes of valid numbers; of the bytes: bit flips, truncation, appended garbage; of the
@@ -7,6 +7,12 @@ file itself: empty, a folder, a link to /dev/zero) is loaded and then used (a se
 recording, an ONNX run). Every outcome must be a ``ValueError`` or a result equal to the unmutated one: no other
 exception type, no silently different result, no hang (a per-case alarm), and memory stays bounded (the process's
 peak RSS may not grow by more than 512 MiB over the whole run).
+
+Re-signed files (digests recomputed after the edit, as a careless tool or anyone who knows the format would) reach
+the checks behind the digest: random re-signed mutations must give a ValueError or a usable result, and a table of
+targeted semantic edits of every file kind (values that are well-typed but mean something no writer of ours
+produces) must be refused. Hostile files near each format's size limit must be refused in bounded time and memory
+(per load: under 2 s and under 256 MiB of peak memory growth).
 """
 from __future__ import annotations
 
@@ -397,3 +403,295 @@ def test_fuzz_every_loader(tmp_path, recording):
     assert total >= 800
     assert not out.failures, "\n".join(out.failures[:30])
     assert grew_mib < 512, f"memory grew by {grew_mib:.0f} MiB"
+
+
+
+# ---------------------------------------------------------------------------------------------- compile-cache entries
+def test_fuzz_compile_cache_entries(tmp_path, monkeypatch):
+    """Random mutations of a compile-cache entry: header JSON (re-signed with this user's key, or not), payload bytes
+    (re-signed, or not), the file itself. Loading never raises; whatever reaches PyTorch is an entry whose every
+    artefact key is a plain relative name."""
+    from helpers import artifact_payload
+
+    from olss_fast.serve import compile_cache
+    from olss_fast.serve.compile_cache import CompileCache, artifact_keys
+
+    rng = random.Random(SEED + 1)
+    payload = artifact_payload([("inductor", "fabc", b"code" * 50), ("autotune", "ab/abcdef.best_config", b"{}")])
+    handed: list = []
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (payload, None))
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda data: handed.append(bytes(data)))
+    folder = tmp_path / "cache"
+    desc = {"m": 1}
+    cache = CompileCache(folder)
+    entry = cache.save("k", desc)
+    original = entry.read_bytes()
+    secret = (folder / compile_cache.KEY_FILE).read_bytes()
+    header_doc = json.loads(original.split(b"\n", 1)[0])
+    failures, outcomes = [], {"ignored": 0, "loaded": 0}
+
+    def resign(header: dict, body: bytes) -> bytes:
+        if isinstance(header, dict):
+            header["hmac"] = CompileCache._mac(secret, header, body)
+        return json.dumps(header).encode() + b"\n" + body
+
+    for i in range(60):
+        op = i % 4
+        if op == 0:  # header mutations, re-signed
+            text = mutate_json(header_doc, rng)
+            try:
+                data = resign(json.loads(text), payload)
+            except (ValueError, RecursionError, TypeError):
+                data = text.encode() + b"\n" + payload
+        elif op == 1:  # payload mutations, re-signed: the checks behind the HMAC
+            data = resign(dict(header_doc), mutate_bytes(payload, rng))
+        elif op == 2:  # plain corruption
+            data = mutate_bytes(original, rng)
+        else:  # planted artefact keys, re-signed
+            key = rng.choice(["/etc/x", "../x", "a/../../x", "", ".", "ok/..", "a" * 2000, "x\x00y", "C:\\x"])
+            body = artifact_payload([(rng.choice(["inductor", "autotune", "pgo"]), key, b"x")])
+            data = resign(dict(header_doc, payload_bytes=len(body)), body)
+        entry.unlink()
+        entry.write_bytes(data)
+        os.chmod(entry, 0o600)
+        try:
+            outcomes["loaded" if CompileCache(folder).load("k", desc) else "ignored"] += 1
+        except BaseException as exc:  # noqa: BLE001 - loading must never raise
+            failures.append(f"entry #{i}: {type(exc).__name__}: {exc}")
+    for data in handed:
+        try:
+            artifact_keys(data)
+        except ValueError as exc:
+            failures.append(f"an unsafe payload reached PyTorch: {exc}")
+    assert not failures, failures[:10]
+    assert outcomes["ignored"] >= 40, outcomes
+
+
+# ---------------------------------------------------------------------------------------------- semantic edits
+@pytest.fixture(scope="module")
+def digits_export(tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    from test_runtime import make_digits_pipe
+
+    from olss_fast.export.onnx_export import export_onnx
+
+    pipe = make_digits_pipe()
+    return export_onnx(pipe, OLSSScheduler.from_config(pipe.scheduler.config).ddim_schedule(2),
+                       tmp_path_factory.mktemp("fx") / "export", guidance_scale=2.0)
+
+
+def test_resigned_semantic_edits_of_every_file_kind_are_refused(tmp_path, recording, digits_export, monkeypatch):
+    """Well-typed values no olss_fast writer produces, in every file kind, each re-signed: all refused."""
+    from helpers import artifact_payload, resign_schedule_dict, rewrite_stats_file
+    from test_hostile_inputs import CrashingGMM, gmm
+
+    from olss_fast.export.onnx_runner import OnnxOLSSRunner, manifest_digest
+    from olss_fast.serve import compile_cache
+    from olss_fast.serve.compile_cache import CompileCache
+    from olss_fast.serve.scheduler_config import CONFIG_DIGEST_KEY, config_digest
+
+    pipe, stats = recording
+    sched = search_schedule(stats, 3)
+    refused, accepted = [], []
+
+    def expect_refusal(label: str, fn: Callable[[], Any]) -> None:
+        try:
+            fn()
+        except ValueError:
+            refused.append(label)
+            return
+        accepted.append(label)
+
+    # ---- schedule JSON
+    def sched_edit(label, edit, text_edit=None):
+        d = sched.to_dict()
+        edit(d)
+        text = json.dumps(resign_schedule_dict(d))
+        path = tmp_path / "s.json"
+        path.write_text(text_edit(text) if text_edit else text)
+        expect_refusal(f"schedule {label}", lambda: OLSSScheduler.from_schedules(
+            [OLSSSchedule.load(path)], config=pipe.scheduler.config))
+
+    sched_edit("version 2.0", lambda d: d.update(version=2.0))
+    sched_edit("version true", lambda d: d.update(version=True))
+    sched_edit("timesteps beyond the noise schedule", lambda d: d.update(timesteps=[5000, 3000, 2000]))
+    sched_edit("fractional VP timesteps", lambda d: d.update(timesteps=[999.5, 666.5, 333.5]))
+    sched_edit("coefficients x1e30", lambda d: d.update(coeffs=[[v * 1e30 for v in r] for r in d["coeffs"]]))
+    sched_edit("a coefficient of 3e38", lambda d: d["coeffs"][0].__setitem__(0, 3e38))
+    sched_edit("acceptance as a bare list", lambda d: d["fitted_for"].update(accepted_mismatch=["noise_schedule"]))
+    sched_edit("acceptance of another setting", lambda d: d["fitted_for"].update(
+        noise_schedule={"kind": "vp", "num_train_timesteps": 1000, "alphas_cumprod_sha256": "0" * 64},
+        accepted_mismatch={"noise_schedule": {"kind": "vp", "num_train_timesteps": 1000,
+                                              "alphas_cumprod_sha256": "1" * 64}}))
+    sched_edit("1e400 in meta", lambda d: d.update(meta={"x": "HUGE"}), lambda t: t.replace('"HUGE"', "1e400"))
+    sched_edit("a duplicate key", lambda d: None, lambda t: '{"teacher": "x", ' + t[1:])
+
+    # ---- scheduler config
+    folder = tmp_path / "sched"
+    OLSSScheduler.from_schedules([sched], config=pipe.scheduler.config).save_pretrained(folder)
+    cfg = json.loads((folder / "scheduler_config.json").read_text())
+
+    def config_edit(label, edit, resign=True):
+        d = json.loads(json.dumps(cfg))
+        edit(d)
+        if resign:
+            d[CONFIG_DIGEST_KEY] = config_digest(d)
+        (folder / "scheduler_config.json").write_text(json.dumps(d))
+        expect_refusal(f"config {label}", lambda: OLSSScheduler.from_pretrained(folder))
+
+    config_edit("_use_default_values", lambda d: d.update(_use_default_values=["schedules"]))
+    config_edit("a null digest", lambda d: d.update({CONFIG_DIGEST_KEY: None, "beta_end": 0.02}), resign=False)
+    config_edit("betas of 1", lambda d: d.update(trained_betas=[1.0] * 1000))
+    config_edit("beta_end 0.99", lambda d: d.update(beta_schedule="linear", beta_end=0.99))
+    config_edit("zero SNR with epsilon", lambda d: d.update(rescale_betas_zero_snr=True))
+    config_edit("timesteps beyond num_train_timesteps", lambda d: d.update(num_train_timesteps=500))
+    config_edit("an unknown private key", lambda d: d.update(_extra=1))
+    config_edit("another class", lambda d: d.update(_class_name="DDIMScheduler"))
+
+    # ---- statistics
+    spath = tmp_path / "g.safetensors"
+
+    def stats_edit(label, header=None, gram=None, merge=False):
+        stats.save(spath)
+        rewrite_stats_file(spath, header=header, gram=gram)
+        expect_refusal(f"stats {label}", lambda: GramStats.load(spath) + GramStats.load(spath) if merge
+                       else GramStats.load(spath))
+
+    stats_edit("version 2.0", header=lambda h: dict(h, version=2.0))
+    stats_edit("timesteps x10", header=lambda h: dict(h, timesteps=[10 * t for t in h["timesteps"]]))
+    stats_edit("dtype int64", header=lambda h: dict(h, dtype="int64"))
+    stats_edit("items miscounted", header=lambda h: dict(h, items=[[0, 10**9]]))
+    stats_edit("items null, merged with itself", header=lambda h: dict(h, items=None), merge=True)
+    def zero_norm(g):
+        g = g.clone()
+        g[:, 5, 5] = 0  # a vector of norm 0 with non-zero inner products
+        return g
+
+    stats_edit("a zero norm with a non-zero row", gram=zero_norm)
+
+    # ---- recording checkpoint
+    CrashingGMM.calls, CrashingGMM.crash_at = 0, 1
+    ck = tmp_path / "ck.safetensors"
+    rec = dict(teacher_steps=12, batch_size=2, progress=False)
+    with pytest.raises(RuntimeError):
+        record_trajectories(gmm(), [0, 1, 2, 0], checkpoint=ck, checkpoint_every=1, **rec)
+    CrashingGMM.crash_at = 10**9
+    pristine = ck.read_bytes()
+
+    def ck_edit(label, edit):
+        ck.write_bytes(pristine)
+        rewrite_stats_file(ck, header=lambda h: (edit(h), h)[1])
+        expect_refusal(f"checkpoint {label}", lambda: record_trajectories(
+            gmm(), [0, 1, 2, 0], checkpoint=ck, checkpoint_every=1, resume=True, **rec))
+
+    fp = lambda h: h["meta"]["record_checkpoint"]["fingerprint"]  # noqa: E731
+    ck_edit("seeds_per_prompt true", lambda h: fp(h).update(seeds_per_prompt=True))
+    ck_edit("num_prompts 4.0", lambda h: fp(h).update(num_prompts=4.0))
+    ck_edit("version 1.0", lambda h: h["meta"]["record_checkpoint"].update(version=1.0))
+    ck_edit("scheduler_config", lambda h: h["meta"]["scheduler_config"].update(beta_end=0.02))
+    ck_edit("dtype", lambda h: h.update(dtype="float16"))
+    ck_edit("items null", lambda h: h.update(items=None))
+
+    # ---- ONNX manifest
+    work = tmp_path / "export"
+    shutil.copytree(digits_export.path, work)
+    manifest = json.loads((work / "manifest.json").read_text())
+
+    def manifest_edit(label, edit):
+        m = json.loads(json.dumps(manifest))
+        edit(m)
+        m["manifest_sha256"] = manifest_digest(m)
+        (work / "manifest.json").write_text(json.dumps(m))
+        expect_refusal(f"manifest {label}", lambda: OnnxOLSSRunner(work))
+
+    manifest_edit("uncond_ids", lambda m: m.update(uncond_ids=5))
+    manifest_edit("id_limit", lambda m: m.update(id_limit=1000))
+    manifest_edit("batched", lambda m: m["cond_inputs"][0].update(batched=False))
+    manifest_edit("image_shape", lambda m: m.update(image_shape=[1, 3, 8, 8]))
+    manifest_edit("external_data", lambda m: m["components"]["decoder"].update(external_data="ab"))
+    manifest_edit("exporter type", lambda m: m.update(exporter=["a", 5]))
+    manifest_edit("version float", lambda m: m.update(version=float(m["version"])))
+
+    # ---- compile-cache entry, authenticated with this user's own key (what a buggy writer of ours could produce)
+    payload = artifact_payload([("inductor", "fabc", b"code")])
+    handed: list = []
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (payload, None))
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda data: handed.append(data))
+    cfolder = tmp_path / "cache"
+    entry = CompileCache(cfolder).save("k", {"m": 1})
+    secret = (cfolder / compile_cache.KEY_FILE).read_bytes()
+    header = json.loads(entry.read_bytes().split(b"\n", 1)[0])
+
+    def entry_edit(label, edit, body=payload):
+        h = dict(header, payload_bytes=len(body))
+        edit(h)
+        h["hmac"] = CompileCache._mac(secret, h, body)
+        entry.write_bytes(json.dumps(h).encode() + b"\n" + body)
+        (refused if not CompileCache(cfolder).load("k", {"m": 1}) else accepted).append(f"entry {label}")
+
+    entry_edit("version 2.0", lambda h: h.update(version=2.0))
+    entry_edit("another description", lambda h: h.update(description={"m": 2}))
+    entry_edit("an absolute artefact key", lambda h: None, artifact_payload([("autotune", "/tmp/x", b"{}")]))
+    entry_edit("a climbing artefact key", lambda h: None, artifact_payload([("inductor", "../../x", b"x")]))
+    entry_edit("an unknown artefact type", lambda h: None, artifact_payload([("mystery", "fabc", b"x")]))
+    assert handed == []
+
+    assert not accepted, f"accepted: {accepted}"
+    assert len(refused) >= 40, refused
+
+
+# ---------------------------------------------------------------------------------------------- resource limits
+def test_hostile_files_cost_bounded_time_and_memory(tmp_path, recording, digits_export, monkeypatch):
+    """A hostile file near each format's size limit (64 MiB of empty objects or numbers, a header claiming a huge
+    matrix over a sparse hole, a compile-cache entry whose header never ends) is refused in under 2 s with under
+    256 MiB of peak memory growth per load."""
+    from helpers import peak_rss_growth
+    from test_trust_loaders import _sparse_stats_file
+
+    from olss_fast.export.onnx_runner import read_manifest
+    from olss_fast.serve.compile_cache import CompileCache
+
+    size = 64 * 2**20 - 4096
+    objects = ",".join(["{}"] * (size // 3))
+    numbers = ",".join(["1"] * (size // 2))
+    cases = {}
+    p = tmp_path / "objects.json"
+    p.write_text('{"format": "olss_fast.schedule", "version": 2, "coeffs": [' + objects + "]}")
+    cases["schedule of empty objects"] = lambda p=p: OLSSSchedule.load(p)
+    p = tmp_path / "numbers.json"
+    p.write_text('{"format": "olss_fast.schedule", "version": 2, "coeffs": [[' + numbers + "]]}")
+    cases["schedule of numbers"] = lambda p=p: OLSSSchedule.load(p)
+    folder = tmp_path / "sched"
+    folder.mkdir()
+    (folder / "scheduler_config.json").write_text('{"_class_name": "OLSSScheduler", "schedules": [' + objects + "]}")
+    cases["scheduler config of empty objects"] = lambda: OLSSScheduler.from_pretrained(folder)
+    p = tmp_path / "sparse.safetensors"
+    _sparse_stats_file(p, teacher_steps=1400, channels=1, digest="0" * 64)  # 63 MB claimed over a hole
+    cases["statistics claiming a matrix over a hole"] = lambda p=p: GramStats.load(p)
+    export = tmp_path / "export"
+    shutil.copytree(digits_export.path, export)
+    (export / "manifest.json").write_text("[" + ",".join(["{}"] * (16 * 2**20 // 3 - 8)) + "]")
+    cases["manifest of empty objects"] = lambda: read_manifest(export)
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"\x00" * 16, None))
+    CompileCache(cache)._secret(create=True)
+    (cache / "k.bin").write_bytes(b"{" * size)
+    os.chmod(cache / "k.bin", 0o600)
+    cases["compile-cache entry without a header end"] = lambda: CompileCache(cache).load("k", {}) or None
+
+    import time
+
+    for label, load in cases.items():
+        def refused(load=load):
+            try:
+                out = load()
+            except ValueError:
+                return "refused"
+            return "ignored" if out is None else "accepted"
+
+        t0 = time.perf_counter()
+        outcome, grew = peak_rss_growth(refused)
+        took = time.perf_counter() - t0
+        assert outcome in ("refused", "ignored"), (label, outcome)
+        assert took < 2.0, f"{label}: {took:.2f} s"
+        assert grew < 256 * 2**20, f"{label}: peak memory grew by {grew / 2**20:.0f} MiB"

@@ -108,7 +108,7 @@ def test_checkpoint_headers_are_not_trusted_blindly(unfinished):
     assert time.perf_counter() - t0 < 5
     # header fields that change the result are part of the job's identity
     def other_timesteps(h):
-        h["timesteps"] = [t + 1 for t in h["timesteps"]]
+        h["timesteps"] = [t - 1 for t in h["timesteps"]]
         return h
     with pytest.raises(ValueError, match="statistics header .* does not match its fingerprint"):
         resume(variant("timesteps", other_timesteps))
@@ -156,7 +156,7 @@ def test_statistics_bit_flips_and_impossible_gram_matrices_are_refused(tmp_path)
     for name, fn, match in (
         ("zeros", lambda g: torch.zeros_like(g), "zero squared norm"),
         ("negdiag", lambda g: g - 2 * torch.diag_embed(torch.diagonal(g, dim1=1, dim2=2)), "negative diagonal"),
-        ("nonpsd", non_psd, "semi-definite"),
+        ("nonpsd", non_psd, "semi-definite|product of the two norms"),
         ("asym", lambda g: g + torch.triu(torch.ones_like(g), 1) * g.abs().max(), "symmetric"),
     ):
         p = tmp_path / f"{name}.safetensors"
@@ -258,7 +258,7 @@ def test_scheduler_configs_are_read_strictly(tmp_path, content, match):
 def test_edited_scheduler_configs_fail_their_digest(tmp_path):
     OLSSScheduler.from_schedules([OLSSSchedule.from_dict(sched_dict())]).save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "scheduler_config.json").read_text())
-    cfg["clip_sample"] = True  # valid, but not what was written
+    cfg["clip_sample"] = not cfg["clip_sample"]  # valid, but not what was written
     (tmp_path / "scheduler_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="does not match its digest"):
         OLSSScheduler.from_pretrained(tmp_path)
@@ -317,8 +317,26 @@ def broken_copy(export, tmp_path, edit, resign=True):
     ("huge_bytes", "bytes must be a positive integer"),
     ("runner", "olss_onnx_runner.py does not match"),
     ("unsigned", "manifest_sha256"),
+    # fields nothing checked (re-signed): they changed the images or lied
+    ("uncond_ids", "disagree on the inputs"),
+    ("uncond_zero", "disagree on the inputs"),
+    ("id_limit", "disagree on the inputs"),
+    ("batched", "disagree on the inputs"),
+    ("image_shape", "image_shape"),
+    ("external_data", "external_data"),
+    ("exporter", "exporter must be"),
+    ("olss_fast", "olss_fast must be"),
+    ("version_float", "version"),
+    # the runner copy: missing, a folder, /dev/zero, a FIFO, a huge sparse file
+    ("runner_missing", "runner copy"),
+    ("runner_folder", "runner copy"),
+    ("runner_devzero", "runner copy"),
+    ("runner_fifo", "runner copy"),
+    ("runner_huge", "runner copy"),
 ])
 def test_export_folders_are_checked_against_their_models(digits_export, tmp_path, case, match):
+    """Every manifest field is checked (type, range, and against the models' own metadata), re-signed or not; the
+    runner copy must be a small regular file."""
     from olss_fast.export.onnx_runner import OnnxOLSSRunner
 
     def edit(m, out):
@@ -343,6 +361,34 @@ def test_export_folders_are_checked_against_their_models(digits_export, tmp_path
                 fh.write("\n# edited\n")
         elif case == "unsigned":
             m.update(guidance_scale=3.0)
+        elif case in ("uncond_ids", "uncond_zero"):
+            m.update(uncond_ids=5 if case == "uncond_ids" else 0)
+        elif case == "id_limit":
+            m.update(id_limit=12)
+        elif case == "batched":
+            m["cond_inputs"][0]["batched"] = False
+        elif case == "image_shape":
+            m.update(image_shape=[1, 1, 16, 16])
+        elif case == "external_data":
+            m["components"]["decoder"]["external_data"] = "ab"
+        elif case == "exporter":
+            m.update(exporter=5)
+        elif case == "olss_fast":
+            m.update(olss_fast=1)
+        elif case == "version_float":
+            m.update(version=float(m["version"]))
+        elif case.startswith("runner_"):
+            runner = out / "olss_onnx_runner.py"
+            runner.unlink()
+            if case == "runner_folder":
+                runner.mkdir()
+            elif case == "runner_devzero":
+                runner.symlink_to("/dev/zero")
+            elif case == "runner_fifo":
+                os.mkfifo(runner)
+            elif case == "runner_huge":
+                with open(runner, "wb") as fh:
+                    fh.truncate(8 * 2**30)
 
     with pytest.raises(ValueError, match=match):
         OnnxOLSSRunner(broken_copy(digits_export, tmp_path, edit, resign=case != "unsigned"))

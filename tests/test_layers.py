@@ -1,5 +1,6 @@
 """The architecture holds (docs/design.md, "Layers"): import-linter's contracts from pyproject.toml (layers, no cycles,
-no diffusers in the core), no private name imported across modules, no library module over 600 lines."""
+no diffusers in the core), nothing imports the package root, no private name imported across modules, no library
+module over 600 lines."""
 from __future__ import annotations
 
 import ast
@@ -26,7 +27,7 @@ def _library_files() -> list[Path]:
 @needs_source
 def test_import_linter_contracts_hold(tmp_path):
     """``lint-imports`` with the contracts of pyproject.toml: layers point down, no import cycles, the core imports no
-    diffusers/transformers, nothing imports the package root. (A violation makes this test fail with the report.)"""
+    diffusers/transformers. (A violation makes this test fail with the report.)"""
     exe = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or shutil.which("lint-imports")
     if exe is None:
         pytest.skip("import-linter is not installed (pip install -e '.[test]' installs it)")
@@ -46,6 +47,23 @@ def test_no_private_name_crosses_a_module_boundary():
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("olss_fast"):
                 bad += [f"{path.relative_to(REPO)}: from {node.module} import {a.name}" for a in node.names
                         if a.name.startswith("_") and a.name != "__version__"]
+    assert bad == []
+
+
+@needs_source
+def test_nothing_imports_the_package_root():
+    """The package root imports every layer, so a module importing it (``from olss_fast import x``, ``import
+    olss_fast``) would depend on the layers above it. (Checked here: import-linter's forbidden contract cannot name
+    the root package of its own sources.)"""
+    bad = []
+    for path in _library_files():
+        if path.name == "__init__.py" and path.parent == REPO / "olss_fast":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "olss_fast" and node.level == 0:
+                bad.append(f"{path.relative_to(REPO)}: from olss_fast import {', '.join(a.name for a in node.names)}")
+            elif isinstance(node, ast.Import):
+                bad += [f"{path.relative_to(REPO)}: import olss_fast" for a in node.names if a.name == "olss_fast"]
     assert bad == []
 
 

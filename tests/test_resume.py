@@ -1,4 +1,4 @@
-"""Resumable recording (issue #6): a SIGKILLed recording resumes to bitwise the statistics of an uninterrupted run;
+"""Resumable recording: a SIGKILLed recording resumes to bitwise the statistics of an uninterrupted run;
 corrupted or foreign checkpoints are refused; finished statistics are re-searched without running the pipeline."""
 import json
 import os
@@ -12,7 +12,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from olss_fast import GramStats, OLSSSchedule, cli, fit_olss_scheduler, search_schedule
-from olss_fast.core.stats import to_ranges
+from olss_fast.core.ranges import to_ranges
 from olss_fast.fit.checkpoint import from_ranges
 from olss_fast.fit.recording import record_trajectories
 

@@ -175,7 +175,7 @@ def _sd_clip_skip_embeds(pipe: Any, prompts: list, negative: Any, clip_skip: int
 
     with torch.no_grad():
         hidden = te(ids(prompts), output_hidden_states=True).hidden_states[-(clip_skip + 1)]
-        pos = te.final_layer_norm(hidden)
+        pos = getattr(te, "text_model", te).final_layer_norm(hidden)  # transformers 4 nests it, 5 does not
         neg = te(ids([negative or ""] * len(prompts)))[0]
     return dict(prompt_embeds=pos, negative_prompt_embeds=neg)
 

@@ -83,10 +83,11 @@ def test_merge_equals_concatenation():
     x1, e1 = random_paths(T, 3, (2, 3), seed=4)
     x2, e2 = random_paths(T, 4, (2, 3), seed=5)
     a, b, both = (GramStats(ts, prediction_type="epsilon") for _ in range(3))
-    a.update(x1, e1)
-    b.update(x2, e2)
+    a.update(x1, e1, items=[0, 1, 2])
+    b.update(x2, e2, items=[3, 4, 5, 6])
     both.update(torch.cat([x1, x2], 1), torch.cat([e1, e2], 1))
     merged = a + b
+    assert merged.items == [[0, 7]]
     assert merged.num_samples == 7
     torch.testing.assert_close(merged.gram, both.gram, rtol=1e-12, atol=1e-12)
     # direct Gram matrix of the concatenated raw vectors
@@ -95,6 +96,14 @@ def test_merge_equals_concatenation():
     torch.testing.assert_close(merged.gram, direct, rtol=1e-12, atol=1e-10)
     a += b
     torch.testing.assert_close(a.gram, both.gram, rtol=1e-12, atol=1e-12)
+    # statistics that record no work items merge only when the caller states that they are disjoint
+    c, d = (GramStats(ts, prediction_type="epsilon") for _ in range(2))
+    c.update(x1, e1)
+    d.update(x2, e2)
+    with pytest.raises(ValueError, match="disjoint=True"):
+        c + d
+    torch.testing.assert_close(c.merge_(d, disjoint=True).gram, both.gram, rtol=1e-12, atol=1e-12)
+    assert c.items is None and c.num_samples == 7
 
 
 def test_update_memory_does_not_keep_trajectories():

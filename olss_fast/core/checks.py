@@ -123,6 +123,21 @@ def listing(value: Any, what: str, max_len: int) -> list:
     return value
 
 
+def version(value: Any, what: str, versions: Sequence[int]) -> int:
+    """A format version: exactly one of the integers ``versions`` (``2.0`` and ``true`` are not versions)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value not in versions:
+        raise ValueError(f"unsupported {what} version {_show(value)[:20]}; this olss_fast reads version(s) "
+                         f"{', '.join(map(str, versions))}")
+    return value
+
+
+def hex_digest(value: Any, what: str) -> str:
+    """A SHA-256 hex digest: 64 lowercase hex digits."""
+    if not isinstance(value, str) or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise ValueError(f"{what} must be a SHA-256 hex digest (64 hex digits), got {_show(value)[:80]}")
+    return value
+
+
 def step_counts(value: Any, what: str, hi: int) -> tuple[int, ...]:
     """One step count or a list of distinct ones, each in ``[1, hi]``."""
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):

@@ -76,7 +76,7 @@ def final_mse(coeffs: torch.Tensor, timesteps: list[Any], noise: torch.Tensor, t
 #: Normal re-fits stay within 1.5x of DDIM on the Gaussian mixture and below DDIM on digits; the mixture's uniform
 #: 8-step re-fit of training seed 0 reached 13x (coefficients of +160 and -166 on two nearly collinear model outputs)
 #: and gave RMSE 105 on 3 of 500 held-out noises that none of the 64 held-out re-fit samples resembled
-#: (benchmarks/RESULTS.md, issue 22).
+#: (benchmarks/RESULTS.md, "Cheaper default search").
 AMPLIFICATION_LIMIT = 3.0
 
 
@@ -130,7 +130,7 @@ def choose_on_heldout(
     final MSE is above the baseline's there. Of the rest, the lowest *pooled* final MSE wins: the held-out MSE and
     the re-fit's own final MSE on the ``fit_samples`` fit samples, weighted by their sample counts (the held-out part
     alone is small, and the error of few-step samplers is dominated by rare samples: on the Gaussian mixture the
-    pooled error chose better paths for held-out noise than the held-out part alone, benchmarks/RESULTS.md issue 22).
+    pooled error chose better paths for held-out noise than the held-out part alone, benchmarks/RESULTS.md, "Cheaper default search").
     When no candidate is left, the baseline is returned (with a one-time warning).
 
     Args:

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 #: differences that make the coefficients wrong: refused unless named in ``allow_mismatch``
 REFUSED = ("model", "noise_schedule", "prediction_type")
 #: differences the coefficients were not tuned for: one warning, then used as they are
-WARNED = ("guidance_scale", "latent_shape", "mu")
+WARNED = ("guidance_scale", "latent_shape", "mu", "call_kwargs")
 
 
 # ---------------------------------------------------------------------------------------------- identities
@@ -88,6 +88,33 @@ def check_allow(allow: Iterable[str] | str) -> tuple[str, ...]:
     return out
 
 
+def check_timesteps(timesteps: Any, noise_schedule: Any, what: str) -> None:
+    """``ValueError`` unless ``timesteps`` lie on the grid of ``noise_schedule`` (a noise-schedule description,
+    :func:`olss_fast.pipelines.facts.noise_schedule_id`): integers in ``[0, N)`` for a VP schedule of N training
+    timesteps (a model never saw 5000 on a 1000-step schedule, nor 500.5), numbers in ``[0, N]`` for flow matching
+    (``σ·N``). Descriptions that do not say how many timesteps they have are not checked."""
+    if not isinstance(noise_schedule, Mapping):
+        return
+    n, kind = noise_schedule.get("num_train_timesteps"), noise_schedule.get("kind")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        return
+    for t in timesteps:
+        if kind == "vp" and (isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n):
+            raise ValueError(f"{what} holds the timestep {str(t)[:30]}, which is not one of the VP noise schedule's "
+                             f"integer timesteps 0 … {n - 1}")
+        if kind == "flow" and not (isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= n):
+            raise ValueError(f"{what} holds the timestep {str(t)[:30]}, outside the flow-matching schedule's "
+                             f"[0, {n}]")
+
+
+def same_value(key: str, a: Any, b: Any) -> bool:
+    """Whether two ``fitted_for`` values of ``key`` describe the same setting (guidance and mu up to rounding)."""
+    try:
+        return _same(key, a, b)
+    except (TypeError, ValueError):
+        return False
+
+
 def _same(key: str, a: Any, b: Any) -> bool:
     if key in ("guidance_scale", "mu"):
         return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
@@ -108,10 +135,12 @@ def _describe(key: str, value: Any) -> str:
 def compare(fitted: Mapping[str, Any], actual: Mapping[str, Any], *, allow: Iterable[str] = (),
             what: str = "the schedule", where: str = "here", refuse: Iterable[str] = REFUSED,
             warn: Iterable[str] = WARNED, fine_tune_warns: bool = True, hint: str | None = None,
-            head: str | None = None) -> None:
+            head: str | None = None, accepted: Mapping[str, Any] | None = None) -> None:
     """Compare a ``fitted_for`` description (plus ``prediction_type``) with ``actual``.
 
-    Only keys present (not None) on both sides are compared. Differences in ``refuse`` not named in ``allow`` raise
+    Only keys present (not None) on both sides are compared. ``accepted`` maps a refused key to the one value it was
+    explicitly accepted for (``fitted_for["accepted_mismatch"]``): that value, and no other, counts as allowed.
+    Differences in ``refuse`` not named in ``allow`` raise
     one ``ValueError`` listing all of them (after ``head``, by default "``what`` was fitted for another setting than
     it is used ``where``", and ending in ``hint``, by default how to override); with
     ``fine_tune_warns`` a model of the same class and config with other weights only warns. Differences in ``warn``
@@ -121,7 +150,9 @@ def compare(fitted: Mapping[str, Any], actual: Mapping[str, Any], *, allow: Iter
     refused = []
     for key in refuse:
         a, b = fitted.get(key), actual.get(key)
-        if a is None or b is None or key in allow or _same(key, a, b):
+        if a is None or b is None or key in allow or same_value(key, a, b):
+            continue
+        if accepted and key in accepted and same_value(key, accepted[key], b):
             continue
         if fine_tune_warns and key == "model" and isinstance(a, dict) and isinstance(b, dict) and all(
                 a.get(k) == b.get(k) for k in ("class", "config_sha256")):
@@ -142,7 +173,7 @@ def compare(fitted: Mapping[str, Any], actual: Mapping[str, Any], *, allow: Iter
         )
     for key in warn:
         a, b = fitted.get(key), actual.get(key)
-        if a is None or b is None or _same(key, a, b):
+        if a is None or b is None or same_value(key, a, b):
             continue
         warn_once(("mismatch", what, key, repr(a), repr(b)),
                   "%s was fitted at %s = %s but runs at %s = %s %s; it runs unchanged, tuned for %s (search a "

@@ -284,8 +284,8 @@ def programme_grid(T: int, stride: int) -> list[int]:
     """The teacher indices :func:`refit_programme` places steps on: every ``stride``-th, and toward the clean end the
     spacing halves down to 1 (``T − 1, T − 2, T − 4, …`` below ``stride``): the last model evaluation, just before
     clean data, is where the final error is most sensitive to the timestep (on held-out digits 10-step paths whose
-    last index was 98 of 100 beat those a plain stride-4 grid ended at 96 by a quarter, benchmarks/RESULTS.md
-    issue 22)."""
+    last index was 98 of 100 beat those a plain stride-4 grid ended at 96 by a quarter, benchmarks/RESULTS.md,
+    "Cheaper default search")."""
     end = {T - 2**m for m in range(max(stride - 1, 0).bit_length()) if 2**m < stride and T - 2**m > 0}
     return sorted(set(range(0, T, stride)) | end)
 

@@ -11,11 +11,18 @@ channel (``granularity="channel"``).
 **The file format** (version 2) is strict: every field has one JSON type (no coercion: ``3.5`` is not an index,
 ``"false"`` is not a bool), numbers are range-checked in the dtype they are used in (coefficients and float timesteps
 in float32), unknown fields are refused, and the ``sha256`` field (a digest of the canonical JSON of all other fields)
-must match: an edited or bit-flipped file is a ``ValueError``, never a silently different sampler. Version 1 files
-(olss_fast 0.1, no digest, no ``fitted_for``) are read with a warning.
+must match: an edited or bit-flipped file is a ``ValueError``, never a silently different sampler. Versions are exact
+integers, duplicate keys and numbers beyond float range are refused, coefficients are bounded by :data:`MAX_COEFF`
+and a file holds at most :data:`MAX_COEFFS` coefficients (and :data:`MAX_JSON_VALUES` values), checked before
+anything is built. Timesteps must lie on the noise schedule the file records (``fitted_for.noise_schedule``). Version 1
+files (olss_fast 0.1, no digest, no ``fitted_for``) are read with a warning naming each such file.
+
+The digest detects corruption and careless edits, not tampering: anyone can recompute it (docs/design.md, "Trust
+boundaries"), so every field is also checked for what it means.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -29,6 +36,7 @@ import torch
 
 from olss_fast.core import checks
 from olss_fast.core.files import atomic_write_text, digest, read_json
+from olss_fast.core.provenance import REFUSED, check_timesteps
 from olss_fast.core.step import PREDICTION_TYPES
 
 logger = logging.getLogger(__name__)
@@ -43,11 +51,17 @@ MAX_TEACHER_STEPS = 10_000
 MAX_CHANNELS = 4096
 MAX_TIMESTEP = 100_000
 MAX_SCHEDULE_BYTES = 64 * 2**20
+#: the most coefficients a schedule holds (a 1000-step global schedule, or 64 channels of 180 steps)
+MAX_COEFFS = 2**21
+#: the most JSON values a schedule file may hold (counted before parsing)
+MAX_JSON_VALUES = 2**22
+#: the largest coefficient magnitude a usable sampler has (fitted ones stay below 1e4; larger ones only amplify
+#: rounding, and 1e30 overflows float32 in the combination)
+MAX_COEFF = 1e8
 _FIELDS_V2 = ("format", "version", "num_steps", "granularity", "timesteps", "indices", "coeffs", "errors",
               "teacher_steps", "prediction_type", "path", "refined", "teacher", "fitted_for", "meta", "sha256")
 _FIELDS_V1 = ("format", "version", "num_steps", "granularity", "timesteps", "indices", "coeffs", "errors",
               "teacher_steps", "prediction_type", "path", "refined", "teacher", "meta")
-_warned_v1 = False
 
 
 def _index(i: Any, what: str) -> int:
@@ -158,8 +172,11 @@ class OLSSSchedule:
             raise ValueError(f"per-channel coeffs need 1 to {MAX_CHANNELS} channels, got {c.shape[0]}")
         if not torch.isfinite(c).all():
             raise ValueError("coeffs contain NaN or Inf; the schedule is unusable (re-run the search)")
-        if c.abs().max().item() > checks.FLOAT32_MAX:
-            raise ValueError("coeffs overflow float32, the dtype the sampler computes in")
+        if c.abs().max().item() > MAX_COEFF:
+            raise ValueError(f"coeffs reach {c.abs().max().item():.3g}, beyond the ±{MAX_COEFF:g} any usable sampler "
+                             "needs (corrupted, or a degenerate fit)")
+        if c.numel() > MAX_COEFFS:
+            raise ValueError(f"a schedule holds at most {MAX_COEFFS} coefficients, got {c.numel()}")
         upper = torch.triu(c, diagonal=2)
         if upper.abs().max().item() > 0:
             raise ValueError("coeffs row j may only use x0 and e_0..e_j: entries right of column j+1 must be zero")
@@ -184,6 +201,7 @@ class OLSSSchedule:
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction_type {self.prediction_type!r}; expected one of {PREDICTION_TYPES}")
         _check_fitted_for(self.fitted_for)
+        check_timesteps(self.timesteps, self.fitted_for.get("noise_schedule"), "the schedule")
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -202,8 +220,8 @@ class OLSSSchedule:
             "path": self.path,
             "refined": bool(self.refined),
             "teacher": self.teacher,
-            "fitted_for": self.fitted_for,
-            "meta": self.meta,
+            "fitted_for": copy.deepcopy(self.fitted_for),  # a copy: editing the dict must not edit the schedule
+            "meta": copy.deepcopy(self.meta),
         }
         data["sha256"] = digest(data)
         return data
@@ -211,25 +229,19 @@ class OLSSSchedule:
     @classmethod
     def from_dict(cls, data: Any) -> "OLSSSchedule":
         """Build a schedule from :meth:`to_dict` output, validating everything (``ValueError`` on any problem)."""
-        global _warned_v1
         checks.mapping(data, "an OLSS schedule")
         if data.get("format") != SCHEDULE_FORMAT:
             raise ValueError(f"not an OLSS schedule (format = {str(data.get('format'))[:80]!r})")
-        version = data.get("version")
-        if isinstance(version, bool) or version not in READ_VERSIONS:
-            raise ValueError(
-                f"unsupported OLSS schedule version {str(version)[:20]}; this olss_fast reads versions {READ_VERSIONS}"
-            )
+        version = checks.version(data.get("version"), "OLSS schedule", READ_VERSIONS)
         if version == 1:
             checks.mapping(data, "a version-1 OLSS schedule", ("timesteps", "indices", "coeffs"),
                         optional=[k for k in _FIELDS_V1 if k not in ("timesteps", "indices", "coeffs")])
-            if not _warned_v1:
-                logger.warning("reading a version-1 OLSS schedule (olss_fast 0.1): it carries no digest and no "
-                               "record of what it was fitted for; save it again to upgrade it")
-                _warned_v1 = True
+            checks.warn_once(("v1-schedule", digest(data)), "reading a version-1 OLSS schedule (olss_fast 0.1): it "
+                             "carries no digest and no record of what it was fitted for, so nothing can check it "
+                             "against the pipeline it runs in; save it again to upgrade it", logger=logger)
         else:
             checks.mapping(data, "an OLSS schedule", _FIELDS_V2)
-            stored = checks.string(data["sha256"], "sha256", 64)
+            stored = checks.hex_digest(data["sha256"], "sha256")
             if stored != digest({k: v for k, v in data.items() if k != "sha256"}):
                 raise ValueError("the schedule does not match its sha256 digest: it was modified or corrupted after "
                                  "it was written (re-create it, or save an edited schedule with OLSSSchedule.save)")
@@ -264,7 +276,8 @@ class OLSSSchedule:
         return json.dumps(self.to_dict(), indent=1, allow_nan=False)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the schedule as JSON, atomically (never pickle)."""
+        """Write the schedule as JSON, atomically (never pickle), holding the file's exclusive lock (a second writer
+        gets a ``ValueError``)."""
         self.validate()
         atomic_write_text(path, self.to_json())
 
@@ -272,7 +285,7 @@ class OLSSSchedule:
     def load(cls, path: str | os.PathLike) -> "OLSSSchedule":
         """Read and validate a schedule written by :meth:`save` (``ValueError`` naming the file on any problem)."""
         path = Path(path)
-        data = read_json(path, MAX_SCHEDULE_BYTES, "schedule file")
+        data = read_json(path, MAX_SCHEDULE_BYTES, "schedule file", MAX_JSON_VALUES)
         try:
             return cls.from_dict(data)
         except ValueError as exc:
@@ -293,23 +306,29 @@ def _coeff_tensor(value: Any, n: int) -> torch.Tensor:
     rows = checks.listing(value, "coeffs", MAX_CHANNELS)
     per_channel = bool(rows) and isinstance(rows[0], list) and bool(rows[0]) and isinstance(rows[0][0], list)
     mats = [checks.listing(m, "coeffs", MAX_STEPS) for m in rows] if per_channel else [rows]
-    out = []
+    if len(mats) * n * (n + 1) > MAX_COEFFS:
+        raise ValueError(f"a schedule holds at most {MAX_COEFFS} coefficients, got {len(mats)} × {n} × {n + 1}")
     for m in mats:
         if len(m) != n:
             raise ValueError(f"coeffs must have {n} rows per channel for {n} timesteps, got {len(m)}")
-        mat = []
         for r in m:
-            r = checks.listing(r, "a coeffs row", MAX_STEPS + 1)
-            if len(r) != n + 1:
+            if len(checks.listing(r, "a coeffs row", MAX_STEPS + 1)) != n + 1:
                 raise ValueError(f"coeffs rows must have n+1 = {n + 1} entries, got {len(r)}")
-            mat.append([checks.real(v, "a coefficient", float32=True) for v in r])
-        out.append(mat)
-    t = torch.tensor(out, dtype=torch.float64)
+            if not all(type(v) is float or type(v) is int for v in r):  # exact JSON number types (no bools)
+                bad = next(v for v in r if type(v) is not float and type(v) is not int)
+                checks.real(bad, "a coefficient")  # raises the usual message
+    try:
+        t = torch.tensor(mats, dtype=torch.float64)
+    except (OverflowError, RuntimeError, TypeError):
+        raise ValueError("a coefficient is a number too large for a float") from None
+    if not torch.isfinite(t).all() or t.abs().max().item() > MAX_COEFF:
+        raise ValueError(f"a coefficient must be a finite number in [-{MAX_COEFF:g}, {MAX_COEFF:g}], got "
+                         f"{t.abs().max().item():.3g}")
     return t if per_channel else t[0]
 
 
 _FITTED_FOR_KEYS = ("model", "noise_schedule", "guidance_scale", "latent_shape", "teacher", "prompts_sha256",
-                    "call_kwargs_sha256", "num_samples", "mu", "accepted_mismatch")
+                    "call_kwargs_sha256", "call_kwargs", "num_samples", "mu", "accepted_mismatch")
 
 
 def _check_fitted_for(f: dict) -> None:
@@ -317,7 +336,7 @@ def _check_fitted_for(f: dict) -> None:
     if not f:
         return
     checks.mapping(f, "fitted_for", keys=[], optional=_FITTED_FOR_KEYS)
-    for key in ("model", "noise_schedule", "teacher"):
+    for key in ("model", "noise_schedule", "teacher", "call_kwargs"):
         if f.get(key) is not None:
             checks.mapping(f[key], f"fitted_for.{key}")
     if f.get("guidance_scale") is not None:
@@ -333,9 +352,18 @@ def _check_fitted_for(f: dict) -> None:
         if f.get(key) is not None:
             checks.string(f[key], f"fitted_for.{key}", 64)
     if f.get("accepted_mismatch") is not None:
-        for a in checks.listing(f["accepted_mismatch"], "fitted_for.accepted_mismatch", 3):
-            if a not in ("model", "noise_schedule", "prediction_type"):
-                raise ValueError(f"fitted_for.accepted_mismatch holds an unknown name {str(a)[:40]!r}")
+        accepted = f["accepted_mismatch"]
+        if isinstance(accepted, list):
+            raise ValueError("fitted_for.accepted_mismatch lists names without what was accepted (an older "
+                             "olss_fast): an acceptance must name the setting it accepted; build the scheduler again "
+                             "with OLSSScheduler.from_schedules(..., allow_mismatch=...)")
+        for name, value in checks.mapping(accepted, "fitted_for.accepted_mismatch").items():
+            if name not in REFUSED:
+                raise ValueError(f"fitted_for.accepted_mismatch holds an unknown name {str(name)[:40]!r}")
+            if name == "prediction_type":
+                checks.choice(value, "fitted_for.accepted_mismatch.prediction_type", PREDICTION_TYPES)
+            else:
+                checks.mapping(value, f"fitted_for.accepted_mismatch.{name}")
 
 
 def stack_schedules_by_steps(schedules: Sequence[OLSSSchedule]) -> dict[int, OLSSSchedule]:

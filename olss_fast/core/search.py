@@ -33,12 +33,12 @@ PATHS = STATS_PATHS + ("refit",)
 #: Uniform stays the default: equal or better on the real model, and never worse than DDIM's own path.
 DEFAULT_STATS_PATH = "uniform"
 #: The default path of ``fit_olss_scheduler`` / the CLI (with the re-fit), chosen on held-out quality
-#: (benchmarks/quality.py --part gmm14 / digits14, benchmarks/RESULTS.md issue 14): judging paths by the error after
-#: the re-fit beat the re-fit on the uniform and the minimax path at every NFE from 4 to 10 on held-out digits (e.g.
-#: 0.0544 vs 0.0779 teacher RMSE at 5 NFE, 0.0218 vs 0.0360 at 10) and was best or tied on the mixture for training
-#: seed 1 (0.1032 vs 0.1436 at 5 NFE); on another training seed it kept a path that lost to minimax on held-out noise
-#: at 8–10 NFE (RESULTS.md, "Robustness"). It costs about ``max(num_steps) × teacher_steps`` model evaluations of the
-#: search samples (``FitConfig.search_samples`` / ``search_stride`` reduce it).
+#: (benchmarks/quality.py --part gmm14 / digits14; benchmarks/RESULTS.md, learned-step baselines): judging paths by the
+#: error after the re-fit beat the re-fit on the uniform and the minimax path at every NFE from 4 to 10 on held-out
+#: digits (e.g. 0.0544 vs 0.0779 teacher RMSE at 5 NFE, 0.0218 vs 0.0360 at 10) and was best or tied on the mixture for
+#: training seed 1 (0.1032 vs 0.1436 at 5 NFE); on another training seed it kept a path that lost to minimax on held-out
+#: noise at 8–10 NFE (RESULTS.md, "Robustness"). It costs about ``max(num_steps) × teacher_steps`` model evaluations of
+#: the search samples (``FitConfig.search_samples`` / ``search_stride`` reduce it).
 DEFAULT_PATH = "refit"
 
 

@@ -7,6 +7,11 @@ whatever the number of samples or the image size, and statistics merge by additi
 
 One Gram matrix is kept per latent channel (``[C, M, M]``, M = 2T+1); the global one is their sum. That costs C
 times the memory of a single matrix and allows per-channel coefficients (``granularity="channel"``).
+
+The work items statistics hold are kept as ranges (:mod:`olss_fast.core.ranges`), so that merging refuses to count a
+sample twice at a cost independent of the number of samples. Files are read by our own bounded safetensors reader:
+every header field and the file's real size are checked against the shapes, and the digest verified, before the
+matrix is allocated; the matrix is read into memory of its own (nothing stays mapped to the file).
 """
 from __future__ import annotations
 
@@ -14,14 +19,15 @@ import hashlib
 import json
 import math
 import os
+import sys
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from olss_fast.core import checks
-from olss_fast.core.files import atomic_write_with, check_regular_file, parse_json
-from olss_fast.core.provenance import describe_scheduler, scheduler_prediction_type
+from olss_fast.core import checks, ranges
+from olss_fast.core.files import atomic_write_with, open_regular, parse_json, read_fd
+from olss_fast.core.provenance import check_timesteps, describe_scheduler, scheduler_prediction_type
 from olss_fast.core.step import PREDICTION_TYPES
 
 STATS_FORMAT = "olss_fast.gram_stats"
@@ -29,7 +35,11 @@ STATS_VERSION = 2  # 2 added the digest, the work items and the recording contex
 DIGEST_KEY = "olss_fast.sha256"
 MAX_TEACHER_STEPS = 10_000
 MAX_STATS_BYTES = 64 * 2**30
-MAX_ITEMS = 10**9
+MAX_ITEMS = ranges.MAX_ITEMS
+#: the dtypes recorded trajectories can have
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+_MAX_HEADER_BYTES = 64 * 2**20
+_CHUNK = 1 << 24
 # cap on the float64 working copy of one update (bytes); larger batches are processed in slices
 _UPDATE_CHUNK_BYTES = 256 * 2**20
 
@@ -176,11 +186,19 @@ class GramStats:
         if not (torch.isfinite(x_path).all() and torch.isfinite(e_path).all()):
             raise ValueError("trajectories contain NaN or Inf (did the model diverge, or fp16 overflow?)")
         batch = x_path.shape[1]
+        dtype = str(x_path.dtype).replace("torch.", "")
+        if self.dtype is not None and dtype != self.dtype:
+            raise ValueError(f"these statistics hold {self.dtype} trajectories, this batch is {dtype}: one recording "
+                             "has one dtype")
+        new_items = None
         if items is not None:
-            items = [int(i) for i in items]
-            if len(items) != batch or len(set(items)) != batch or min(items) < 0:
-                raise ValueError(f"items must list {batch} distinct non-negative work-item indices, got {items}")
-            if self.items is not None and (set(items) & ranges_to_set(self.items)):
+            items = [checks.integer(i.item() if isinstance(i, torch.Tensor) else i, "items", 0, ranges.MAX_ITEMS - 1)
+                     for i in items]
+            new_items = ranges.to_ranges(items)
+            if len(items) != batch or ranges.count(new_items) != batch:
+                raise ValueError(f"items must list {batch} distinct non-negative work-item indices, got "
+                                 f"{str(items)[:200]}")
+            if self.items is not None and ranges.shared(self.items, new_items)[0]:
                 raise ValueError("these work items are already in the statistics: a sample would count twice")
         channels = sample_shape[0] if len(sample_shape) >= 2 else 1
         per_sample_bytes = self.num_vectors * math.prod(sample_shape) * 8
@@ -196,14 +214,11 @@ class GramStats:
         if self.gram is None:
             self.gram = total
             self.sample_shape = sample_shape
-            self.dtype = str(x_path.dtype).replace("torch.", "")
+            self.dtype = dtype
         else:
             self.gram += total
         self.num_samples += batch
-        if items is None or self.items is None:
-            self.items = None
-        else:
-            self.items = to_ranges(ranges_to_set(self.items) | set(items))
+        self.items = None if new_items is None or self.items is None else ranges.union(self.items, new_items)
         return self
 
     # ------------------------------------------------------------------ merge
@@ -224,29 +239,41 @@ class GramStats:
             raise ValueError(f"cannot merge statistics recorded for different settings (context differs in {keys})")
         if self.sample_shape is not None and other.sample_shape is not None and self.sample_shape != other.sample_shape:
             raise differ("sample shapes", self.sample_shape, other.sample_shape)
+        if self.dtype is not None and other.dtype is not None and self.dtype != other.dtype:
+            raise differ("dtypes", self.dtype, other.dtype)
 
-    def _check_disjoint(self, other: "GramStats") -> None:
+    def _check_disjoint(self, other: "GramStats", disjoint: bool) -> None:
         if other is self and self.num_samples:
             raise ValueError("cannot merge statistics with themselves: every sample would count twice")
-        if self.items and other.items:
-            shared = ranges_to_set(self.items) & ranges_to_set(other.items)
-            if shared:
-                raise ValueError(f"cannot merge statistics that share {len(shared)} work item(s) (e.g. item "
-                                 f"{min(shared)}): those samples would count twice")
+        if not (self.num_samples and other.num_samples):
+            return
+        if self.items is None or other.items is None:
+            if not disjoint:
+                raise ValueError(
+                    "cannot tell whether these statistics share samples: they record no work items (updated without "
+                    "items=, or a version-1 file), and merging a recording with itself would count every sample "
+                    "twice. Pass items= to update(), or, if you know the parts are disjoint, merge with "
+                    "a.merge_(b, disjoint=True)")
+            return
+        count, first = ranges.shared(self.items, other.items)
+        if count:
+            raise ValueError(f"cannot merge statistics that share {count} work item(s) (e.g. item {first}): those "
+                             "samples would count twice")
 
     def __add__(self, other: "GramStats") -> "GramStats":
         if not isinstance(other, GramStats):
             return NotImplemented
         self._check_compatible(other)
-        self._check_disjoint(other)
+        self._check_disjoint(other, False)
         out = self.copy()
         out.merge_(other)
         return out
 
-    def merge_(self, other: "GramStats") -> "GramStats":
-        """In-place merge (``self += other``); statistics sharing work items are refused."""
+    def merge_(self, other: "GramStats", disjoint: bool = False) -> "GramStats":
+        """In-place merge (``self += other``). Statistics sharing work items are refused; so are statistics that do
+        not record their work items, unless ``disjoint=True`` states that they share no sample."""
         self._check_compatible(other)
-        self._check_disjoint(other)
+        self._check_disjoint(other, checks.boolean(disjoint, "disjoint"))
         if other.gram is None:
             return self
         if self.gram is None:
@@ -256,10 +283,7 @@ class GramStats:
         else:
             self.gram += other.gram.to(self.device)
         self.num_samples += other.num_samples
-        if self.items is None or other.items is None:
-            self.items = None
-        else:
-            self.items = to_ranges(ranges_to_set(self.items) | ranges_to_set(other.items))
+        self.items = None if self.items is None or other.items is None else ranges.union(self.items, other.items)
         return self
 
     __iadd__ = merge_
@@ -294,16 +318,17 @@ class GramStats:
             "meta": self.meta,
         }
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, lock: bool = True) -> None:
         """Write to a safetensors file (tensor ``gram``, the JSON header and the SHA-256 digest of both in its
-        metadata), atomically."""
+        metadata), atomically, holding the file's exclusive lock (``lock=False``: the caller holds it; a second
+        writer gets a ``ValueError``)."""
         from safetensors.torch import save_file
 
         self._require_data()
         header = json.dumps(self.header(), allow_nan=False)
         gram = self.gram.detach().cpu().contiguous()
         metadata = {"olss_fast": header, DIGEST_KEY: stats_digest(header, gram)}
-        atomic_write_with(path, lambda tmp: save_file({"gram": gram}, str(tmp), metadata=metadata))
+        atomic_write_with(path, lambda tmp: save_file({"gram": gram}, str(tmp), metadata=metadata), lock)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "GramStats":
@@ -319,44 +344,48 @@ class GramStats:
 
     @classmethod
     def _load(cls, path: Path, device: torch.device | str) -> "GramStats":
-        from safetensors import safe_open
-
-        check_regular_file(path, MAX_STATS_BYTES, "statistics file")
+        fd, st = open_regular(path, MAX_STATS_BYTES, "statistics file")
         try:
-            with safe_open(str(path), framework="pt") as fh:
-                metadata = fh.metadata() or {}
-                keys = list(fh.keys())
-                if keys != ["gram"] or "olss_fast" not in metadata:
-                    raise ValueError(f"{path} is not an olss_fast statistics file (no 'gram' tensor or header)")
-                header = _parse_header(metadata["olss_fast"])
-                M = 2 * len(header["timesteps"]) + 1
-                channels = _channels(header["sample_shape"])
-                sl = fh.get_slice("gram")
-                shape, dtype = list(sl.get_shape()), str(sl.get_dtype())
-                if dtype not in ("F64", "float64") or shape != [channels, M, M]:
-                    raise ValueError(f"its gram tensor is {dtype} {shape}, expected float64 [{channels}, {M}, {M}]")
-                gram = fh.get_tensor("gram")
-        except ValueError:
-            raise
-        except Exception as exc:  # safetensors raises its own error types for truncated headers/data
-            raise ValueError(f"not a readable safetensors file (truncated?): {str(exc)[:200]}") from None
-        digest = metadata.get(DIGEST_KEY)
-        if header["version"] >= 2:
-            if not isinstance(digest, str) or digest != stats_digest(metadata["olss_fast"], gram):
-                raise ValueError("the statistics do not match their sha256 digest: the file was modified or "
-                                 "corrupted after it was written")
-        elif digest is not None:
-            raise ValueError("a version-1 statistics file carries no digest")
+            metadata, entry, data_start = _safetensors_header(fd, st.st_size)
+            header = _parse_header(metadata["olss_fast"])
+            m = 2 * len(header["timesteps"]) + 1
+            channels = _channels(header["sample_shape"])
+            nbytes = channels * m * m * 8
+            if entry["dtype"] != "F64" or entry["shape"] != [channels, m, m]:
+                raise ValueError(f"its gram tensor is {str(entry['dtype'])[:10]} {str(entry['shape'])[:60]}, "
+                                 f"expected F64 [{channels}, {m}, {m}]")
+            if entry["data_offsets"] != [0, nbytes] or st.st_size != data_start + nbytes:
+                raise ValueError(f"its size ({st.st_size} bytes) does not fit its header's {channels}×{m}×{m} Gram "
+                                 "matrix (truncated, or not one of ours)")
+            stored = metadata.get(DIGEST_KEY)
+            if header["version"] >= 2:  # verified before anything the size of the matrix is allocated
+                checks.hex_digest(stored, "its digest")
+                if _file_digest(fd, metadata["olss_fast"], data_start, nbytes) != stored:
+                    raise ValueError("the statistics do not match their sha256 digest: the file was modified or "
+                                     "corrupted after it was written")
+            elif stored is not None:
+                raise ValueError("a version-1 statistics file carries no digest")
+            gram = torch.empty(channels, m, m, dtype=torch.float64)  # our own copy: nothing stays mapped to the file
+            data = gram.numpy()
+            view = memoryview(data).cast("B")
+            for pos in range(0, nbytes, _CHUNK):
+                view[pos:pos + min(_CHUNK, nbytes - pos)] = read_fd(fd, min(_CHUNK, nbytes - pos), "its Gram matrix",
+                                                                    data_start + pos)
+            if sys.byteorder != "little":  # pragma: no cover - safetensors stores little-endian
+                data.byteswap(inplace=True)
+            if stored is not None and stats_digest(metadata["olss_fast"], gram) != stored:
+                raise ValueError("the file changed while it was being read")
+        finally:
+            os.close(fd)
         stats = cls(header["timesteps"], teacher=header["teacher"], model=header["model"],
                     prediction_type=header["prediction_type"], context=header["context"], device=device)
         stats.num_samples = header["num_samples"]
-        stats.sample_shape = tuple(header["sample_shape"]) if header["sample_shape"] is not None else None
+        stats.sample_shape = tuple(header["sample_shape"])
         stats.dtype = header["dtype"]
         stats.meta = header["meta"]
         stats.items = header["items"]
-        if stats.items is not None and len(ranges_to_set(stats.items)) != stats.num_samples:
-            raise ValueError(f"it lists {len(ranges_to_set(stats.items))} work items but holds "
-                             f"{stats.num_samples} samples")
+        if stats.items is not None and ranges.count(stats.items) != stats.num_samples:
+            raise ValueError(f"it lists {ranges.count(stats.items)} work items but holds {stats.num_samples} samples")
         check_gram(gram, stats.num_samples)
         stats.gram = gram.to(stats.device)
         return stats
@@ -369,45 +398,37 @@ class GramStats:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def to_ranges(indices: Iterable[int]) -> list[list[int]]:
-    """Sorted ``[start, stop)`` ranges covering ``indices``."""
-    out: list[list[int]] = []
-    for i in sorted(set(int(i) for i in indices)):
-        if out and out[-1][1] == i:
-            out[-1][1] = i + 1
-        else:
-            out.append([i, i + 1])
-    return out
+def _safetensors_header(fd: int, size: int) -> tuple[dict[str, str], dict[str, Any], int]:
+    """The metadata, the ``gram`` tensor entry and where the data starts, from a safetensors file's header (8-byte
+    little-endian length, then JSON), every field checked before anything is allocated."""
+    if size < 8:
+        raise ValueError("not a safetensors file (truncated?)")
+    n = int.from_bytes(read_fd(fd, 8, "its header length"), "little")
+    if not 2 <= n <= min(_MAX_HEADER_BYTES, size - 8):
+        raise ValueError(f"not a safetensors file (header length {n}; truncated or not ours)")
+    outer = checks.mapping(parse_json(read_fd(fd, n, "its header", 8), "its safetensors header"),
+                           "its safetensors header")
+    metadata = outer.get("__metadata__")
+    if set(outer) != {"gram", "__metadata__"} or not isinstance(metadata, dict) or "olss_fast" not in metadata:
+        raise ValueError("not an olss_fast statistics file (no 'gram' tensor or no olss_fast header)")
+    for k, v in metadata.items():
+        checks.string(v, f"its metadata {str(k)[:40]}", _MAX_HEADER_BYTES)
+    entry = checks.mapping(outer["gram"], "its gram tensor entry", ("dtype", "shape", "data_offsets"))
+    return metadata, entry, 8 + n
 
 
-def check_ranges(ranges: Any, what: str, limit: int = MAX_ITEMS) -> list[list[int]]:
-    """Validate ``[start, stop)`` ranges without expanding them: integers, ``0 <= start < stop <= limit``, sorted
-    and disjoint."""
-    out = []
-    prev = -1
-    for r in checks.listing(ranges, what, 10**6):
-        if not (isinstance(r, list) and len(r) == 2):
-            raise ValueError(f"{what} must hold [start, stop) pairs, got {str(r)[:60]}")
-        a, b = checks.integer(r[0], what, 0, limit), checks.integer(r[1], what, 0, limit)
-        if not a < b or a <= prev:
-            raise ValueError(f"{what} must be sorted, disjoint [start, stop) ranges, got {str(r)[:60]}")
-        prev = b - 1
-        out.append([a, b])
-    return out
-
-
-def ranges_to_set(ranges: Sequence[Sequence[int]]) -> set[int]:
-    return {i for a, b in ranges for i in range(a, b)}
-
-
-def count_ranges(ranges: Sequence[Sequence[int]]) -> int:
-    return sum(b - a for a, b in ranges)
+def _file_digest(fd: int, header: str, start: int, nbytes: int) -> str:
+    """:func:`stats_digest` of a file's header text and data, read in chunks."""
+    h = hashlib.sha256(header.encode())
+    for pos in range(0, nbytes, _CHUNK):
+        h.update(read_fd(fd, min(_CHUNK, nbytes - pos), "its Gram matrix", start + pos))
+    return h.hexdigest()
 
 
 def stats_digest(header: str, gram: torch.Tensor) -> str:
     """The statistics file's digest: SHA-256 of its JSON header and the Gram matrix bytes."""
     h = hashlib.sha256(header.encode())
-    h.update(gram.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    h.update(memoryview(gram.detach().cpu().contiguous().numpy()).cast("B"))
     return h.hexdigest()
 
 
@@ -425,19 +446,16 @@ _HEADER_V1 = ("format", "version", "timesteps", "teacher", "model", "prediction_
 
 def _parse_header(text: Any) -> dict[str, Any]:
     """The statistics header, every field type- and range-checked (version 1 headers get the version 2 defaults)."""
-    h = checks.mapping(parse_json(checks.string(text, "the header", 64 * 2**20), "the header"), "the header")
+    h = checks.mapping(parse_json(checks.string(text, "the header", _MAX_HEADER_BYTES), "the header"), "the header")
     if h.get("format") != STATS_FORMAT:
         raise ValueError(f"not an olss_fast statistics file (format {str(h.get('format'))[:60]!r})")
-    version = h.get("version")
-    if isinstance(version, bool) or version not in (1, 2):
-        raise ValueError(f"unsupported statistics format version {str(version)[:20]}")
+    version = checks.version(h.get("version"), "statistics format", (1, 2))
     checks.mapping(h, "the header", _HEADER_V2 if version == 2 else _HEADER_V1)
     ts = checks.listing(h["timesteps"], "timesteps", MAX_TEACHER_STEPS)
     if not ts:
         raise ValueError("the header lists no teacher timesteps")
     for t in ts:
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 <= t <= 100_000:
-            raise ValueError(f"teacher timesteps must be finite numbers in [0, 100000], got {str(t)[:30]}")
+        checks.real(t, "teacher timesteps", 0.0, 100_000.0)
     if h["prediction_type"] not in PREDICTION_TYPES:
         raise ValueError(f"unknown prediction_type {str(h['prediction_type'])[:30]!r}")
     checks.string(h["teacher"], "teacher")
@@ -447,13 +465,14 @@ def _parse_header(text: Any) -> dict[str, Any]:
     if not shape or any(checks.integer(v, "sample_shape", 1, 2**31) < 1 for v in shape) or \
             math.prod(shape) > 2**40 or (len(shape) >= 2 and shape[0] > 4096):
         raise ValueError(f"sample_shape {shape} is not a latent shape")
-    if h["dtype"] is not None:
-        checks.string(h["dtype"], "dtype", 32)
+    if h["dtype"] is not None or version == 2:
+        checks.choice(h["dtype"], "dtype", DTYPES)
     checks.mapping(h["meta"], "meta")
     if version == 2:
         checks.mapping(h["context"], "context")
+        check_timesteps(ts, h["context"].get("noise_schedule"), "the statistics' teacher timesteps")
         if h["items"] is not None:
-            h["items"] = check_ranges(h["items"], "items")
+            h["items"] = ranges.check_ranges(h["items"], "items")
     else:
         h["context"], h["items"] = {}, None
     return h
@@ -473,6 +492,10 @@ def check_gram(gram: torch.Tensor, num_samples: int) -> None:
         raise ValueError("its Gram matrix has a negative diagonal entry (a negative squared norm): corrupted")
     if num_samples > 0 and not (diag[:, 0] > 0).all():
         raise ValueError("its Gram matrix gives the initial noise a zero squared norm: it holds no real samples")
+    bound = (diag.unsqueeze(-1) * diag.unsqueeze(-2)).sqrt()  # Cauchy–Schwarz: |<a, b>| <= |a| |b|
+    if (gram.abs() > bound * (1 + 1e-8) + 1e-12 * scale).any():
+        raise ValueError("its Gram matrix has an entry larger than the product of the two norms (|G_ij| > "
+                         "sqrt(G_ii G_jj), e.g. a zero squared norm with a non-zero inner product): corrupted")
     inv = torch.where(diag > 0, diag.rsqrt(), torch.zeros_like(diag))
     scaled = gram * inv.unsqueeze(-1) * inv.unsqueeze(-2)
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype)

@@ -33,8 +33,9 @@ from typing import Any, Sequence
 
 from olss_fast.core import checks
 from olss_fast.core.files import canonical_json, digest
+from olss_fast.core.ranges import MAX_ITEMS, check_ranges, count, to_ranges
+from olss_fast.core.stats import GramStats
 from olss_fast.fit.distributed import LOCAL, DistContext
-from olss_fast.core.stats import MAX_ITEMS, GramStats, check_ranges, count_ranges, ranges_to_set, to_ranges
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ CHECKPOINT_VERSION = 1
 
 #: human-readable names of the fingerprint fields (used in error messages)
 FIELD_NAMES = {
-    "header_sha256": "teacher timesteps, prediction type or recording context",
+    "header_sha256": "teacher timesteps, prediction type, recording context or scheduler config",
     "teacher": "teacher",
     "teacher_config_sha256": "teacher scheduler config",
     "teacher_steps": "teacher steps",
@@ -113,8 +114,10 @@ def job_fingerprint(
 
 # ---------------------------------------------------------------------------------------------- index ranges
 def from_ranges(ranges: Any, limit: int = MAX_ITEMS) -> set[int]:
-    """Inverse of :func:`to_ranges`; ``ValueError`` on malformed input (checked before anything is expanded)."""
-    return ranges_to_set(check_ranges(ranges, "'done'", limit))
+    """Inverse of :func:`to_ranges`; ``ValueError`` on malformed input (checked before anything is expanded, and
+    expanded only up to ``limit`` indices: a checkpoint's items are bounded by its job)."""
+    checked = check_ranges(ranges, "'done'", limit)
+    return {i for a, b in checked for i in range(a, b)}
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint files
@@ -159,8 +162,7 @@ def check_info(info: Any, stats: GramStats) -> dict[str, Any]:
     """The ``record_checkpoint`` block, strictly typed and consistent with the statistics it describes."""
     info = checks.mapping(info, "its checkpoint header", ("version", "fingerprint", "layout", "done", "total_items",
                                                        "complete"))
-    if isinstance(info["version"], bool) or info["version"] != CHECKPOINT_VERSION:
-        raise ValueError(f"unsupported checkpoint version {str(info['version'])[:20]}")
+    checks.version(info["version"], "checkpoint", (CHECKPOINT_VERSION,))
     total = checks.integer(info["total_items"], "total_items", 1, MAX_ITEMS)
     done = check_ranges(info["done"], "'done'", total)
     complete = checks.boolean(info["complete"], "complete")
@@ -173,11 +175,17 @@ def check_info(info: Any, stats: GramStats) -> dict[str, Any]:
     world = checks.integer(layout["world_size"], "layout world_size", 1, 2**16)
     if layout["rank"] is not None:
         checks.integer(layout["rank"], "layout rank", 0, world - 1)
-    n_done = count_ranges(done)
+    n_done = count(done)
     if n_done != stats.num_samples:
         raise ValueError(f"it lists {n_done} finished work items but holds {stats.num_samples} samples")
-    if stats.items is not None and stats.items != done:
+    if stats.items != done:
         raise ValueError("its finished work items differ from the items its statistics hold")
+    if fingerprint.get("sample_shape") is not None and not _same(list(stats.sample_shape), fingerprint["sample_shape"]):
+        raise ValueError(f"its statistics are of samples of shape {list(stats.sample_shape)}, its fingerprint says "
+                         f"{str(fingerprint['sample_shape'])[:40]}")
+    if fingerprint.get("pipeline_dtype") is not None and stats.dtype != fingerprint["pipeline_dtype"]:
+        raise ValueError(f"its statistics were recorded in {stats.dtype}, its fingerprint says "
+                         f"{str(fingerprint['pipeline_dtype'])[:20]}")
     if complete and n_done != total:
         raise ValueError(f"it is marked complete but holds {n_done} of {total} work items")
     if fingerprint.get("num_items") is not None and fingerprint["num_items"] != total:
@@ -189,9 +197,21 @@ def check_info(info: Any, stats: GramStats) -> dict[str, Any]:
 
 
 def stats_identity(stats: GramStats) -> dict[str, Any]:
-    """The statistics header fields that define what a recording is of (covered by the job fingerprint)."""
-    return {k: v for k, v in stats.header().items()
-            if k in ("timesteps", "teacher", "model", "prediction_type", "context")}
+    """The statistics header fields that define what a recording is of (covered by the job fingerprint): everything
+    but the counts, the items (checked against ``done``), the dtype and sample shape (checked against the
+    fingerprint's) and the checkpoint block itself."""
+    out = {k: v for k, v in stats.header().items()
+           if k in ("format", "timesteps", "teacher", "model", "prediction_type", "context")}
+    out["meta"] = {k: v for k, v in stats.meta.items() if k != CHECKPOINT_KEY}
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    """JSON values equal in type and value (``true`` is not ``1``, ``4.0`` is not ``4``)."""
+    try:
+        return canonical_json(a) == canonical_json(b)
+    except (TypeError, ValueError):
+        return False
 
 
 def describe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -199,7 +219,7 @@ def describe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list
     out = []
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key, "<missing>"), current.get(key, "<missing>")
-        if a != b:
+        if not _same(a, b):
             name = FIELD_NAMES.get(key, key)
             if isinstance(a, str) and isinstance(b, str) and len(a) == len(b) == 64:  # hashes
                 a, b = a[:12] + "…", b[:12] + "…"
@@ -300,7 +320,7 @@ class RecordCheckpointer:
         stats, info = read_checkpoint(self.shard_path)
         check_fingerprint(self.shard_path, info, self.fingerprint)
         check_layout(self.shard_path, info, self.layout)
-        return stats, ranges_to_set(info["done"])  # bounded: the fingerprint fixed the number of items
+        return stats, from_ranges(info["done"], info["total_items"])  # bounded: the fingerprint fixed the count
 
     def step(self, stats: GramStats, done: set[int]) -> None:
         """Call after each recorded batch: writes every :attr:`every` batches."""
@@ -317,7 +337,7 @@ class RecordCheckpointer:
         meta[CHECKPOINT_KEY] = self._info(done, complete and not self.ctx.enabled, self.layout)
         stats.meta = meta
         self.shard_path.parent.mkdir(parents=True, exist_ok=True)
-        stats.save(self.shard_path)
+        stats.save(self.shard_path, lock=False)  # record_trajectories holds the checkpoint's lock
         logger.debug("checkpoint %s: %d of %d items", self.shard_path, len(done), self.total_items)
 
     def save_final(self, stats: GramStats) -> None:
@@ -329,7 +349,7 @@ class RecordCheckpointer:
         stats.meta = meta
         if self.ctx.is_main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            stats.save(self.path)
+            stats.save(self.path, lock=False)
 
     def remove_shard(self) -> None:
         """Delete this rank's shard file (after the finished statistics were written)."""
@@ -344,7 +364,7 @@ def require_complete(stats: GramStats, source: str) -> None:
         return
     if not info.get("complete", False):
         try:
-            done = count_ranges(check_ranges(info.get("done", []), "'done'"))
+            done = count(check_ranges(info.get("done", []), "'done'"))
         except ValueError as exc:
             raise ValueError(f"{source} has a corrupted checkpoint header: {exc}") from None
         raise ValueError(

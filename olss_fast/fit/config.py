@@ -10,12 +10,12 @@ from olss_fast.core import checks
 from olss_fast.core.schedule import GRANULARITIES, MAX_TEACHER_STEPS
 from olss_fast.core.search import DEFAULT_PATH, DEFAULT_STATS_PATH, PATHS, STATS_PATHS
 from olss_fast.core.stats import GramStats
+from olss_fast.pipelines.facts import NEGATIVE_PROMPTS
 
 #: pipeline call arguments the recording sets itself
 MANAGED_CALL_KWARGS = ("prompt", "latents", "num_inference_steps", "output_type", "generator", "num_images_per_prompt",
                        "return_dict", "timesteps", "sigmas")
 
-NEGATIVE_PROMPT_KWARGS = ("negative_prompt", "negative_prompt_2", "negative_prompt_3")
 
 
 def call_kwargs_for(pipe: Any, extra: dict[str, Any]) -> dict[str, Any]:
@@ -77,7 +77,7 @@ class RecordConfig:
         moved = sorted(set(self.call_kwargs) & {"guidance_scale", "height", "width"})
         if moved:
             raise ValueError(f"pass {moved} as RecordConfig fields / fit options, not in call_kwargs")
-        for key in NEGATIVE_PROMPT_KWARGS:
+        for key in NEGATIVE_PROMPTS:
             if key in self.call_kwargs and not isinstance(self.call_kwargs[key], str):
                 raise ValueError(f"{key} must be one string used for every prompt (per-prompt negatives are not "
                                  f"supported by the recording), got {type(self.call_kwargs[key]).__name__}")
@@ -120,7 +120,7 @@ class FitConfig:
             (1: all; 2 halves its cost). Default (None): sized to the ``evaluation_budget``.
         search_sweeps: coordinate-descent passes on the programme's proposal (same samples) before the held-out
             choice, in ``path="refit"`` (default 0: on held-out noise the descent's gains on the search samples did
-            not carry over, benchmarks/RESULTS.md issue 14).
+            not carry over, benchmarks/RESULTS.md, learned-step baselines).
         evaluation_budget: the model evaluations of the whole fit (recording, search, re-fit and held-out check)
             that ``path="refit"`` sizes its programme to, as a multiple of the teacher recording's (``T`` per
             recorded sample); used only where ``search_samples``/``search_stride`` are not given (default 3.0).

@@ -31,6 +31,7 @@ The process group is created from the torchrun environment (``WORLD_SIZE``, ``RA
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -38,7 +39,8 @@ from typing import Any, Sequence, TypeVar
 
 import torch
 
-from olss_fast.core.stats import GramStats, ranges_to_set, to_ranges
+from olss_fast.core import ranges
+from olss_fast.core.stats import GramStats
 
 logger = logging.getLogger(__name__)
 
@@ -295,7 +297,7 @@ def all_reduce_stats(stats: GramStats, ctx: DistContext, sample_shape: Sequence[
     dist.all_reduce(count, op=dist.ReduceOp.SUM)
     stats.num_samples = int(count.item())
     if all(i["items"] is not None for i in infos):  # the ranks' item sets are disjoint by the sharding rule
-        stats.items = to_ranges(i for part in infos for i in ranges_to_set(part["items"]))
+        stats.items = functools.reduce(ranges.union, [part["items"] for part in infos], [])
     else:
         stats.items = None
     return stats

@@ -277,7 +277,7 @@ def split_heldout(count: int, heldout: int | None) -> tuple[list[int], list[int]
 #: the planned programme's grid: about this many teacher indices (stride ``round(T / 25)``: 4 for 100 teacher steps,
 #: :func:`olss_fast.core.refine.programme_grid`), never fewer than :data:`GRID_PER_STEP` per step; finer only when
 #: every fit sample fits the budget on it, coarser only to reach :data:`MIN_SEARCH_SAMPLES`. Measured on held-out
-#: noise (benchmarks/RESULTS.md, issue 22): at the same cost, more search samples on this grid chose better paths
+#: noise (benchmarks/RESULTS.md, "Cheaper default search"): at the same cost, more search samples on this grid chose better paths
 #: than fewer samples on the full grid (digits, 5 NFE: 0.052 vs 0.069 teacher RMSE; the mixture, 4-5 NFE, three
 #: training seeds) or on this grid refined by ±2 indices around its proposal.
 GRID_NODES = 25

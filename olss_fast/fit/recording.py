@@ -24,12 +24,12 @@ from olss_fast.core.fingerprint import modules_fingerprint
 from olss_fast.core.provenance import describe_scheduler, scheduler_prediction_type
 from olss_fast.core.stats import GramStats
 from olss_fast.fit.checkpoint import RecordCheckpointer, job_fingerprint, stats_identity
-from olss_fast.fit.config import NEGATIVE_PROMPT_KWARGS, RecordConfig
+from olss_fast.fit.config import RecordConfig
 from olss_fast.fit.distributed import (LOCAL, DistContext, agree_on_error, all_reduce_stats, broadcast_object,
                                        broadcast_stats, resolve_context, shard_batches)
 from olss_fast.fit.teacher import check_teacher, default_teacher
 from olss_fast.fit.work import WorkItem, item_noise, make_work_items, prompt_list
-from olss_fast.pipelines.facts import (call_default_guidance, describe_model, jsonable_config, latent_shape,
+from olss_fast.pipelines.facts import (NEGATIVE_PROMPTS, call_default_guidance, describe_model, jsonable_config, latent_shape,
                                        pipeline_device, pipeline_dtype, pipeline_modules)
 from olss_fast.pipelines.provenance import recording_context
 from olss_fast.pipelines.registry import adapter_for
@@ -122,7 +122,7 @@ def run_pipeline(pipe: Any, items: Sequence[WorkItem], latents: torch.Tensor, nu
     """Call the pipeline once for a batch of work items, keeping only what the scheduler wrapper recorded."""
     kwargs = dict(call_kwargs)
     kwargs.setdefault("output_type", "latent")
-    for key in NEGATIVE_PROMPT_KWARGS:  # one negative prompt for all items, as a list like the prompts
+    for key in NEGATIVE_PROMPTS:  # one negative prompt for all items, as a list like the prompts
         if isinstance(kwargs.get(key), str):
             kwargs[key] = [kwargs[key]] * len(items)
     with torch.no_grad():
@@ -196,7 +196,8 @@ def _resolve_job(pipe: Any, prompts: list[Any], teacher: Any, config: RecordConf
     return _Job(teacher=teacher, items=items, prompts=list(prompts), shape=shape, device=pipeline_device(pipe),
                 dtype=pipeline_dtype(pipe), timesteps=[t.item() for t in teacher.timesteps], context=context,
                 teacher_desc=describe_scheduler(teacher, config.teacher_steps), model_desc=describe_model(pipe),
-                scheduler_config=jsonable_config(getattr(pipe.scheduler, "config", {})))
+                scheduler_config={k: v for k, v in jsonable_config(getattr(pipe.scheduler, "config", {})).items()
+                                  if k != "_use_default_values"})  # diffusers' bookkeeping, in random order
 
 
 def record_trajectories(

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from diffusers import DPMSolverMultistepScheduler
+from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
 from olss_fast.core.provenance import scheduler_prediction_type
 from olss_fast.core.step import ddim_step_factors, unroll_linear_steps
@@ -35,15 +35,20 @@ def default_teacher(scheduler: Any) -> Any:
     """The default teacher for a pipeline's scheduler: its own class for flow matching (an Euler ODE solver on the
     velocity), DPM-Solver++(2M) with trailing timesteps on the same noise schedule otherwise (ending at clean data).
 
-    Chosen by measurement (benchmarks/quality.py --part teachers, benchmarks/RESULTS.md issue 14): on the analytic
-    Gaussian mixture, against the exact probability-flow ODE on 500 held-out noises, DPM-Solver++(2M) with 100 steps
-    has an RMSE of 0.0181 where DDIM-100 (the default before) has 0.0592 and even DDIM-250 has 0.0550; UniPC-100 is
-    as accurate (0.0182) but has a corrector; OLSS fitted from the DPM-Solver++-100 teacher reaches 0.0182 at 10 NFE
+    Chosen by measurement (benchmarks/quality.py --part teachers; benchmarks/RESULTS.md, learned-step baselines): on the
+    analytic Gaussian mixture, against the exact probability-flow ODE on 500 held-out noises, DPM-Solver++(2M) with 100
+    steps has an RMSE of 0.0181 where DDIM-100 (the default before) has 0.0592 and even DDIM-250 has 0.0550; UniPC-100
+    is as accurate (0.0182) but has a corrector; OLSS fitted from the DPM-Solver++-100 teacher reaches 0.0182 at 10 NFE
     against the exact ODE where from DDIM-100 it reaches 0.0593 (the teacher is the limit).
     """
-    if scheduler_prediction_type(scheduler) == "flow":
-        return type(scheduler).from_config(scheduler.config)
-    base = {k: v for k, v in dict(scheduler.config).items() if k != "schedules"}
+    flow = scheduler_prediction_type(scheduler) == "flow"
+    cls = FlowMatchEulerDiscreteScheduler if flow else DPMSolverMultistepScheduler
+    if flow and isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        cls = type(scheduler)
+    # only the keys the teacher's class takes (a pipeline that already runs an OLSSScheduler holds schedules)
+    base = {k: v for k, v in dict(scheduler.config).items() if k in cls._get_init_keys(cls)}
+    if flow:
+        return cls.from_config(base)
     return DPMSolverMultistepScheduler.from_config(
         base, algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", timestep_spacing="trailing",
         final_sigmas_type="zero", lower_order_final=True, euler_at_final=False, use_karras_sigmas=False,

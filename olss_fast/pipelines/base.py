@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from olss_fast.core.checks import warn_once
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,32 @@ class PipelineAdapter:
         """The resolution-dependent time shift ``mu`` the pipeline passes to a flow-matching scheduler with dynamic
         shifting at this size (None when it passes none)."""
         return None
+
+    def dynamic_shift(self, image_seq_len: int, default_max_shift: float) -> Optional[float]:
+        """The resolution shift ``mu`` diffusers' flow pipelines compute for ``image_seq_len`` tokens (a line through
+        ``(base_image_seq_len, base_shift)`` and ``(max_image_seq_len, max_shift)``), None without dynamic shifting;
+        warns once when the line is extrapolated beyond ``[base_shift, max_shift]`` (images larger or smaller than the
+        scheduler was configured for: the timesteps then crowd at one end)."""
+        cfg = self.pipe.scheduler.config
+        if not cfg.get("use_dynamic_shifting", None):
+            return None
+        lo_len, hi_len = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
+        lo, hi = cfg.get("base_shift", 0.5), cfg.get("max_shift", default_max_shift)
+        m = (hi - lo) / (hi_len - lo_len)  # (the arithmetic of diffusers' calculate_shift)
+        mu = image_seq_len * m + (lo - m * lo_len)
+        if not min(lo, hi) - 1e-9 <= mu <= max(lo, hi) + 1e-9:
+            warn_once(("mu-range", self.name, image_seq_len, lo, hi),
+                      "%s: %d image tokens give the resolution shift mu = %.3g, outside the scheduler's configured "
+                      "[base_shift, max_shift] = [%s, %s] (for %d to %d tokens): the timesteps crowd at one end of the "
+                      "noise schedule; check the scheduler config for this image size", self.name, image_seq_len, mu,
+                      lo, hi, lo_len, hi_len)
+        return float(mu)
+
+    def draw_noise(self, batch: int, height: int, width: int, generator: Any, device: torch.device,
+                   dtype: torch.dtype) -> torch.Tensor:
+        """The initial noise exactly as the pipeline's ``prepare_latents`` draws it from ``generator`` (same seed, same
+        image), in :meth:`latent_shape`."""
+        return randn_tensor(self.latent_shape(batch, height, width), generator=generator, device=device, dtype=dtype)
 
     def fitted_guidance(self, args: Mapping[str, Any], guidance: float, guided: bool) -> Optional[float]:
         """The guidance value a schedule is fitted for, as this call uses it (the recording records the pipeline's

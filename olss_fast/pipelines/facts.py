@@ -83,6 +83,18 @@ def latent_shape(pipe: Any, height: Optional[int] = None, width: Optional[int] =
     return (cfg.in_channels, *size)
 
 
+#: the negative-prompt arguments of the pipelines' ``__call__``
+NEGATIVE_PROMPTS = ("negative_prompt", "negative_prompt_2", "negative_prompt_3")
+
+
+def call_parameters(pipe: Any) -> list[str]:
+    """The named parameters of ``pipe.__call__`` (empty when it has no inspectable signature)."""
+    try:
+        return list(inspect.signature(type(pipe).__call__).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
 def call_default_guidance(pipe: Any, argument: str = "guidance_scale") -> Optional[float]:
     """The default ``guidance_scale`` (or another ``argument``) of ``pipe.__call__``, or None when it takes none
     (unconditional pipelines)."""

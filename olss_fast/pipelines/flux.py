@@ -15,6 +15,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from olss_fast.pipelines.facts import call_default_guidance
 from olss_fast.pipelines.base import (CondInput, ExportSpec, PipelineAdapter, Prepared, as_prompt_list, check_prompt_args, negatives,
@@ -65,14 +66,16 @@ class FluxAdapter(PipelineAdapter):
 
     # ------------------------------------------------------------------ recording
     def flow_mu(self, height: int, width: int) -> Optional[float]:
-        cfg = self.pipe.scheduler.config
-        if not cfg.get("use_dynamic_shifting", None):
-            return None
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
         gh, gw = self._grid(height, width)
-        return float(calculate_shift(gh * gw, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                                     cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)))
+        return self.dynamic_shift(gh * gw, 1.15)
+
+    def draw_noise(self, batch: int, height: int, width: int, generator: Any, device: torch.device,
+                   dtype: torch.dtype) -> torch.Tensor:
+        # FluxPipeline.prepare_latents draws the unpacked [B, C/4, 2·gh, 2·gw] latents, then packs them
+        gh, gw = self._grid(height, width)
+        c = self.latent_channels // 4
+        noise = randn_tensor((batch, c, 2 * gh, 2 * gw), generator=generator, device=device, dtype=dtype)
+        return self.pipe._pack_latents(noise, batch, c, 2 * gh, 2 * gw)
 
     def teacher_timestep_kwargs(self, teacher: Any, num_steps: int, height: int, width: int) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"sigmas": np.linspace(1.0, 1 / num_steps, num_steps)}

@@ -4,6 +4,7 @@ statistics). The comparison rules are :func:`olss_fast.core.provenance.compare`'
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from typing import Any, Iterable, Mapping, Optional
@@ -11,10 +12,10 @@ from typing import Any, Iterable, Mapping, Optional
 from olss_fast.core.checks import warn_once
 from olss_fast.core.files import digest
 from olss_fast.core.fingerprint import model_id
-from olss_fast.core.provenance import check_allow, compare, config_dict, prediction_type_of
+from olss_fast.core.provenance import check_allow, check_timesteps, compare, config_dict, prediction_type_of
 from olss_fast.core.schedule import OLSSSchedule
 from olss_fast.pipelines.base import PipelineAdapter
-from olss_fast.pipelines.facts import denoiser_of, noise_schedule_id
+from olss_fast.pipelines.facts import NEGATIVE_PROMPTS, call_parameters, denoiser_of, noise_schedule_id
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,10 @@ def recording_context(*, pipe: Any, teacher: Any, teacher_steps: int, guidance_s
                     "config_sha256": digest({k: v for k, v in cfg.items() if not str(k).startswith("_")})},
         "prompts_sha256": digest(_jsonable(prompts)),
         "call_kwargs_sha256": digest(_jsonable(dict(call_kwargs))),
+        # the recorded call arguments themselves (negative prompts: the empty one when none was given), compared
+        # where the schedule is used
+        "call_kwargs": dict({k: "" for k in call_parameters(pipe) if k in NEGATIVE_PROMPTS},
+                            **{k: v for k, v in _jsonable(dict(call_kwargs)).items() if isinstance(v, (str, int, float))}),
     }
     if mu is not None:
         out["mu"] = float(mu)
@@ -42,6 +47,19 @@ def recording_context(*, pipe: Any, teacher: Any, teacher_steps: int, guidance_s
 
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=repr))
+
+
+def call_usage(schedule: OLSSSchedule, args: Mapping[str, Any]) -> dict[str, Any]:
+    """The call arguments the schedule was recorded with (``fitted_for["call_kwargs"]``: negative prompts, ...) as
+    this call passes them (a list of one repeated value counts as that value; a missing negative prompt is the empty
+    one, as the pipelines use it)."""
+    out = {}
+    for key in schedule.fitted_for.get("call_kwargs", {}):
+        value = args.get(key)
+        if isinstance(value, (list, tuple)) and value and all(v == value[0] for v in value):
+            value = value[0]
+        out[key] = "" if value is None and key.startswith("negative_prompt") else value
+    return {"call_kwargs": out}
 
 
 def scheduler_usage(scheduler: Any) -> dict[str, Any]:
@@ -74,16 +92,24 @@ def usage(adapter: PipelineAdapter, *, guidance: float, height: int, width: int,
 def check_schedule(schedule: OLSSSchedule, actual: Mapping[str, Any], *, allow: Iterable[str] = (),
                    where: str = "here", what: Optional[str] = None) -> None:
     """The one provenance check: ``schedule`` (its ``fitted_for`` and prediction type) against ``actual`` (from
-    :func:`usage` or :func:`scheduler_usage`, or a part of it). Mismatches the schedule's file accepted explicitly
-    (``fitted_for["accepted_mismatch"]``, written by ``OLSSScheduler.from_schedules(..., allow_mismatch=...)``) count
-    as allowed. ``ValueError`` on a refused difference; one warning per warned one."""
+    :func:`usage` or :func:`scheduler_usage`, or a part of it). A mismatch the schedule's file accepted explicitly
+    (``fitted_for["accepted_mismatch"]``, written by ``OLSSScheduler.from_schedules(..., allow_mismatch=...)``)
+    counts as allowed for exactly the setting it accepted. The timesteps must lie on the noise schedule used.
+    ``ValueError`` on a refused difference; one warning per warned one, and one per schedule (by content) whose file
+    does not record what ``actual`` could be checked against."""
     what = what or f"the {schedule.num_steps}-step schedule"
-    if not schedule.fitted_for:
-        warn_once(("no-provenance", what), "%s records nothing about what it was fitted for (written by an older "
-                  "olss_fast): it cannot be checked %s", what, where, logger=logger)
-    allowed = check_allow(allow) + tuple(schedule.fitted_for.get("accepted_mismatch", ()))
-    compare(dict(schedule.fitted_for, prediction_type=schedule.prediction_type), actual, allow=allowed, what=what,
-            where=where)
+    check_timesteps(schedule.timesteps, actual.get("noise_schedule"), f"{what} (used {where})")
+    fitted = schedule.fitted_for
+    unknown = [k for k in ("noise_schedule", "model") if fitted.get(k) is None and actual.get(k) is not None
+               and not (k == "model" and schedule.path == "ddim")]
+    if unknown:
+        key = hashlib.sha256(schedule.coeffs.numpy().tobytes() + repr(schedule.timesteps).encode()).hexdigest()
+        warn_once(("no-provenance", key, tuple(unknown), where),
+                  "%s records no %s it was fitted for (written by an older olss_fast, by hand, or edited): it cannot "
+                  "be checked %s and runs unchecked", what, " and no ".join(k.replace("_", " ") for k in unknown),
+                  where, logger=logger)
+    compare(dict(fitted, prediction_type=schedule.prediction_type), actual, allow=check_allow(allow), what=what,
+            where=where, accepted=fitted.get("accepted_mismatch"))
 
 
 #: what a re-fit on given statistics shares with their recording (it runs the pipeline again on the same samples)

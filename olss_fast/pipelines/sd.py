@@ -146,6 +146,9 @@ class StableDiffusionAdapter(TextEncodingMixin, PipelineAdapter):
             raise ValueError("exporting a StableDiffusionPipeline needs its text_encoder and tokenizer")
         if self.use_mask:
             raise ValueError("text encoders that take an attention mask are not supported by the ONNX export")
+        if len(tok) > int(te.config.vocab_size):
+            raise ValueError(f"the tokenizer has {len(tok)} tokens, more than the text encoder's vocabulary of "
+                             f"{te.config.vocab_size}: the export would refuse the ids beyond it")
         m = 2 * batch if guided else batch
         length = int(tok.model_max_length)
         uncond = [int(v) for v in self.tokenize(tok, [""]).input_ids[0].tolist()]  # the default negative

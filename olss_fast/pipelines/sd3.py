@@ -77,16 +77,9 @@ class StableDiffusion3Adapter(PipelineAdapter):
 
     # ------------------------------------------------------------------ recording
     def flow_mu(self, height: int, width: int) -> Optional[float]:
-        cfg = self.pipe.scheduler.config
-        if not cfg.get("use_dynamic_shifting", None):
-            return None
-        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
         p = int(self.denoiser.config.patch_size)
         _, _, h, w = self.latent_shape(1, height, width)
-        return float(calculate_shift((h // p) * (w // p), cfg.get("base_image_seq_len", 256),
-                                     cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
-                                     cfg.get("max_shift", 1.16)))
+        return self.dynamic_shift((h // p) * (w // p), 1.16)
 
     def teacher_timestep_kwargs(self, teacher: Any, num_steps: int, height: int, width: int) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"num_inference_steps": num_steps}

@@ -49,6 +49,8 @@ class RuntimeConfig:
         step_backend: fused-step backend (``"auto"``, ``"triton"``, ``"reference"``).
         cache_dir: where compiled artefacts, exports and engines are kept (default ``$OLSS_FAST_CACHE`` or
             ``~/.cache/olss_fast``).
+        export_cache_bytes: onnxruntime / tensorrt: the exports kept under ``cache_dir/onnx`` are bounded to this
+            many bytes (the least recently used are removed after a new export; default 20 GiB, None: no bound).
         allow_mismatch: accept a schedule fitted for another ``"model"``, ``"noise_schedule"`` or
             ``"prediction_type"`` (see :mod:`olss_fast.core.provenance`).
         providers, session_options: onnxruntime execution providers and session options (default: CUDA when the
@@ -71,6 +73,7 @@ class RuntimeConfig:
     warmup_iters: int = 2
     step_backend: str = "auto"
     cache_dir: Optional[Union[str, os.PathLike]] = None
+    export_cache_bytes: Optional[int] = 20 * 2**30
     allow_mismatch: tuple[str, ...] = ()
     providers: Optional[tuple] = None
     session_options: Any = None
@@ -82,6 +85,7 @@ class RuntimeConfig:
             checks.optional(checks.integer, getattr(self, name), name, 1)
         for name in ("batch_size", "cache_size", "warmup_iters"):
             checks.integer(getattr(self, name), name, 1)
+        checks.optional(checks.integer, self.export_cache_bytes, "export_cache_bytes", 0)
         object.__setattr__(self, "guidance_scale", checks.optional(checks.real, self.guidance_scale, "guidance_scale"))
         if self.dtype is not None and not isinstance(self.dtype, torch.dtype):
             raise ValueError(f"dtype must be a torch.dtype (e.g. torch.float16), got {self.dtype!r}")

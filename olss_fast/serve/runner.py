@@ -38,17 +38,16 @@ from itertools import chain
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 from olss_fast.core import checks
-from olss_fast.core.fingerprint import fingerprint
+from olss_fast.core.fingerprint import module_state, weights_checksum
 from olss_fast.core.schedule import OLSSSchedule
 from olss_fast.pipelines.base import CallOptions, PipelineAdapter
 from olss_fast.pipelines.facts import default_guidance
-from olss_fast.pipelines.provenance import check_schedule, usage
+from olss_fast.pipelines.provenance import call_usage, check_schedule, usage
 from olss_fast.pipelines.registry import adapter_for
 from olss_fast.serve.backend import (BackendSetup, CaptureFailed, ProgramRequest, ProgramState, backend_class)
-from olss_fast.serve.config import CUDAGRAPH_MODES, EXPORTED_BACKENDS, RuntimeConfig
+from olss_fast.serve.config import CUDAGRAPH_MODES, EXPORTED_BACKENDS, TORCH_BACKENDS, RuntimeConfig
 from olss_fast.serve.schedules import resolve_schedule
 from olss_fast.serve.torch_backend import TorchBackend  # noqa: F401  (registers "eager" and "cuda_graph")
 
@@ -65,9 +64,11 @@ _COMMON_KWARGS = ("prompt", "negative_prompt", "prompt_embeds", "negative_prompt
 
 # ==================================================================================================== following the pipeline
 def modules_token(modules: Mapping[str, torch.nn.Module], values: bool = False) -> int:
-    """A hash of the identity of a pipeline's modules and their tensors (addresses, version counters, shapes,
-    dtypes), and with ``values`` a sampled digest of the weight values (:func:`olss_fast.core.fingerprint.fingerprint`
-    with ``samples``)."""
+    """What a program built from the pipeline's modules depends on, as a hash: the modules' identities; their tensors'
+    addresses, version counters, shapes and dtypes; every submodule's plain state (``training``, diffusers' FreeU
+    factors, PEFT's active and disabled adapters and scalings, the identity of each attention processor); and, with
+    ``values``, a checksum of every weight value (:func:`olss_fast.core.fingerprint.weights_checksum`: in-place
+    ``.data`` edits bump no version counter)."""
     parts: list[Any] = []
     for name in sorted(modules):
         m = modules[name]
@@ -76,8 +77,9 @@ def modules_token(modules: Mapping[str, torch.nn.Module], values: bool = False) 
             continue
         parts.append((name, id(m), tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype)
                                          for t in chain(m.parameters(), m.buffers()))))
-        if values:
-            parts.append(fingerprint(m, samples=16))
+        parts.append(module_state(m, identities=True))
+    if values:
+        parts.append(weights_checksum(modules))
     return hash(tuple(parts))
 
 
@@ -98,7 +100,8 @@ class OLSSRunner:
             running before the graph if capturing it fails; a warning is logged).
     """
 
-    def __init__(self, pipe: Any, schedule: OLSSSchedule, config: Optional[RuntimeConfig] = None) -> None:
+    def __init__(self, pipe: Any, schedule: OLSSSchedule, config: Optional[RuntimeConfig] = None, *,
+                 from_pipe_scheduler: bool = False) -> None:
         config = config or RuntimeConfig()
         self.pipe = pipe
         self.adapter: PipelineAdapter = adapter_for(pipe)
@@ -126,6 +129,8 @@ class OLSSRunner:
             default_guidance(pipe, self.adapter.cfg_argument)
         self.text_encoder_in_graph = True
         self._warming_up = False
+        #: the scheduler the schedule came from when compiled from ``pipe.scheduler`` (followed when replaced)
+        self._scheduler = pipe.scheduler if from_pipe_scheduler else None
         self._check_schedule(schedule)
         self.state = ProgramState.create(schedule, self.guidance_scale, self.device)
         self._program = backend_class(self.backend)(BackendSetup(
@@ -169,13 +174,21 @@ class OLSSRunner:
 
     # ------------------------------------------------------------------ following the pipeline
     def _follow_pipeline(self) -> None:
-        """Notice reassigned modules or changed weights (see the module docstring) before a call."""
+        """Follow the pipeline before a call (see the module docstring): a scheduler swapped in after compiling from
+        ``pipe.scheduler`` loads its schedule; changed modules, weights, module state or dtype rebuild the program."""
+        if self._scheduler is not None and self.pipe.scheduler is not self._scheduler:
+            self._scheduler = self.pipe.scheduler
+            logger.info("pipe.scheduler was replaced since compiling: loading its %d-step schedule",
+                        self.num_inference_steps)
+            self.update_schedule(resolve_schedule(None, self.num_inference_steps, self.pipe))
         token = modules_token(self.adapter.modules(), self._program.needs_weight_values)
         if token == self._token:
             return
-        logger.info("the pipeline's modules or weights changed since the last call: rebuilding the %s program",
-                    self.backend)
+        logger.info("the pipeline's modules, weights or their state changed since the last call: rebuilding the %s "
+                    "program", self.backend)
         self.adapter.refresh()
+        if self.backend in TORCH_BACKENDS and self.adapter.dtype != self.dtype:  # pipe.to(dtype) after compiling
+            self.dtype = self._program.setup.dtype = self.adapter.dtype
         self._program.invalidate()  # may change the modules again (channels_last, fuse_qkv)
         self._token = modules_token(self.adapter.modules(), self._program.needs_weight_values)
         self._check_schedule(self.schedule)
@@ -238,8 +251,9 @@ class OLSSRunner:
         on_step = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         self._follow_pipeline()
         # another guidance scale, size or resolution shift than fitted for: warn once each
-        check_schedule(self.schedule, usage(self.adapter, guidance=g, height=height, width=width, call_args=args,
-                                            guided=guided, model=False), where="in this call")
+        check_schedule(self.schedule, dict(usage(self.adapter, guidance=g, height=height, width=width, call_args=args,
+                                                 guided=guided, model=False), **call_usage(self.schedule, args)),
+                       where="in this call")
         with torch.no_grad():
             image = self._run(args, guided, g, num_images, height, width, options, latents, generator,
                               output_type != "latent", on_step)
@@ -330,7 +344,7 @@ class OLSSRunner:
                 f"batch size mismatch: {len(generator)} generators for an effective batch of {batch} images"
             )
         if latents is None:
-            return randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+            return self.adapter.draw_noise(batch, height, width, generator, self.device, self.dtype)
         if not isinstance(latents, torch.Tensor):
             raise ValueError(f"`latents` must be a tensor, got {type(latents).__name__}")
         if tuple(latents.shape) != tuple(shape):
@@ -408,7 +422,7 @@ def compile_olss_pipeline(
     shapes = _warmup_shapes(warmup)
     adapter_for(pipe)  # ValueError for unsupported pipelines before anything else
     resolved = resolve_schedule(schedule, num_inference_steps, pipe)
-    runner = OLSSRunner(pipe, resolved, config)
+    runner = OLSSRunner(pipe, resolved, config, from_pipe_scheduler=schedule is None)
     for shape in shapes:
         runner.warmup(*shape)
     return runner

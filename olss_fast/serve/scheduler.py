@@ -35,8 +35,10 @@ from olss_fast.core.provenance import check_allow, compare, is_flow
 from olss_fast.core.schedule import OLSSSchedule, stack_schedules_by_steps
 from olss_fast.core.step import ddim_coefficients, olss_combine
 from olss_fast.pipelines.facts import DDIM_KEYS, FLOW_KEYS, noise_schedule_id
-from olss_fast.pipelines.provenance import check_schedule
-from olss_fast.serve.scheduler_config import CONFIG_DIGEST_KEY, MAX_CONFIG_BYTES, config_digest, validate_config
+from olss_fast.pipelines.provenance import check_schedule, scheduler_usage
+from olss_fast.serve.scheduler_config import (CONFIG_DIGEST_KEY, MAX_CONFIG_BYTES, MAX_CONFIG_VALUES,
+                                              check_alphas_cumprod, check_config_data, config_digest,
+                                              validate_config)
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +53,17 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         schedules: searched schedules as dicts (``OLSSSchedule.to_dict()``); use :meth:`from_schedules` to build
             from ``OLSSSchedule`` objects.
 
-    Defaults differ from ``DDIMScheduler``'s in two places, chosen for OLSS: ``clip_sample=False`` and
-    ``timestep_spacing="trailing"``. ``OLSSScheduler.from_config(config)`` of a ``FlowMatch*`` scheduler's config
-    sets ``prediction_type="flow"`` (see :func:`olss_fast.core.provenance.is_flow`).
+    The defaults are ``DDIMScheduler``'s (searched schedules carry their own timesteps and never clip), so
+    ``OLSSScheduler(**partial_ddim_config)`` is that ``DDIMScheduler``. ``OLSSScheduler.from_config(config)`` of a
+    ``FlowMatch*`` scheduler's config sets ``prediction_type="flow"`` (see :func:`olss_fast.core.provenance.is_flow`).
+
+    **What it checks by itself** when a pipeline runs a searched schedule: the pipeline's ``set_timesteps`` arguments
+    (``sigmas``/``mu`` only for flow matching), custom timesteps, the first step's latents against the latent shape
+    the schedule was fitted for (another layout or channel count is refused; another image size warns once), the
+    order of steps and edits of the latents between steps. What it cannot see — the model's weights, its prediction
+    type once this scheduler replaced the pipeline's, the guidance scale — is checked by
+    :func:`olss_fast.serve.schedules.use_olss_scheduler`, the checked way to put it into a pipeline; put in directly
+    (``pipe.scheduler = ...``), it says so once per scheduler at WARNING.
     """
 
     _compatibles = [
@@ -71,7 +81,7 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         beta_end: float = 0.02,
         beta_schedule: str = "linear",
         trained_betas: Sequence[float] | None = None,
-        clip_sample: bool = False,
+        clip_sample: bool = True,
         set_alpha_to_one: bool = True,
         steps_offset: int = 0,
         prediction_type: str = "epsilon",
@@ -79,7 +89,7 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         dynamic_thresholding_ratio: float = 0.995,
         clip_sample_range: float = 1.0,
         sample_max_value: float = 1.0,
-        timestep_spacing: str = "trailing",
+        timestep_spacing: str = "leading",
         rescale_betas_zero_snr: bool = False,
         shift: float = 1.0,
         use_dynamic_shifting: bool = False,
@@ -106,6 +116,7 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         known = set(base._get_init_keys(base))  # keys this diffusers version's class takes
         self._fallback: Any = base(**{k: cfg[k] for k in (FLOW_KEYS if self.is_flow else DDIM_KEYS) if k in known})
         if not self.is_flow:
+            check_alphas_cumprod(self._fallback.alphas_cumprod, prediction_type)
             for name in ("betas", "alphas", "alphas_cumprod", "final_alpha_cumprod"):
                 setattr(self, name, getattr(self._fallback, name))
         if not isinstance(schedules, (list, tuple)) and schedules is not None:
@@ -130,6 +141,9 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         self._history: list[torch.Tensor] = []
         self._last_out: torch.Tensor | None = None
         self._last_version = 0
+        #: set by :func:`olss_fast.serve.schedules.use_olss_scheduler` once the schedules were checked against a pipeline
+        self.checked_for: str | None = None
+        self._said_unchecked = False
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -167,10 +181,12 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
             elif flow_source:
                 init["prediction_type"] = "flow"
         dicts = []
+        used = scheduler_usage(dict(init, prediction_type=init.get("prediction_type", "epsilon")))
         for s in schedules:
-            if allow:  # the acceptance is recorded in the schedule itself (and so in its digest)
-                s = dataclasses.replace(s, fitted_for=dict(s.fitted_for, accepted_mismatch=sorted(
-                    set(s.fitted_for.get("accepted_mismatch", ())) | set(allow))))
+            if allow:  # the acceptance, naming what it accepted, is recorded in the schedule (and so in its digest)
+                accepted = dict(s.fitted_for.get("accepted_mismatch") or {})
+                accepted.update({name: used[name] for name in allow if name in used})
+                s = dataclasses.replace(s, fitted_for=dict(s.fitted_for, accepted_mismatch=accepted))
             dicts.append(s.to_dict())
         return cls(schedules=dicts, **init)
 
@@ -290,6 +306,13 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
                 "unclipped linear combination it was fitted on (step counts without a searched schedule run DDIM, "
                 "which applies it)", what, n,
             )
+        if self.checked_for is None and not self._said_unchecked:
+            self._said_unchecked = True  # (once per scheduler)
+            logger.warning("this OLSSScheduler was put into the pipeline without olss_fast.use_olss_scheduler(pipe, "
+                           "...): it checks the latents and timesteps it is given, but cannot see whether its %d-step "
+                           "schedule was fitted for this model's weights, prediction type and guidance scale (a "
+                           "schedule used on another model gives wrong images without an error); use_olss_scheduler "
+                           "checks them", n)
         self.schedule = sched
         self._mode = "olss"
         is_int = all(isinstance(t, int) for t in sched.timesteps)
@@ -432,6 +455,7 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
                 "(combine the classifier-free guidance halves before calling step)"
             )
         if j == 0:
+            self._check_latents(sample)
             self._x0 = sample.detach().to(torch.float32)
         else:
             if self._x0.shape != sample.shape:
@@ -440,6 +464,9 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         self._history.append(model_output.detach().to(torch.float32))
         prev = olss_combine(self._device_coeffs(sample.device), j, self._x0, self._history)
         prev = prev.to(sample.dtype)
+        if not torch.isfinite(prev).all():
+            raise ValueError(f"step {j} of the searched {n}-step OLSS schedule produced NaN or Inf latents (model "
+                             f"output finite: {bool(torch.isfinite(model_output).all())}); the images would be noise")
         self._step_index = j + 1
         if self._step_index == n:
             self._history = []  # free memory; the next call starts a new trajectory
@@ -450,6 +477,24 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return (prev,)
         return SchedulerOutput(prev_sample=prev)
+
+    def _check_latents(self, sample: torch.Tensor) -> None:
+        """The first step's latents against the per-sample latent shape the schedule was fitted for: another layout
+        or number of channels (another model family, e.g. a Stable Diffusion schedule in SD3 or Flux) is refused,
+        another image size warns once."""
+        fitted = self.schedule.fitted_for.get("latent_shape") if self.schedule is not None else None
+        if fitted is None:
+            return
+        got = [int(v) for v in sample.shape[1:]]
+        channel = 0 if len(fitted) >= 3 else -1  # [C, H, W] latents; packed [tokens, features] latents
+        if len(got) != len(fitted) or got[channel] != fitted[channel]:
+            raise ValueError(
+                f"the {self.num_inference_steps}-step schedule was fitted for latents of shape {fitted} per sample, "
+                f"but this pipeline samples {got}: another model family or latent layout (a Stable Diffusion schedule "
+                "in SD3 or Flux?). Search a schedule on this pipeline (fit_olss_scheduler)"
+            )
+        compare({"latent_shape": fitted}, {"latent_shape": got}, what=f"the {self.num_inference_steps}-step schedule",
+                where="with these latents (another image size)")
 
     def _check_unedited(self, sample: torch.Tensor, j: int) -> None:
         """``ValueError`` when the latents passed to step j are not the ones step j−1 returned.
@@ -495,8 +540,11 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         if not self.is_flow:
             raise ValueError("scale_noise is the flow-matching forward process; a VP scheduler uses add_noise")
         if self._mode == "olss":
-            raise ValueError("the searched OLSS schedule starts from pure noise: img2img (scale_noise) needs a step "
-                             "count without a searched schedule")
+            t = float(timestep.flatten()[0] if isinstance(timestep, torch.Tensor) else timestep)
+            if noise is not None and t == float(self.timesteps[0]) and float(self.sigmas[0]) == 1.0:
+                return noise  # strength 1.0: the forward process at sigma 1 is the noise itself
+            raise ValueError("the searched OLSS schedule starts from pure noise: img2img (scale_noise) with "
+                             "strength < 1 needs a step count without a searched schedule")
         return self._fallback.scale_noise(sample, timestep, noise)
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
@@ -521,10 +569,14 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         diffusers."""
         path = Path(str(pretrained_model_name_or_path)) / (subfolder or "")
         if not path.exists():
-            return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder,
-                                           return_unused_kwargs=return_unused_kwargs, **kwargs)
+            try:
+                return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder,
+                                               return_unused_kwargs=return_unused_kwargs, **kwargs)
+            except OSError as exc:  # diffusers' "not found on the Hub" / offline errors
+                raise ValueError(f"no scheduler at {path}: not a local folder, and not loadable from the Hub "
+                                 f"({str(exc).splitlines()[0][:200]})") from None
         config_file = path / cls.config_name if path.is_dir() else path
-        data = read_json(config_file, MAX_CONFIG_BYTES, "scheduler config")
+        data = read_json(config_file, MAX_CONFIG_BYTES, "scheduler config", MAX_CONFIG_VALUES)
         scheduler = cls.from_config_data(data, str(config_file), **kwargs)
         return (scheduler, {}) if return_unused_kwargs else scheduler
 
@@ -532,24 +584,9 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
     def from_config_data(cls, data: Any, source: str = "the scheduler config", **kwargs: Any) -> "OLSSScheduler":
         """An ``OLSSScheduler`` from a parsed ``scheduler_config.json``, checked strictly (see
         :meth:`from_pretrained`)."""
-        if not isinstance(data, dict):
-            raise ValueError(f"{source} must hold a JSON object, got {type(data).__name__}")
-        name = data.get("_class_name", cls.__name__)
-        if name != cls.__name__:
-            raise ValueError(f"{source} is a {str(name)[:80]} config, not an {cls.__name__}'s")
-        stored = data.get(CONFIG_DIGEST_KEY)
-        if stored is None:
-            warn_once("scheduler-config-no-digest", "%s carries no digest (written by olss_fast 0.1): it cannot be "
-                      "checked for edits", source, logger=logger)
-        elif stored != config_digest(data):
-            raise ValueError(f"{source} does not match its digest: it was modified or corrupted after it was "
-                             "written (re-create it, or save an edited scheduler with save_pretrained)")
-        known = set(cls._get_init_keys(cls)) - {"self"}
-        unknown = sorted(k for k in data if not str(k).startswith("_") and k not in known)
-        if unknown:
-            raise ValueError(f"{source} has unknown field(s) {unknown[:10]}")
+        data = check_config_data(data, cls.__name__, set(cls._get_init_keys(cls)) - {"self"}, source)
         try:
-            return cls.from_config({k: v for k, v in data.items() if k != CONFIG_DIGEST_KEY}, **kwargs)
+            return cls.from_config(data, **kwargs)
         except ValueError as exc:
             raise ValueError(f"{source}: {exc}") from None
         except (TypeError, KeyError, AttributeError, RuntimeError, NotImplementedError, OverflowError) as exc:

@@ -1,14 +1,20 @@
-"""Where a schedule to run comes from: a schedule, an ``OLSSScheduler``, a scheduler folder or a schedule file."""
+"""Where a schedule to run comes from (a schedule, an ``OLSSScheduler``, a scheduler folder or a schedule file), and
+the checked way to put schedules into a pipeline (:func:`use_olss_scheduler`)."""
 from __future__ import annotations
 
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 from olss_fast.core import checks
 from olss_fast.core.files import read_json
+from olss_fast.core.fingerprint import model_id
+from olss_fast.core.provenance import check_allow
 from olss_fast.core.schedule import MAX_SCHEDULE_BYTES, OLSSSchedule
+from olss_fast.pipelines.facts import default_guidance, denoiser_of
+from olss_fast.pipelines.provenance import check_schedule, scheduler_usage, usage
+from olss_fast.pipelines.registry import adapter_for
 from olss_fast.serve.scheduler import OLSSScheduler
 from olss_fast.serve.scheduler_config import MAX_CONFIG_BYTES
 
@@ -84,3 +90,44 @@ def resolve_schedule(schedule: Any, num_inference_steps: Optional[int], pipe: An
         raise ValueError(f"the scheduler holds searched schedules for {available} steps, not {n}; pass one of "
                          f"{available} or search a schedule for {n} steps")
     return schedules[n]
+
+
+def use_olss_scheduler(pipe: Any, source: Any = None, *, allow_mismatch: Iterable[str] = (),
+                       guidance_scale: Optional[float] = None, height: Optional[int] = None,
+                       width: Optional[int] = None) -> OLSSScheduler:
+    """The checked way to put searched schedules into a pipeline: check every schedule against ``pipe``, then set
+    ``pipe.scheduler``; returns the scheduler.
+
+    ``source`` is an ``OLSSScheduler``, a scheduler folder / config file, a schedule JSON, an ``OLSSSchedule`` or a
+    list of them (built on the pipeline's current scheduler config), or ``None`` (``pipe.scheduler``). Each schedule
+    is checked with :func:`olss_fast.pipelines.provenance.check_schedule` against what the plain swap
+    (``pipe.scheduler = ...``) cannot see: the denoiser's weights and architecture, the prediction type and noise
+    schedule of the pipeline's current scheduler (the one being replaced), the guidance scale and image size (the
+    pipeline's defaults unless given). Another model, noise schedule or prediction type raises ``ValueError``
+    (``allow_mismatch`` names accepted ones); another guidance scale or size warns once.
+    """
+    allow = check_allow(allow_mismatch)
+    if source is None:
+        source = pipe.scheduler
+    if isinstance(source, (str, os.PathLike)):
+        source = load_schedule_source(source)
+    if isinstance(source, OLSSSchedule) or (isinstance(source, (list, tuple)) and source):
+        source = OLSSScheduler.from_schedules(source, config=dict(pipe.scheduler.config), allow_mismatch=allow)
+    if not isinstance(source, OLSSScheduler):
+        raise ValueError(f"use_olss_scheduler takes an OLSSScheduler, a scheduler folder, a schedule file or "
+                         f"OLSSSchedule(s), got {type(source).__name__}")
+    adapter = adapter_for(pipe, required=False)
+    if adapter is not None:
+        dh, dw = adapter.default_size()
+        g = guidance_scale if guidance_scale is not None else default_guidance(pipe, adapter.cfg_argument)
+        actual = usage(adapter, guidance=checks.real(g, "guidance_scale"),
+                       height=checks.optional(checks.integer, height, "height", 1) or dh,
+                       width=checks.optional(checks.integer, width, "width", 1) or dw)
+    else:  # a pipeline of no registered family: what its scheduler and denoiser tell
+        denoiser = denoiser_of(pipe)
+        actual = dict(scheduler_usage(pipe.scheduler), **({"model": model_id(denoiser)} if denoiser else {}))
+    for schedule in source.schedules.values():
+        check_schedule(schedule, actual, allow=allow, where=f"on this {type(pipe).__name__}")
+    source.checked_for = type(pipe).__name__
+    pipe.scheduler = source
+    return source
