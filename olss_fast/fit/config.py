@@ -123,7 +123,10 @@ class FitConfig:
             not carry over, benchmarks/RESULTS.md, learned-step baselines).
         evaluation_budget: the model evaluations of the whole fit (recording, search, re-fit and held-out check)
             that ``path="refit"`` sizes its programme to, as a multiple of the teacher recording's (``T`` per
-            recorded sample); used only where ``search_samples``/``search_stride`` are not given (default 3.0).
+            recorded sample); it sizes whichever of ``search_samples``/``search_stride`` is not given (default 3.0).
+            Where it cannot hold (a short teacher: with 28 teacher steps for step counts 4, 5, 6, 8 and 10 the
+            recording and the re-fit of the candidate paths together exceed 3x), the smallest programme (8 search
+            samples on the coarsest grid) runs anyway, over the budget, and the fit warns once.
     """
 
     num_steps: Sequence[int] = (5, 10)

@@ -363,9 +363,10 @@ def _programme(pipe: Any, stats: GramStats, refine_items: Sequence[WorkItem], fi
                             "budget": plan.budget}
     if plan.evaluations > plan.budget:
         warn_once(("over-budget", plan), "the fit plans %d model evaluations of one sample, %.2fx the teacher "
-                  "recording's, above evaluation_budget=%s: the re-fit of the candidate paths alone nearly fills it "
-                  "(the step counts add up to %d, the teacher has %d steps); the smallest programme (%d samples, "
-                  "stride %d) runs anyway. Record more teacher steps to stay within the budget",
+                  "recording's, above evaluation_budget=%s (the step counts add up to %d, the teacher has %d steps: "
+                  "the re-fit of the candidate paths alone nearly fills it, or search_samples/search_stride ask "
+                  "for more); the programme (%d samples, stride %d) runs anyway. Record more teacher steps to stay "
+                  "within the budget",
                   plan.evaluations, plan.evaluations / (stats.num_samples * stats.num_teacher_steps),
                   fit.evaluation_budget, sum(steps), stats.num_teacher_steps, plan.samples, plan.stride,
                   logger=logger)
