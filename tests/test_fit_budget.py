@@ -3,10 +3,14 @@ stay within 3x those of its own teacher recording on a tiny Stable Diffusion pip
 search predicts them exactly."""
 from __future__ import annotations
 
+import logging
+import re
+
 import pytest
 import torch
 
 from olss_fast import FitConfig, fit_olss_scheduler, record_trajectories
+from olss_fast.core import checks
 from olss_fast.core.refine import programme_states
 from olss_fast.core.search import paper_schedule, uniform_path
 from olss_fast.fit.orchestration import plan_search, split_heldout
@@ -82,6 +86,29 @@ def test_plan_counts_every_evaluation_of_the_fit():
     assert (plan.samples, plan.stride) == (6, 2)
     assert plan.evaluations == 24 * T + 6 * programme_states(T, steps, 2) + 18 * (3 * 7 - 5) + 6 * (4 * 7 - 7)
     assert expected <= plan.evaluations
+
+
+def test_short_teacher_runs_the_smallest_programme_and_warns_once(monkeypatch, caplog):
+    """An 8-step teacher for 3 and 4 steps: the recording and the candidates' re-fits leave room for fewer than 8
+    search samples on any grid, so the fit runs 8 anyway (on the coarsest grid), goes over 3x, and says so once."""
+    monkeypatch.setattr(checks, "_warned", set())
+    pipe = make_gmm((2, 4, 4), num_components=3, seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    counter = RowCounter(pipe.unet)
+    T, steps = 8, (3, 4)
+    plan = plan_search(T, steps, 24, 18, 6, FitConfig(num_steps=steps))
+    assert plan.samples == 8 and plan.evaluations > plan.budget == 3 * 24 * T
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            counter.rows = 0
+            res = fit_olss_scheduler(pipe, [None] * 24, teacher_steps=T, num_steps=steps, batch_size=24,
+                                     progress=False)
+    over = [r.getMessage() for r in caplog.records if "above evaluation_budget" in r.getMessage()]
+    assert len(over) == 1 and "the programme (8 samples" in over[0] and "the teacher has 8 steps" in over[0]
+    planned = int(re.search(r"plans (\d+) model evaluations", over[0]).group(1))
+    assert 3 * 24 * T < counter.rows <= planned
+    assert set(res.schedules) == {3, 4}
+    counter.handle.remove()
 
 
 def test_plan_sizes_the_search_to_the_budget():
