@@ -37,8 +37,11 @@ DEFAULT_STATS_PATH = "uniform"
 #: error after the re-fit beat the re-fit on the uniform and the minimax path at every NFE from 4 to 10 on held-out
 #: digits (e.g. 0.0544 vs 0.0779 teacher RMSE at 5 NFE, 0.0218 vs 0.0360 at 10) and was best or tied on the mixture for
 #: training seed 1 (0.1032 vs 0.1436 at 5 NFE); on another training seed it kept a path that lost to minimax on held-out
-#: noise at 8–10 NFE (RESULTS.md, "Robustness"). It costs about ``max(num_steps) × teacher_steps`` model evaluations of
-#: the search samples (``FitConfig.search_samples`` / ``search_stride`` reduce it).
+#: noise at 8–10 NFE (RESULTS.md, "Robustness"). The programme costs about ``max(num_steps) × teacher_steps /
+#: search_stride`` model evaluations of each search sample; ``fit_olss_scheduler`` sizes ``search_samples`` and
+#: ``search_stride`` so that the whole fit stays within ``FitConfig.evaluation_budget`` (3) times the teacher recording
+#: and chooses among the proposal, min-max and uniform on held-out re-fit samples (RESULTS.md, "Cheaper default
+#: search": digits 0.0519 at 5 NFE, 0.0243 at 10, at 2.99x the recording instead of 10.6x).
 DEFAULT_PATH = "refit"
 
 
