@@ -236,7 +236,8 @@ def learned_rows(pipe, prompts, fit_kw, oss_kw, steps, progress=False, with_oss=
         info[f"olss {path}"] = {"seconds": time.time() - t,
                                 "paths": {n: s.indices for n, s in res.schedules.items()}}
         if path == "refit":
-            info["olss refit"]["search"] = {n: s.meta.get("refit_search") for n, s in res.paper_schedules.items()}
+            info["olss refit"]["search"] = {n: {k: s.meta.get(k) for k in ("refit_search", "heldout")}
+                                            for n, s in res.schedules.items()}
     if with_oss:
         t = time.time()
         oss = fit_oss_baselines(pipe, prompts, ("ddim", "dpmsolver++"), steps, progress=progress, **oss_kw)

@@ -246,6 +246,8 @@ def check_manifest(m: Any) -> dict:
     return m
 
 
+# The strict JSON rules below are those of olss_fast.core.files.parse_json, written again because this file runs
+# without olss_fast (it imports only the standard library, numpy and onnxruntime); change both together.
 def _no_constant(name: str) -> Any:
     raise ValueError(f"the JSON literal {name} is not a number")
 

@@ -45,7 +45,7 @@ FLAG_NAMES = {
     "refine_samples": "--refine-samples", "refine=False": "--no-refine", "allow_mismatch": "--allow-mismatch",
     "num_inference_steps": "--steps", "checkpoint_every": "--checkpoint-every", "resume=True": "--resume",
     "search_samples": "--search-samples", "search_sweeps": "--search-sweeps", "search_stride": "--search-stride",
-    "path='refit'": "--path refit",
+    "path='refit'": "--path refit", "heldout_samples": "--heldout-samples", "evaluation_budget": "--evaluation-budget",
 }
 
 
@@ -175,7 +175,8 @@ def _search(args: argparse.Namespace, ctx: DistContext) -> int:
     fit = FitConfig(num_steps=tuple(args.steps), path=args.path, granularity=args.granularity,
                     refine=not args.no_refine, refine_samples=args.refine_samples,
                     search_samples=args.search_samples, search_sweeps=args.search_sweeps,
-                    search_stride=args.search_stride, bisection_iters=args.bisection_iters)
+                    search_stride=args.search_stride, bisection_iters=args.bisection_iters,
+                    heldout_samples=args.heldout_samples, evaluation_budget=args.evaluation_budget)
     pipe = None
     if args.pipeline:
         device = args.device
@@ -342,13 +343,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bisection steps of the paper's min-max path search (default 60)")
     s.add_argument("--no-refine", action="store_true", help="skip the student-in-the-loop re-fit (paper's fit)")
     s.add_argument("--refine-samples", type=positive_int, default=None,
-                   help="samples the re-fit uses (default: all recorded, at most 64)")
+                   help="samples the re-fit and its held-out check use (default: all recorded, at most 64)")
+    s.add_argument("--heldout-samples", type=checks.nonnegative_int, default=None,
+                   help="re-fit samples held out to choose the path and to guard against plain DDIM/Euler "
+                        "(default: a quarter of them; 0: no guard)")
     s.add_argument("--search-samples", type=positive_int, default=None,
-                   help="--path refit: re-fit samples that judge the paths (default: all of them)")
-    s.add_argument("--search-stride", type=positive_int, default=1,
-                   help="--path refit: steps on every this-many-th teacher index only (default 1; 2 halves the cost)")
+                   help="--path refit: samples the programme runs on (default: sized to --evaluation-budget)")
+    s.add_argument("--search-stride", type=positive_int, default=None,
+                   help="--path refit: steps on every this-many-th teacher index only (default: sized to "
+                        "--evaluation-budget; 1: all)")
     s.add_argument("--search-sweeps", type=checks.nonnegative_int, default=0,
                    help="--path refit: coordinate-descent passes after the programme (default 0)")
+    s.add_argument("--evaluation-budget", type=checks.finite_float, default=3.0,
+                   help="--path refit: model evaluations of the whole fit the search is sized to, in multiples of "
+                        "the teacher recording's (default 3)")
     s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="dtype the pipeline is loaded in (default float32)")

@@ -9,7 +9,7 @@ from olss_fast.cli import main
 from olss_fast.models.gmm import make_gmm
 from olss_fast.fit.recording import record_trajectories
 from olss_fast.fit.work import make_work_items
-from olss_fast.core.refine import refit_path_search, refit_programme
+from olss_fast.core.refine import programme_grid, programme_states, refit_path_search, refit_programme
 from olss_fast.core.search import uniform_path
 
 
@@ -90,9 +90,12 @@ def test_fit_with_path_refit(recorded):
                              path="refit", search_samples=12, progress=False)
     for n, sched in res.schedules.items():
         paper = res.paper_schedules[n]
-        assert sched.path == "refit" and sched.refined and sched.indices == paper.indices
-        info = paper.meta["refit_search"]
-        assert info["samples"] == 12 and info["error"] <= info["uniform_error"]
+        assert sched.path == "refit" and sched.refined and sched.indices == paper.indices and not paper.refined
+        info, held = sched.meta["refit_search"], sched.meta["heldout"]
+        assert info["samples"] == 12 and held["heldout_samples"] == 6 and info["candidate"] == held["chosen"]
+        errors = {k: v for k, v in held["errors"].items() if k != "baseline"}
+        passing = {k: held["pooled"][k] for k, v in errors.items() if v is not None and v <= held["errors"]["baseline"]}
+        assert set(errors) == {"proposal", "minimax", "uniform"} and held["chosen"] == min(passing, key=passing.get)
     assert res.scheduler.available_steps == [3, 4]
 
 
@@ -136,7 +139,8 @@ def test_cli_refuses_refit_without_the_refit(tmp_path, capsys):
 
 
 def test_programme_stride_places_steps_on_the_coarse_grid_and_stays_never_worse_than_uniform(recorded):
-    """stride=3: every proposed index is a multiple of 3, the programme costs fewer model evaluations than on the full
+    """stride=3: every proposed index is a multiple of 3 or T - 1, T - 2 (the grid), the programme costs as many
+    model evaluations as programme_states counts, fewer than on the full
     grid, its reported error is the re-fit's on that path, and the search still keeps uniform when it is better."""
     pipe, stats, x_path = recorded
     den = lambda x, t: pipe.unet(x, t).sample  # noqa: E731
@@ -144,16 +148,18 @@ def test_programme_stride_places_steps_on_the_coarse_grid_and_stays_never_worse_
     coarse, coarse_evals = refit_programme(stats.timesteps, x_path[0], x_path, den, [3, 5], stride=3,
                                            progress=False)
     assert coarse_evals < 0.5 * full_evals
+    assert (full_evals, coarse_evals) == (programme_states(30, [3, 5], 1), programme_states(30, [3, 5], 3))
+    assert programme_grid(30, 3) == list(range(0, 30, 3)) + [28, 29]
     for n in (3, 5):
         path, err = coarse[n]
-        assert len(path) == n and path[0] == 0 and all(i % 3 == 0 for i in path) and path == sorted(set(path))
+        assert len(path) == n and path[0] == 0 and all(i % 3 == 0 or i >= 28 for i in path) and path == sorted(set(path))
         redo = refine_schedule(search_schedule(stats, n, path=path), den, x_path[0], x_path, progress=False)
         assert err == pytest.approx(redo.errors[-1], rel=1e-9)
     res = refit_path_search(stats.timesteps, x_path[0], x_path, den, [3, 5], stride=3, progress=False)
     for n in (3, 5):
         assert res[n].error <= res[n].start_error and res[n].proposal == coarse[n][0]
-    with pytest.raises(ValueError, match="stride must be a positive integer leaving at least 5"):
-        refit_programme(stats.timesteps, x_path[0], x_path, den, [5], stride=8, progress=False)
+    with pytest.raises(ValueError, match="stride must be a positive integer leaving at least 8"):
+        refit_programme(stats.timesteps, x_path[0], x_path, den, [8], stride=8, progress=False)
     with pytest.raises(ValueError, match="stride"):
         refit_programme(stats.timesteps, x_path[0], x_path, den, [3], stride=0, progress=False)
     with pytest.raises(ValueError, match="search_stride"):

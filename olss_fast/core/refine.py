@@ -280,6 +280,45 @@ def _fit_errors(state: _RefitState, j: int, ys: torch.Tensor) -> torch.Tensor:
     return sse.sum(0) / state.denom
 
 
+def programme_grid(T: int, stride: int) -> list[int]:
+    """The teacher indices :func:`refit_programme` places steps on: every ``stride``-th, and toward the clean end the
+    spacing halves down to 1 (``T − 1, T − 2, T − 4, …`` below ``stride``): the last model evaluation, just before
+    clean data, is where the final error is most sensitive to the timestep (on held-out digits 10-step paths whose
+    last index was 98 of 100 beat those a plain stride-4 grid ended at 96 by a quarter, benchmarks/RESULTS.md,
+    "Cheaper default search")."""
+    end = {T - 2**m for m in range(max(stride - 1, 0).bit_length()) if 2**m < stride and T - 2**m > 0}
+    return sorted(set(range(0, T, stride)) | end)
+
+
+def _node_rule(T: int, steps: Sequence[int], stride: int) -> Callable[[int, int], bool]:
+    """Whether teacher index j is a node of the programme's layer k: on the grid, and a path through it can still end
+    at T with one of the wanted step counts."""
+    n_max = max(steps)
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1 or n_max > len(programme_grid(T, stride)):
+        raise ValueError(f"stride must be a positive integer leaving at least {n_max} of the {T} teacher indices "
+                         f"(programme_grid), got {stride!r}")
+    grid = programme_grid(T, stride)
+    after = {j: len(grid) - 1 - p for p, j in enumerate(grid)}  # grid nodes after j
+
+    def useful(k: int, j: int) -> bool:
+        return j in after and any(n > k and n - k - 1 <= after[j] for n in steps)
+
+    return useful
+
+
+def programme_states(T: int, num_steps: Sequence[int], stride: int = 1) -> int:
+    """The number of states of :func:`refit_programme` (one model evaluation of every search sample each) for a
+    T-step teacher, these step counts and this stride: layer 0 is the initial noise, layer k every node after the
+    first node of layer k − 1."""
+    steps = sorted(set(int(n) for n in num_steps))
+    useful = _node_rule(T, steps, stride)
+    layer, count = [0], 1
+    for k in range(1, steps[-1]):
+        layer = [j for j in range(layer[0] + 1, T) if useful(k, j)]
+        count += len(layer)
+    return count
+
+
 def refit_programme(
     timesteps: Sequence[Any],
     noise: torch.Tensor,
@@ -299,29 +338,22 @@ def refit_programme(
     at the state's latent (once per state, shared by every j), fit row k to the teacher latent at j; that fit's
     error is the cost. The error into the final latent is exactly the re-fit's objective of the whole path; the
     recursion (keep the best state per node) is OSS's approximation. Returns ``{n: (path, final MSE)}`` and the
-    number of model evaluations (``O(max n · T / stride)``, shared by every n). ``stride`` > 1 restricts the
-    students' timesteps to every stride-th teacher index (a cheaper, coarser programme).
+    number of model evaluations (:func:`programme_states`, ``O(max n · T / stride)``, shared by every n). ``stride``
+    > 1 restricts the students' timesteps to :func:`programme_grid` (a cheaper, coarser programme).
     """
     T = len(timesteps)
     steps = sorted(set(int(n) for n in num_steps))
     n_max = steps[-1]
-    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1 or n_max > (T - 1) // stride + 1:
-        raise ValueError(f"stride must be a positive integer leaving at least {n_max} of the {T} teacher indices "
-                         f"(every stride-th), got {stride!r}")
+    useful = _node_rule(T, steps, stride)
     x0 = noise.to(torch.float32)
     root = _RefitState(x0, n_max, granularity, ridge)
     ys = _teacher_dots(teacher_latents, root.channels)  # [C, T+1, B·rest]
-
-    def useful(k: int, j: int) -> bool:  # (k, j) is a node that can still end at T with a wanted step count
-        return j < T and j % stride == 0 and any(n > k and n - k - 1 <= (T - 1) // stride - j // stride
-                                                 for n in steps)
-
     layer: dict[int, _RefitState] = {0: root}
     parents: list[dict[int, int]] = [{0: -1}]
     finals: dict[int, tuple[float, int]] = {}
     evaluations = 0
-    total = 1 + sum(1 for k in range(1, n_max) for j in range(k, T) if useful(k, j))
-    bar = tqdm(total=total, desc="refit programme", unit="eval", disable=not progress, leave=False)
+    bar = tqdm(total=programme_states(T, steps, stride), desc="refit programme", unit="eval", disable=not progress,
+               leave=False)
     for k in range(n_max):
         best: dict[int, tuple[float, int]] = {}  # node j -> (error at j, predecessor node)
         for i in sorted(layer):
@@ -377,9 +409,10 @@ def refit_path_search(
     The objective of a path is the final-latent MSE against the teacher of the student *after* the re-fit
     (:func:`sequential_refit`) on ``noise``, i.e. what the re-fit reports as its last error. For each step count:
 
-    1. the uniform path (and ``start``, if given: ``fit_olss_scheduler`` passes the paper's min-max path) and, with ``programme``, the path proposed by
-       :func:`refit_programme` (OSS's dynamic programme with the re-fit inside, run once for all step counts) are
-       judged exactly; the best becomes the current path (ties keep uniform);
+    1. the uniform path (and ``start``, if given: ``fit_olss_scheduler`` passes the programme's proposal when
+       ``search_sweeps`` asks for the descent) and, with ``programme``, the path proposed by :func:`refit_programme`
+       (OSS's dynamic programme with the re-fit inside, run once for all step counts) are judged exactly on
+       ``noise``; the best becomes the current path (ties keep uniform);
     2. ``sweeps`` passes of coordinate descent: for each position p = 1 … n−1, try moving ``i_p`` by ±s teacher
        steps (s from a quarter of the free interval, halved down to 1, repeated while a move helps); a try re-uses
        the model outputs of steps 0 … p−1 and costs n − p model evaluations; a move is kept only if it lowers the
@@ -394,7 +427,7 @@ def refit_path_search(
         denoise: ``denoise(x, t) -> e`` the (guided) model output for all B latents at timestep t.
         num_steps: n, or several (one result each).
         programme: propose a path with :func:`refit_programme`.
-        stride: the programme's grid: every stride-th teacher index (1: all; larger is cheaper and coarser).
+        stride: the programme's grid (:func:`programme_grid`; 1: all; larger is cheaper and coarser).
         sweeps: passes of coordinate descent (0: none).
         start: another path to judge as a start (for one step count), or ``{n: path}`` for several.
         granularity, ridge: as in :func:`sequential_refit`.

@@ -37,8 +37,11 @@ DEFAULT_STATS_PATH = "uniform"
 #: error after the re-fit beat the re-fit on the uniform and the minimax path at every NFE from 4 to 10 on held-out
 #: digits (e.g. 0.0544 vs 0.0779 teacher RMSE at 5 NFE, 0.0218 vs 0.0360 at 10) and was best or tied on the mixture for
 #: training seed 1 (0.1032 vs 0.1436 at 5 NFE); on another training seed it kept a path that lost to minimax on held-out
-#: noise at 8–10 NFE (RESULTS.md, "Robustness"). It costs about ``max(num_steps) × teacher_steps`` model evaluations of
-#: the search samples (``FitConfig.search_samples`` / ``search_stride`` reduce it).
+#: noise at 8–10 NFE (RESULTS.md, "Robustness"). The programme costs about ``max(num_steps) × teacher_steps /
+#: search_stride`` model evaluations of each search sample; ``fit_olss_scheduler`` sizes ``search_samples`` and
+#: ``search_stride`` so that the whole fit stays within ``FitConfig.evaluation_budget`` (3) times the teacher recording
+#: and chooses among the proposal, min-max and uniform on held-out re-fit samples (RESULTS.md, "Cheaper default
+#: search": digits 0.0519 at 5 NFE, 0.0243 at 10, at 2.99x the recording instead of 10.6x).
 DEFAULT_PATH = "refit"
 
 
@@ -210,9 +213,28 @@ def minimax_path(fitter: _Fitter, n: int, iters: int = 60) -> list[int]:
     return best[0]
 
 
+#: what :func:`search_schedule` (and ``fit_olss_scheduler(..., refine=False)``) says once per process: the paper's fit
+#: is not checked against anything on held-out noise
+PAPER_FIT_WARNING = (
+    "%s returns the paper's fit (OLSS Eq. 9-10: coefficients fitted on the teacher's own model outputs) without the "
+    "student-in-the-loop re-fit and without any held-out check: on noise it was not fitted on it can be far worse "
+    "than plain DDIM of the same NFE (benchmarks/RESULTS.md). Re-fit it (refine_schedule), or use "
+    "fit_olss_scheduler with refine=True (the default: re-fitted, and checked against DDIM/Euler on held-out samples)"
+)
+
+
+def warn_paper_fit(where: str) -> None:
+    """The one-time warning of :data:`PAPER_FIT_WARNING` for the entry point ``where``."""
+    checks.warn_once(("paper-fit", where), PAPER_FIT_WARNING, where, logger=logger)
+
+
 def search_schedule(stats: GramStats, num_steps: int, *, config: SearchConfig | None = None,
                     **options: Any) -> OLSSSchedule:
-    """Fit an n-step OLSS schedule on teacher statistics.
+    """Fit an n-step OLSS schedule on teacher statistics: the paper's search and fit (no re-fit).
+
+    Logs a one-time warning (:data:`PAPER_FIT_WARNING`): the result is the paper's fit, which nothing checks on
+    held-out noise; re-fit it with :func:`olss_fast.core.refine.refine_schedule` before use.
+    :func:`paper_schedule` is the same without the warning, for callers that re-fit what it returns.
 
     Args:
         stats: teacher statistics (:class:`GramStats`).
@@ -225,6 +247,15 @@ def search_schedule(stats: GramStats, num_steps: int, *, config: SearchConfig | 
     Raises:
         ValueError: empty statistics, n > T, too few samples for the number of unknowns, bad options.
     """
+    schedule = paper_schedule(stats, num_steps, config=config, **options)
+    warn_paper_fit("search_schedule")
+    return schedule
+
+
+def paper_schedule(stats: GramStats, num_steps: int, *, config: SearchConfig | None = None,
+                   **options: Any) -> OLSSSchedule:
+    """:func:`search_schedule` without its warning: the paper's path search and fit (Algorithm 1, Eq. 9-10), for
+    callers that re-fit the result (``fit_olss_scheduler``) or only read its path."""
     config = checks.options(SearchConfig, config, options, "search")
     path = config.path
     if not isinstance(stats, GramStats):

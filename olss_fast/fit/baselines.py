@@ -19,7 +19,7 @@ from olss_fast.core.provenance import scheduler_prediction_type
 from olss_fast.fit.config import RecordConfig
 from olss_fast.fit.probe import pipeline_denoiser
 from olss_fast.fit.recording import quiet_progress, record_trajectories, swapped_scheduler
-from olss_fast.fit.teacher import default_teacher
+from olss_fast.fit.teacher import default_teacher, final_alpha_bar
 from olss_fast.fit.work import make_work_items, spread_indices
 
 logger = logging.getLogger(__name__)
@@ -183,16 +183,6 @@ def oss_scheduler(result: OSSResult, config: dict[str, Any]) -> CustomTimestepsS
     base.update(extra, final_sigmas_type="zero", lower_order_final=True, euler_at_final=False,
                 use_karras_sigmas=False, thresholding=False)
     return CustomTimestepsScheduler(getattr(diffusers, cls_name).from_config(base), result.timesteps)
-
-
-def final_alpha_bar(teacher: Any) -> float:
-    """ᾱ where a teacher scheduler ends sampling (1.0 = clean data)."""
-    if hasattr(teacher, "final_alpha_cumprod"):  # DDIM
-        return float(teacher.final_alpha_cumprod)
-    cfg = dict(getattr(teacher, "config", {}) or {})
-    if cfg.get("final_sigmas_type", "zero") == "zero":
-        return 1.0
-    return float(teacher.alphas_cumprod[0])
 
 
 def fit_oss_baselines(

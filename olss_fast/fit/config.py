@@ -106,16 +106,27 @@ class FitConfig:
         granularity: "global" or "channel".
         bisection_iters: bisection steps of the paper's min-max path search (``path="minimax"``, and the min-max
             start that ``path="refit"`` judges).
-        refine: run the student-in-the-loop re-fit after the search (recommended).
-        refine_samples: how many of the recorded samples the re-fit uses (default: all, up to 64).
-        search_samples: how many of the re-fit samples (spread over them) judge paths in ``path="refit"``
-            (default: all re-fit samples). Its cost is about ``max(num_steps) × teacher_steps`` model evaluations
-            of this many samples.
+        refine: run the student-in-the-loop re-fit after the search (recommended), with its held-out choice and
+            guard (:func:`olss_fast.core.heldout.choose_on_heldout`).
+        refine_samples: how many of the recorded samples the re-fit uses, held-out part included (default: all,
+            up to 64).
+        heldout_samples: how many of the re-fit samples (spread over them) are held out of the fit to judge the
+            candidate paths and to guard the result against plain DDIM/Euler of the same NFE (default: a quarter,
+            at least one when there are two or more; 0 turns the guard off, with a warning).
+        search_samples: how many samples of the fit part (spread over them) the programme of ``path="refit"``
+            runs on; its cost is :func:`olss_fast.core.refine.programme_states` model evaluations of each.
+            Default (None): sized with ``search_stride`` to the ``evaluation_budget`` (:func:`plan_search`).
         search_stride: the programme of ``path="refit"`` places steps on every this-many-th teacher index only
-            (default 1: all; 2 halves its cost).
-        search_sweeps: coordinate-descent passes after the programme in ``path="refit"`` (default 0: on held-out
-            noise the descent's gains on the search samples did not carry over; benchmarks/RESULTS.md, learned-step
-            baselines).
+            (1: all; 2 halves its cost). Default (None): sized to the ``evaluation_budget``.
+        search_sweeps: coordinate-descent passes on the programme's proposal (same samples) before the held-out
+            choice, in ``path="refit"`` (default 0: on held-out noise the descent's gains on the search samples did
+            not carry over, benchmarks/RESULTS.md, learned-step baselines).
+        evaluation_budget: the model evaluations of the whole fit (recording, search, re-fit and held-out check)
+            that ``path="refit"`` sizes its programme to, as a multiple of the teacher recording's (``T`` per
+            recorded sample); it sizes whichever of ``search_samples``/``search_stride`` is not given (default 3.0).
+            Where it cannot hold (a short teacher: with 28 teacher steps for step counts 4, 5, 6, 8 and 10 the
+            recording and the re-fit of the candidate paths together exceed 3x), the smallest programme (8 search
+            samples on the coarsest grid) runs anyway, over the budget, and the fit warns once.
     """
 
     num_steps: Sequence[int] = (5, 10)
@@ -124,9 +135,11 @@ class FitConfig:
     bisection_iters: int = 60
     refine: bool = True
     refine_samples: int | None = None
+    heldout_samples: int | None = None
     search_samples: int | None = None
-    search_stride: int = 1
+    search_stride: int | None = None
     search_sweeps: int = 0
+    evaluation_budget: float = 3.0
 
     def __post_init__(self) -> None:
         self.num_steps = checks.step_counts(self.num_steps, "num_steps", MAX_TEACHER_STEPS)
@@ -141,14 +154,20 @@ class FitConfig:
         checks.integer(self.bisection_iters, "bisection_iters", 1, 10_000)
         for name in ("refine_samples", "search_samples"):
             checks.optional(checks.integer, getattr(self, name), name, 1, 2**31)
+        checks.optional(checks.integer, self.heldout_samples, "heldout_samples", 0, 2**31)
         checks.integer(self.search_sweeps, "search_sweeps", 0, 1000)
-        checks.integer(self.search_stride, "search_stride", 1, MAX_TEACHER_STEPS)
+        checks.optional(checks.integer, self.search_stride, "search_stride", 1, MAX_TEACHER_STEPS)
+        self.evaluation_budget = checks.real(self.evaluation_budget, "evaluation_budget", 1.0, 1e6)
         unused = [name for name, value, default in (("search_samples", self.search_samples, None),
-                                                    ("search_stride", self.search_stride, 1),
-                                                    ("search_sweeps", self.search_sweeps, 0)) if value != default]
+                                                    ("search_stride", self.search_stride, None),
+                                                    ("search_sweeps", self.search_sweeps, 0),
+                                                    ("evaluation_budget", self.evaluation_budget, 3.0))
+                  if value != default]
         if unused and self.path != "refit":
             raise ValueError(f"{', '.join(unused)} only apply to path='refit' (the path search judged after the "
                              f"re-fit), not to path={self.path!r}: drop them or use path='refit'")
+        if self.heldout_samples is not None and not self.refine:
+            raise ValueError("heldout_samples only applies with the re-fit (refine=True)")
 
 
 def fit_configs(pipe: Any, record: Optional[RecordConfig], fit: Optional[FitConfig], stats: Optional[GramStats],

@@ -13,22 +13,24 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from olss_fast.core.checks import warn_once
+from olss_fast.core.heldout import choose_on_heldout, reuse_first_output
 from olss_fast.core.provenance import scheduler_prediction_type
-from olss_fast.core.refine import refit_path_search
+from olss_fast.core.refine import programme_grid, programme_states, refit_path_search, refit_programme
 from olss_fast.core.schedule import OLSSSchedule
-from olss_fast.core.search import SearchConfig, search_schedule, uniform_path
+from olss_fast.core.search import SearchConfig, coefficient_errors, paper_schedule, uniform_path, warn_paper_fit
 from olss_fast.core.stats import GramStats
 from olss_fast.fit.checkpoint import checkpoint_info
 from olss_fast.fit.config import FitConfig, RecordConfig, fit_configs
 from olss_fast.fit.distributed import DistContext, broadcast_object, resolve_context
 from olss_fast.fit.probe import LatentKeeper, pipeline_denoiser, refine_through_pipeline
 from olss_fast.fit.recording import check_recordable, record_trajectories
-from olss_fast.fit.teacher import default_teacher
+from olss_fast.fit.teacher import default_teacher, first_order_coefficients
 from olss_fast.fit.work import WorkItem, item_noise, make_work_items, prompt_list, spread_indices
 from olss_fast.pipelines.facts import call_default_guidance, latent_shape, noise_schedule_id, pipeline_dtype
 from olss_fast.pipelines.provenance import check_statistics, recording_context, scheduler_usage
@@ -129,25 +131,16 @@ def fit_olss_scheduler(
             record_trajectories(pipe, prompts, teacher=teacher, config=record, items=rerun, on_batch=keeper,
                                 progress=progress, distributed=ctx)
     T = stats.num_teacher_steps
-    latents = None
-    paper: dict[int, OLSSSchedule] = {}
-    if fit.path == "refit":
-        latents = keeper.teacher_latents(T, ctx)  # every teacher index
-        paper = _refit_path_schedules(pipe, stats, items[:limit], latents, record, fit, progress, ctx)
-    else:
-        for n in tqdm(sorted(fit.num_steps), desc="searching schedules", disable=not progress or not ctx.is_main):
-            paper[n] = _search_on_rank0(stats, n, fit, ctx)
-    final: dict[int, OLSSSchedule] = {}
     if fit.refine:
-        if latents is None:
-            rows = sorted({i for s in paper.values() for i in s.indices[1:]} | {T})
-            latents = keeper.teacher_latents(T, ctx, rows)
-        refine_items = items[:limit]
-        for n in sorted(fit.num_steps):
-            final[n] = refine_through_pipeline(pipe, paper[n], refine_items, latents, record, fit.granularity,
-                                               progress, distributed=ctx)
+        teacher = teacher if teacher is not None else default_teacher(pipe.scheduler)
+        final, paper = _fit_refined(pipe, stats, teacher, items[:limit], keeper.teacher_latents(T, ctx), record,
+                                    fit, progress, ctx)
     else:
-        final = {n: paper[n] for n in sorted(fit.num_steps)}
+        warn_paper_fit("fit_olss_scheduler(refine=False)")
+        paper = {n: _search_on_rank0(stats, n, fit, ctx)
+                 for n in tqdm(sorted(fit.num_steps), desc="searching schedules",
+                               disable=not progress or not ctx.is_main)}
+        final = dict(paper)
     scheduler = OLSSScheduler.from_schedules(list(final.values()), config=base_config)
     return FitResult(scheduler=scheduler, stats=stats, schedules=final, paper_schedules=paper)
 
@@ -191,14 +184,16 @@ def _search_config(fit: FitConfig, path: Any) -> SearchConfig:
     return SearchConfig(path=path, granularity=fit.granularity, bisection_iters=fit.bisection_iters)
 
 
-def _search_on_rank0(stats: GramStats, n: int, fit: FitConfig, ctx: DistContext) -> OLSSSchedule:
-    """``search_schedule`` on rank 0, its result (or its ValueError) on every rank."""
+def _search_on_rank0(stats: GramStats, n: int, fit: FitConfig, ctx: DistContext,
+                     path: str | None = None) -> OLSSSchedule:
+    """The paper's search (``path``, default ``fit.path``) on rank 0, its result (or its ValueError) on every rank."""
+    config = _search_config(fit, path or fit.path)
     if not ctx.enabled:
-        return search_schedule(stats, n, config=_search_config(fit, fit.path))
+        return paper_schedule(stats, n, config=config)
     result, error = None, None
     if ctx.is_main:
         try:
-            result = search_schedule(stats, n, config=_search_config(fit, fit.path))
+            result = paper_schedule(stats, n, config=config)
         except ValueError as exc:
             error = str(exc)
     result, error = broadcast_object((result, error), ctx)
@@ -207,34 +202,210 @@ def _search_on_rank0(stats: GramStats, n: int, fit: FitConfig, ctx: DistContext)
     return result
 
 
-def _refit_path_schedules(pipe: Any, stats: GramStats, refine_items: Sequence[WorkItem], latents: torch.Tensor,
-                          record: RecordConfig, fit: FitConfig, progress: bool,
-                          ctx: DistContext) -> dict[int, OLSSSchedule]:
-    """``path="refit"``: the paths of :func:`refit_path_search` (one programme for all step counts; the uniform and
-    the min-max path of ``stats`` are judged too, so the result is never worse than either on the search samples) on
-    ``search_samples`` of the re-fit samples (spread evenly over them, so over the prompts), each with the paper's
-    fit on it (the re-fit that follows re-fits it on all re-fit samples)."""
-    pick = spread_indices(len(refine_items), fit.search_samples or len(refine_items))
-    items = [refine_items[k] for k in pick]
+def _fit_refined(pipe: Any, stats: GramStats, teacher: Any, refine_items: Sequence[WorkItem], latents: torch.Tensor,
+                 record: RecordConfig, fit: FitConfig, progress: bool,
+                 ctx: DistContext) -> tuple[dict[int, OLSSSchedule], dict[int, OLSSSchedule]]:
+    """The re-fit with its held-out choice and guard (docs/design.md, "Held-out choice and guard"): the re-fit
+    samples are split into a fit part and a held-out part (``heldout_samples``, spread over them); every candidate
+    path (``path="refit"``: the programme's proposal from ``search_samples`` of the fit part, the min-max and the
+    uniform path; otherwise the one path asked for) is re-fitted on the fit part and judged on the held-out part
+    against plain DDIM/Euler of the same NFE (:func:`olss_fast.core.heldout.choose_on_heldout`). Returns the final
+    schedules and the paper's fit on their paths."""
+    T = stats.num_teacher_steps
+    steps = sorted(fit.num_steps)
+    held, fitpos = split_heldout(len(refine_items), fit.heldout_samples)
     shape = latent_shape(pipe, record.height, record.width)
-    x0 = item_noise(items, shape, "cpu", torch.float32).to(pipeline_dtype(pipe)).to(torch.float32)
-    minimax = {n: search_schedule(stats, n, config=_search_config(fit, "minimax")).indices
-               for n in fit.num_steps}
-    found = refit_path_search(
-        stats.timesteps, x0, latents[:, pick], pipeline_denoiser(pipe, items, record, distributed=ctx),
-        sorted(fit.num_steps), start=minimax, stride=fit.search_stride, sweeps=fit.search_sweeps,
-        granularity=fit.granularity,
-        progress=progress and ctx.is_main, agree=(lambda v: broadcast_object(v, ctx)) if ctx.enabled else None,
+    # the noise as the pipeline sees it (rounded to its dtype), in float32 like OLSSScheduler's x0
+    x0 = item_noise(refine_items, shape, "cpu", torch.float32).to(pipeline_dtype(pipe)).to(torch.float32)
+    t0 = stats.timesteps[0]
+    agree = (lambda v: broadcast_object(v, ctx)) if ctx.enabled else None
+    fit_items = [refine_items[k] for k in fitpos]
+    fit_denoise = reuse_first_output(pipeline_denoiser(pipe, fit_items, record, distributed=ctx), x0[fitpos], t0)
+
+    def refit(schedule: OLSSSchedule) -> OLSSSchedule:
+        return refine_through_pipeline(pipe, schedule, fit_items, latents[:, fitpos], record, fit.granularity,
+                                       progress, distributed=ctx, denoise=fit_denoise)
+
+    heldout = None
+    if held:
+        held_denoise = reuse_first_output(
+            pipeline_denoiser(pipe, [refine_items[k] for k in held], record, distributed=ctx), x0[held], t0)
+        heldout = (x0[held], latents[T, held], held_denoise)
+    else:
+        warn_once(("no-heldout",), "no held-out re-fit samples (%d re-fit sample(s), heldout_samples=%s): the "
+                  "re-fitted schedules are not checked against plain DDIM/Euler on held-out noise; use more "
+                  "samples", len(refine_items), fit.heldout_samples, logger=logger)
+    # the paths of the statistics (the paper's search; with path="refit" the min-max and the uniform path)
+    stats_paths = ("minimax", "uniform") if fit.path == "refit" else (fit.path,)
+    known = {n: {p: _search_on_rank0(stats, n, fit, ctx, p) for p in stats_paths} for n in steps}
+    proposals: dict[int, list[int]] = {}
+    search_info: dict[str, Any] = {}
+    if fit.path == "refit":
+        distinct = {n: 1 + len({tuple(c.indices) for c in known[n].values()}) for n in steps}
+        proposals, search_info = _programme(pipe, stats, refine_items, fitpos, x0, latents, record, fit, held,
+                                            distinct, progress, ctx)
+    final, paper = {}, {}
+    for n in tqdm(steps, desc="re-fitting schedules", disable=not progress or not ctx.is_main):
+        candidates = {}
+        if n in proposals:
+            candidates["proposal"] = paper_schedule(stats, n, config=_search_config(fit, tuple(proposals[n])))
+        candidates.update(known[n])
+        baseline = _baseline_schedule(stats, n, teacher)
+        choice = choose_on_heldout(candidates, baseline, refit, heldout, fit_samples=len(fitpos), agree=agree)
+        schedule = choice.schedule
+        if fit.path == "refit" and not choice.fell_back:
+            meta = dict(schedule.meta, refit_search=dict(search_info, candidate=choice.chosen,
+                                                         proposal=proposals.get(n)))
+            schedule = dataclasses.replace(schedule, path="refit", meta=meta)
+        final[n] = schedule
+        paper[n] = baseline if choice.fell_back else candidates[choice.chosen]
+    return final, paper
+
+
+def split_heldout(count: int, heldout: int | None) -> tuple[list[int], list[int]]:
+    """Positions of the held-out part and of the fit part of ``count`` re-fit samples: ``heldout`` of them (default:
+    a quarter, at least one when there are two or more) spread evenly over them (so over the prompts)."""
+    if heldout is None:
+        heldout = max(1, count // 4) if count >= 2 else 0
+    if heldout >= count:
+        raise ValueError(f"heldout_samples={heldout} leaves none of the {count} re-fit samples to fit on: use fewer "
+                         "held-out samples or more re-fit samples (refine_samples)")
+    held = spread_indices(count, heldout) if heldout else []
+    return held, [k for k in range(count) if k not in set(held)]
+
+
+#: the planned programme's grid: about this many teacher indices (stride ``round(T / 25)``: 4 for 100 teacher steps,
+#: :func:`olss_fast.core.refine.programme_grid`), never fewer than :data:`GRID_PER_STEP` per step; finer only when
+#: every fit sample fits the budget on it, coarser only to reach :data:`MIN_SEARCH_SAMPLES`. Measured on held-out
+#: noise (benchmarks/RESULTS.md, "Cheaper default search"): at the same cost, more search samples on this grid chose better paths
+#: than fewer samples on the full grid (digits, 5 NFE: 0.052 vs 0.069 teacher RMSE; the mixture, 4-5 NFE, three
+#: training seeds) or on this grid refined by ±2 indices around its proposal.
+GRID_NODES = 25
+GRID_PER_STEP = 1.5
+MIN_SEARCH_SAMPLES = 8
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """How :func:`plan_search` sized the programme of ``path="refit"``: ``samples`` search samples on the grid of
+    ``stride`` (:func:`olss_fast.core.refine.programme_grid`), and the planned model evaluations of the whole fit
+    (``evaluations``, in evaluations of one sample; an upper bound) against ``budget`` (the same unit)."""
+
+    samples: int
+    stride: int
+    evaluations: int
+    budget: int
+
+
+def plan_search(T: int, steps: Sequence[int], recorded: int, fit_samples: int, heldout_samples: int,
+                fit: FitConfig, candidates: Mapping[int, int] | None = None) -> SearchPlan:
+    """Size the programme of ``path="refit"`` so that the whole fit stays within ``fit.evaluation_budget`` times the
+    teacher recording's model evaluations (``recorded × T``).
+
+    The rest of the fit costs, in evaluations of one sample: the recording, the re-fit of the ``candidates[n]``
+    distinct candidate paths of each step count n (default 3: the proposal, the min-max and the uniform path) on the
+    fit part (n per sample each) and their runs on the held-out part plus the DDIM/Euler baseline's, less the step-0
+    output every path shares (one evaluation per sample). A proposal that repeats another path, or a candidate
+    refused for its amplification, costs less: the plan is an upper bound. The programme costs
+    :func:`programme_states` per search sample. Given ``search_samples``/``search_stride`` are kept (the other one is
+    sized to the budget); otherwise the grid is about :data:`GRID_NODES` teacher indices with as many fit samples as
+    the budget allows (see there), and where not even :data:`MIN_SEARCH_SAMPLES` fit on the coarsest grid, that many
+    run there anyway (``evaluations`` then exceeds ``budget``, and the fit warns).
+    """
+    counts = {n: (candidates or {}).get(n, 3) for n in steps}
+    fitted = sum(counts[n] * n for n in steps) - sum(counts.values()) + 1  # per fit sample, step 0 once
+    held = sum((counts[n] + 1) * n for n in steps) - sum(counts.values()) - len(steps) + 1  # candidates + baseline
+    fixed = recorded * T + fit_samples * fitted + heldout_samples * held
+    budget = int(fit.evaluation_budget * recorded * T)
+    room = max(0, budget - fixed)
+    n_max = max(steps)
+    # (the regular part of the grid and its last index must hold GRID_PER_STEP indices per step)
+    strides = [g for g in range(1, T + 1) if len(range(0, T, g)) + 1 >= max(n_max, math.ceil(GRID_PER_STEP * n_max))]
+    strides = [g for g in strides if len(programme_grid(T, g)) >= n_max] or [1]
+    most = min(fit_samples, fit.search_samples or fit_samples)
+
+    def fitting(g: int) -> int:
+        return min(most, room // programme_states(T, steps, g))
+
+    if fit.search_stride is not None:
+        stride = fit.search_stride
+        samples = fit.search_samples or max(1, fitting(stride))
+    elif fit.search_samples is not None:
+        fits = [g for g in strides if most * programme_states(T, steps, g) <= room]
+        stride, samples = (fits[0] if fits else strides[-1]), most
+    else:
+        at = min(max(1, round(T / GRID_NODES)), strides[-1])
+        stride = at
+        if fitting(at) == most:  # budget to spare: a finer grid while every fit sample still fits
+            stride = min(g for g in strides if g <= at and fitting(g) == most)
+        else:  # a coarser grid only to reach the minimum number of search samples
+            enough = [g for g in strides if g >= at and fitting(g) >= min(most, MIN_SEARCH_SAMPLES)]
+            stride = enough[0] if enough else strides[-1]
+        # no grid fits the minimum: the smallest programme anyway (the budget cannot hold: the re-fit of the
+        # candidates alone nearly fills it, which happens when the step counts add up to about the teacher's steps)
+        floor = min(most, MIN_SEARCH_SAMPLES)
+        samples = fitting(stride) if fitting(stride) >= floor else floor
+    return SearchPlan(samples=samples, stride=stride, budget=budget,
+                      evaluations=fixed + samples * programme_states(T, steps, stride))
+
+
+def _programme(pipe: Any, stats: GramStats, refine_items: Sequence[WorkItem], fitpos: list[int], x0: torch.Tensor,
+               latents: torch.Tensor, record: RecordConfig, fit: FitConfig, held: list[int],
+               candidates: Mapping[int, int], progress: bool,
+               ctx: DistContext) -> tuple[dict[int, list[int]], dict[str, Any]]:
+    """The proposal of :func:`refit_programme` for every step count, on ``search_samples`` of the fit part (with
+    ``search_sweeps``: improved by coordinate descent on the same samples), sized by :func:`plan_search` unless
+    ``search_samples``/``search_stride`` are given."""
+    steps = sorted(fit.num_steps)
+    plan = plan_search(stats.num_teacher_steps, steps, stats.num_samples, len(fitpos), len(held), fit,
+                       candidates)
+    info: dict[str, Any] = {"samples": plan.samples, "stride": plan.stride, "planned_evaluations": plan.evaluations,
+                            "budget": plan.budget}
+    if plan.evaluations > plan.budget:
+        warn_once(("over-budget", plan), "the fit plans %d model evaluations of one sample, %.2fx the teacher "
+                  "recording's, above evaluation_budget=%s (the step counts add up to %d, the teacher has %d steps: "
+                  "the re-fit of the candidate paths alone nearly fills it, or search_samples/search_stride ask "
+                  "for more); the programme (%d samples, stride %d) runs anyway. Record more teacher steps to stay "
+                  "within the budget",
+                  plan.evaluations, plan.evaluations / (stats.num_samples * stats.num_teacher_steps),
+                  fit.evaluation_budget, sum(steps), stats.num_teacher_steps, plan.samples, plan.stride,
+                  logger=logger)
+    pick = [fitpos[k] for k in spread_indices(len(fitpos), plan.samples)]
+    items = [refine_items[k] for k in pick]
+    denoise = pipeline_denoiser(pipe, items, record, distributed=ctx)
+    found, evaluations = refit_programme(stats.timesteps, x0[pick], latents[:, pick], denoise, steps,
+                                         granularity=fit.granularity, stride=plan.stride,
+                                         progress=progress and ctx.is_main)
+    if ctx.enabled:
+        found = broadcast_object(found, ctx)
+    proposals = {n: list(found[n][0]) for n in steps}
+    if fit.search_sweeps:
+        better = refit_path_search(stats.timesteps, x0[pick], latents[:, pick], denoise, steps, programme=False,
+                                   start=proposals, sweeps=fit.search_sweeps, granularity=fit.granularity,
+                                   progress=progress and ctx.is_main,
+                                   agree=(lambda v: broadcast_object(v, ctx)) if ctx.enabled else None)
+        proposals = {n: list(better[n].indices) for n in steps}
+    info["programme_evaluations"] = evaluations
+    logger.info("refit programme on %d samples, stride %d: %d model evaluations of those samples; proposals %s",
+                len(pick), plan.stride, evaluations, proposals)
+    return proposals, info
+
+
+def _baseline_schedule(stats: GramStats, n: int, teacher: Any) -> OLSSSchedule:
+    """Plain DDIM (Euler for flow matching) on the uniform path of ``n`` teacher indices, as an OLSS schedule: the
+    guard's baseline and what a fit falls back to."""
+    path = uniform_path(stats.num_teacher_steps, n)
+    coeffs = first_order_coefficients(teacher, stats.timesteps, path, stats.prediction_type)
+    flow = stats.prediction_type == "flow"
+    return OLSSSchedule(
+        timesteps=[stats.timesteps[i] for i in path], indices=path, coeffs=coeffs,
+        errors=coefficient_errors(stats, path, coeffs), teacher_steps=stats.num_teacher_steps,
+        prediction_type=stats.prediction_type, path="euler" if flow else "ddim", refined=False,
+        teacher=stats.teacher,
+        fitted_for=dict(stats.context, num_samples=stats.num_samples) if stats.context else {},
+        meta={"num_samples": stats.num_samples, "model": stats.model,
+              "baseline": "Euler on the velocity" if flow else "DDIM (eta = 0)"},
     )
-    out = {}
-    for n, res in found.items():
-        schedule = search_schedule(stats, n, config=_search_config(fit, tuple(res.indices)))
-        meta = dict(schedule.meta, refit_search={
-            "samples": len(items), "error": res.error, "uniform_error": res.start_error,
-            "proposal": res.proposal, "proposal_error": res.proposal_error, "paths_tried": res.paths_tried,
-            "evaluations": res.evaluations, "programme_evaluations": res.meta.get("programme_evaluations", 0)})
-        out[n] = dataclasses.replace(schedule, path="refit", meta=meta)
-    return out
 
 
 def _check_noise_schedules(base_config: dict[str, Any], stats: GramStats | None, teacher: Any) -> None:

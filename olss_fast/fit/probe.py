@@ -164,8 +164,12 @@ def refine_through_pipeline(
     progress: bool = True,
     *,
     distributed: bool | DistContext | None = None,
+    denoise: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
 ) -> OLSSSchedule:
     """Student-in-the-loop re-fit driving ``pipe`` itself (see module docstring).
+
+    ``denoise`` replaces the :func:`pipeline_denoiser` of ``items`` (e.g. one that re-uses the step-0 output,
+    :func:`olss_fast.core.heldout.reuse_first_output`); it must evaluate the same pipeline on the same items.
 
     Under torch.distributed (``distributed``, see :func:`olss_fast.fit.distributed.resolve_context`) the refinement
     batches (``items`` cut into ``record.batch_size`` batches, as a single process would) are evaluated by rank
@@ -180,7 +184,7 @@ def refine_through_pipeline(
     x0 = item_noise(items, shape, "cpu", torch.float32).to(dtype).to(torch.float32)
     T = schedule.teacher_steps
     targets = teacher_latents[list(schedule.indices[1:]) + [T]]
-    denoise = pipeline_denoiser(pipe, items, record, distributed=ctx)
+    denoise = denoise or pipeline_denoiser(pipe, items, record, distributed=ctx)
 
     def evaluate(j: int, coeffs: torch.Tensor, history: Sequence[torch.Tensor]) -> torch.Tensor:
         # the student's latent at step j, computed exactly as OLSSScheduler.step computes it at inference

@@ -1,11 +1,13 @@
 """The teacher: which schedulers can be recorded, and the default one."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
+import torch
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
 from olss_fast.core.provenance import scheduler_prediction_type
+from olss_fast.core.step import ddim_step_factors, unroll_linear_steps
 
 #: teachers whose step runs in the VP (or flow-matching) sample space with one model evaluation per timestep
 SUPPORTED_TEACHERS = (
@@ -53,3 +55,34 @@ def default_teacher(scheduler: Any) -> Any:
         use_exponential_sigmas=False, use_beta_sigmas=False, use_lu_lambdas=False, use_flow_sigmas=False,
         thresholding=False, variance_type=None,
     )
+
+
+def final_alpha_bar(teacher: Any) -> float:
+    """ᾱ where a VP teacher scheduler ends sampling (1.0 = clean data)."""
+    if hasattr(teacher, "final_alpha_cumprod"):  # DDIM (and OLSSScheduler, its superset)
+        return float(teacher.final_alpha_cumprod)
+    cfg = dict(getattr(teacher, "config", {}) or {})
+    if cfg.get("final_sigmas_type", "zero") == "zero":
+        return 1.0
+    return float(teacher.alphas_cumprod[0])
+
+
+def first_order_coefficients(teacher: Any, timesteps: Sequence[Any], indices: Sequence[int],
+                             prediction_type: str) -> torch.Tensor:
+    """The plain first-order sampler along the teacher timesteps at ``indices`` — DDIM (eta = 0) in the VP space,
+    Euler on the velocity for flow matching — ending where the teacher ends, as OLSS coefficients ``[n, n+1]``
+    float64 (``step.ddim_step_factors`` unrolled). On the uniform path it is the guard's baseline: what a
+    re-fitted schedule must beat on held-out samples (:mod:`olss_fast.core.heldout`).
+
+    VP: ᾱ at each timestep from ``teacher.alphas_cumprod``, the end from :func:`final_alpha_bar`. Flow matching:
+    σ = t / ``num_train_timesteps`` (``FlowMatchEulerDiscreteScheduler``'s timesteps are σ·num_train_timesteps),
+    ending at σ = 0.
+    """
+    if prediction_type == "flow":
+        scale = float(teacher.config.num_train_timesteps)
+        levels = [float(timesteps[i]) / scale for i in indices] + [0.0]
+    else:
+        ac = teacher.alphas_cumprod.to(torch.float64)
+        levels = [float(ac[int(timesteps[i])]) for i in indices] + [final_alpha_bar(teacher)]
+    return unroll_linear_steps([ddim_step_factors(levels[j], levels[j + 1], prediction_type)
+                                for j in range(len(indices))])
