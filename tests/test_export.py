@@ -584,6 +584,9 @@ class _FakeTRT:
     """A recording stand-in for the parts of the ``tensorrt`` module that building engines uses (no GPU needed).
 
     Its parser loads the ONNX file with onnx and checks it, so the test sees exactly what TensorRT would be given.
+    TensorRT itself is exercised only through this fake: no test builds or runs a real engine, so engine building
+    with the real module, the ``tensorrt`` backend and its outputs are not verified by the suite on any machine
+    (benchmarks/gpu_check.sh runs the real CUDA-graph tests, ``pytest -m gpu``, but there is no real TensorRT test).
     """
 
     __version__ = "10.0.fake"

@@ -23,6 +23,7 @@ from olss_fast import GramStats, OLSSSchedule, OLSSScheduler, fit_olss_scheduler
 from olss_fast.models.gmm import GMMPipeline, make_gmm
 from olss_fast.fit.recording import record_trajectories
 from helpers import resign_schedule_dict, rewrite_stats_file
+from olss_fast.core.files import temporary_name
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -401,8 +402,12 @@ def _temps(folder: Path) -> list[str]:
 
 @pytest.mark.parametrize("kind", ["schedule", "stats", "scheduler", "export"])
 def test_killed_writers_leave_a_whole_old_or_new_file(tmp_path, kind):
-    """SIGKILL a process that rewrites one output in a loop, at random moments: the output is always a complete
-    version A or B, and the temporaries the kills left behind are removed by the next write."""
+    """SIGKILL a process that rewrites one output in a loop, at pseudo-random moments (seeded per kind): the output is
+    always a complete version A or B, and the temporaries the kills left behind are removed by the next write.
+
+    Regression: the stale-temporaries clean-up removed. Whether a kill lands mid-write is timing, so the test does not
+    rely on it: a temporary named for a process that was killed guarantees at least one leftover, and the next write
+    must remove it."""
     if kind == "export":
         pytest.importorskip("onnxruntime")
     from writer_worker import objects, write
@@ -410,9 +415,8 @@ def test_killed_writers_leave_a_whole_old_or_new_file(tmp_path, kind):
     target = tmp_path / {"schedule": "s.json", "stats": "g.safetensors", "scheduler": "sched",
                          "export": "export"}[kind]
     a, b = objects(kind)
-    rng = random.Random(hash(kind) % 1000)
+    rng = random.Random(f"killed-writer-{kind}")  # (not hash(): salted per process)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    leftovers = 0
     for _ in range(2 if kind != "export" else 1):
         proc = subprocess.Popen([sys.executable, str(HERE / "writer_worker.py"), kind, str(target)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -424,7 +428,6 @@ def test_killed_writers_leave_a_whole_old_or_new_file(tmp_path, kind):
         finally:
             proc.kill()
             proc.wait(timeout=60)
-        leftovers += len(_temps(target.parent))
         # the output is one whole version
         if kind == "schedule":
             got = OLSSSchedule.load(target)
@@ -440,10 +443,18 @@ def test_killed_writers_leave_a_whole_old_or_new_file(tmp_path, kind):
 
             got = OnnxOLSSRunner(target)  # verifies every digest
             assert got.schedule in (a[1].to_dict(), b[1].to_dict())
+    # a writer killed while it certainly holds a temporary (its name carries the killed process's pid)
+    holder = subprocess.Popen([sys.executable, "-S", "-c", "import time; time.sleep(60)"])
+    holder.kill()
+    holder.wait(timeout=60)
+    folder = target if kind == "scheduler" else target.parent  # (a scheduler writes the files inside its folder)
+    final = folder / ("scheduler_config.json" if kind == "scheduler" else target.name)
+    planted = temporary_name(final).name.replace(f".{os.getpid()}.", f".{holder.pid}.", 1)
+    (folder / planted).write_bytes(b"half")
+    assert planted in _temps(folder)
     # the next write removes what the killed writers left behind
     write(kind, a, target)
-    assert _temps(target.parent) == []
-    assert leftovers >= 0  # (how many kills landed mid-write is random)
+    assert _temps(target.parent) == [] and _temps(folder) == []
 
 
 def test_two_writers_of_one_output_do_not_both_succeed(tmp_path, capsys):

@@ -302,6 +302,32 @@ def test_text_encoder_outside_program_gives_same_images(tokenizer_dir: Path, kin
     assert outside.cache_info()["entries"][0][1] == "embeds"
 
 
+def test_update_schedule_with_other_timesteps_equals_a_fresh_runner() -> None:
+    """Regression: ``update_schedule`` loading the new coefficients but keeping the old timesteps.
+
+    The other schedule here has the same step count and layout but other timesteps (DDIM's leading spacing instead
+    of trailing), so a runner that still evaluates the denoiser at the old timesteps gives other images than a
+    runner compiled for the new schedule (and than DDIM itself on those timesteps)."""
+    pipe = make_digits_pipe()
+    trailing = ddim_schedule(pipe.scheduler.config, N_STEPS)
+    leading_cfg = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading").config
+    leading = ddim_schedule(leading_cfg, N_STEPS)
+    assert set(leading.timesteps).isdisjoint(trailing.timesteps)
+    lat = _noise((2, 1, 8, 8), seed=11)
+    runner = compile_olss_pipeline(pipe, trailing, backend="eager", guidance_scale=2.0)
+    before = runner([3, 1], latents=lat, output_type="pt").images
+    runner.update_schedule(leading)
+    assert runner.state.timesteps.tolist() == leading.timesteps
+    after = runner([3, 1], latents=lat, output_type="pt").images
+    fresh = compile_olss_pipeline(pipe, leading, backend="eager", guidance_scale=2.0)([3, 1], latents=lat,
+                                                                                     output_type="pt").images
+    torch.testing.assert_close(after, fresh, atol=1e-6, rtol=1e-6)
+    pipe.scheduler = DDIMScheduler.from_config(leading_cfg)
+    ref = pipe([3, 1], num_inference_steps=N_STEPS, guidance_scale=2.0, latents=lat, output_type="pt").images
+    torch.testing.assert_close(after, ref, atol=1e-5, rtol=1e-5)
+    assert (after - before).abs().max() > 1e-3
+
+
 # ================================================================================================ digits
 def test_digits_eager_matches_pipeline() -> None:
     pipe = make_digits_pipe()
@@ -409,6 +435,10 @@ def test_prediction_type_mismatch_is_refused_unless_allowed(tokenizer_dir: Path)
 
 
 # ================================================================================================ graph plumbing (CPU)
+# What runs where: on the CPU, serve/cuda_graph.py's capture/replay plumbing runs only through _FakeCapture below, a
+# stand-in for CapturedGraph (no torch.cuda.CUDAGraph is ever captured here). The real CapturedGraph is exercised
+# only by the gpu-marked tests at the end of this file (test_gpu_*), which skip without CUDA and which
+# benchmarks/gpu_check.sh runs (`pytest -m gpu`). A CPU-only pass of this file says nothing about real graphs.
 class _FakeCapture:
     """Stands in for CapturedGraph on the CPU with CUDA-graph semantics: static outputs overwritten by each replay."""
 

@@ -133,9 +133,14 @@ def test_is_ddim_after_save_and_load(tmp_path):
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-@pytest.mark.parametrize("spacing, offset, alpha_one", [("trailing", 0, False), ("leading", 1, True), ("linspace", 0, False)])
+@pytest.mark.parametrize("spacing, offset, alpha_one", [("trailing", 0, False), ("leading", 1, True), ("linspace", 0, False),
+                                                        ("leading", 0, True)])
 def test_ddim_schedule_in_olss_form_reproduces_ddim(prediction_type, spacing, offset, alpha_one):
-    """ddim_schedule(n) (DDIM's coefficients written as an OLSS schedule, used by the compiled runner) runs as DDIM."""
+    """ddim_schedule(n) (DDIM's coefficients written as an OLSS schedule, used by the compiled runner) runs as DDIM.
+
+    Regression: the end of sampling detected by ``prev_timestep > 0`` instead of ``>= 0``. DDIMScheduler's own
+    default (leading spacing, steps_offset=0, set_alpha_to_one=True) has a step that lands exactly on timestep 0,
+    which must use ᾱ_0, not the final ᾱ (1.0): with that bug the ("leading", 0, True) case is ~2 % off DDIM."""
     cfg = ddim_config(prediction_type=prediction_type, timestep_spacing=spacing, steps_offset=offset,
                       set_alpha_to_one=alpha_one)
     pipe = make_gmm((3, 4, 4), seed=1)
