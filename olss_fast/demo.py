@@ -2,7 +2,8 @@
 
 Steps: load the bundled class-conditional digits model; record the default teacher (DPM-Solver++(2M), 100 trailing
 steps) on the *training* classes and seeds; search and refine OLSS schedules for several step counts (the default
-path search, judged after the re-fit, with a reduced budget: ``search_samples``/``search_stride``); then, on
+path search, judged after the re-fit, sized to the library's evaluation budget unless ``search_samples`` /
+``search_stride`` are given); then, on
 *held-out* classes and seeds, run OLSS and diffusers' DDIM, DPM-Solver++(2M), UniPC, DEIS, PNDM and Euler at the same
 number of model evaluations (NFE), all with trailing timesteps, and measure RMSE/PSNR against the teacher's sample
 from the same noise, the Fréchet distance to the real digits of the evaluated classes in the shipped classifier's
@@ -60,8 +61,10 @@ class DemoConfig:
     seed: int = 0
     grid_nfe: int | None = None  # default: the step count closest to 5
     grid_columns: int = 10
-    search_samples: int | None = 25  # of the training noises, for the path search (None: all; reduced for time)
-    search_stride: int = 2  # the path search's grid: every 2nd teacher index (reduced for time)
+    # the path search's samples (of the training noises) and grid stride; None: the library's default, sized so
+    # that the whole fit evaluates the model at most evaluation_budget=3 times as often as the teacher recording
+    search_samples: int | None = None
+    search_stride: int | None = None
     oss_samples: int | None = 25  # of the training noises, for the OSS baselines (None: all)
     out: str = "demo_out"
     model_path: str | None = None  # a copy of the bundled model folder (default: the package's own)
@@ -87,8 +90,8 @@ class DemoConfig:
             raise ValueError(f"grid_nfe ({self.grid_nfe}) must be one of the step counts {list(self.steps)}")
         for name in ("search_samples", "oss_samples"):
             checks.optional(checks.integer, getattr(self, name), name, 1)
-        checks.integer(self.search_stride, "search_stride", 1)
-        if (self.teacher_steps - 1) // self.search_stride + 1 < max(self.steps):
+        checks.optional(checks.integer, self.search_stride, "search_stride", 1)
+        if self.search_stride is not None and (self.teacher_steps - 1) // self.search_stride + 1 < max(self.steps):
             raise ValueError(f"search_stride {self.search_stride} leaves fewer than {max(self.steps)} of the "
                              f"{self.teacher_steps} teacher steps for the path search: use --search-stride 1")
 
@@ -301,10 +304,11 @@ def add_demo_parser(subparsers: Any) -> None:
                    help="NFE of the samples shown in grid.png (default: the step count closest to 5)")
     p.add_argument("--seed", type=any_int, default=d.seed, help="base seed of the training and held-out noises")
     p.add_argument("--search-samples", type=positive_int, default=d.search_samples,
-                   help=f"training noises the path search judges paths on (default {d.search_samples}, reduced to "
-                        "keep the demo short; the library default is all re-fit samples)")
+                   help="training noises the path search runs on (default: the library's, sized with the stride "
+                        "so that the fit evaluates the model at most 3x as often as the teacher recording)")
     p.add_argument("--search-stride", type=positive_int, default=d.search_stride,
-                   help=f"the path search's grid: every N-th teacher index (default {d.search_stride}; library: 1)")
+                   help="the path search's grid: every N-th teacher index (default: the library's, sized to the "
+                        "budget)")
     p.add_argument("--oss-samples", type=positive_int, default=d.oss_samples,
                    help=f"training noises the OSS baselines are fitted on (default {d.oss_samples})")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

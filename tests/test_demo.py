@@ -1,5 +1,6 @@
 """`olss-fast demo` end to end in a reduced mode; its printed table shows the numbers in its JSON; bad input."""
 import json
+import logging
 import os
 import re
 import shutil
@@ -70,13 +71,16 @@ def test_demo_refuses_corrupted_weights_and_writes_nothing(tmp_path):
     assert not out.exists()
 
 
-def test_demo_optional_learned_step_rows_and_search_budget(tmp_path):
+def test_demo_optional_learned_step_rows_and_search_budget(tmp_path, caplog):
     """The learned-timestep baselines and OLSS on the uniform path are extra rows of the same table; the
-    reduced search budget is validated."""
+    reduced search budget is validated. The demo's own OLSS schedulers go through use_olss_scheduler's checks
+    (regression: the demo ran them by a plain swap and warned that they were unchecked)."""
     config = DemoConfig(teacher_steps=10, steps=(2, 3), samplers=("olss", "olss-uniform", "oss-ddim", "ddim"),
                         train_classes=(0, 1), eval_classes=(7, 8), train_seeds=3, eval_seeds=4, grid_nfe=3,
                         search_samples=4, search_stride=1, oss_samples=4, out=str(tmp_path / "demo"))
-    results = run_demo(config, progress=False)
+    with caplog.at_level(logging.WARNING, logger="olss_fast"):
+        results = run_demo(config, progress=False)
+    assert "without olss_fast.use_olss_scheduler" not in caplog.text
     assert set(results["samplers"]) == {"olss", "olss-uniform", "oss-ddim", "ddim"}
     for name in ("olss-uniform", "oss-ddim"):
         assert all(results["samplers"][name][n]["rmse"] > 0 for n in ("2", "3"))

@@ -21,6 +21,8 @@ from olss_fast.fit.probe import pipeline_denoiser
 from olss_fast.fit.recording import quiet_progress, record_trajectories, swapped_scheduler
 from olss_fast.fit.teacher import default_teacher, final_alpha_bar
 from olss_fast.fit.work import make_work_items, spread_indices
+from olss_fast.serve.scheduler import OLSSScheduler
+from olss_fast.serve.schedules import use_olss_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +70,16 @@ def steps_for_nfe(scheduler: Any, nfe: int) -> int:
 @torch.no_grad()
 def sample(pipe: Any, scheduler: Any, prompts: Sequence[Any], latents: torch.Tensor, nfe: int,
            call_kwargs: dict[str, Any] | None = None, batch_size: int | None = None) -> torch.Tensor:
-    """Final latents of ``pipe`` with ``scheduler`` at ``nfe`` model evaluations, from given initial latents."""
+    """Final latents of ``pipe`` with ``scheduler`` at ``nfe`` model evaluations, from given initial latents.
+
+    An ``OLSSScheduler`` not yet checked against a pipeline goes through :func:`use_olss_scheduler`'s checks first
+    (against ``pipe`` as it is, at the guidance scale and size of ``call_kwargs``), as a user's would."""
     kwargs = dict(call_kwargs or {})
     kwargs.setdefault("output_type", "latent")
+    if isinstance(scheduler, OLSSScheduler) and scheduler.checked_for is None:
+        with swapped_scheduler(pipe, pipe.scheduler):  # the checks set pipe.scheduler; put the original back
+            use_olss_scheduler(pipe, scheduler, guidance_scale=kwargs.get("guidance_scale"),
+                               height=kwargs.get("height"), width=kwargs.get("width"))
     steps = steps_for_nfe(scheduler, nfe)
     bs = batch_size or latents.shape[0]
     outs = []
