@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from olss_fast.core.files import (clean_stale_temporaries, current_umask, exclusive_lock, short_name,
+from olss_fast.core.files import (current_umask, exclusive_lock, short_name,
                                   temporary_name)
 from olss_fast.export.onnx_runner import read_manifest
 
@@ -85,7 +85,8 @@ def publish_folder(staging: Path, out: Path) -> None:
 
 @contextlib.contextmanager
 def staging_folder(out: Path) -> Iterator[Path]:
-    """A temporary sibling of ``out`` that is deleted unless the body moved it away (atomic folder writes)."""
+    """A temporary sibling of ``out`` that is deleted unless the body moved it away (atomic folder writes). Stale
+    staging folders of killed writers are the caller's to clean (``write_export`` does, under the folder's lock)."""
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +94,6 @@ def staging_folder(out: Path) -> Iterator[Path]:
         raise ValueError(f"cannot create {parent}: {exc}") from None
     if not os.access(parent, os.W_OK):
         raise ValueError(f"cannot write to {parent}")
-    clean_stale_temporaries(parent)  # staging folders of killed exports
     staging = temporary_name(out, "partial")
     staging.mkdir(mode=0o777 & ~current_umask())
     try:

@@ -158,7 +158,10 @@ def choose_on_heldout(
                          f"{ {k: s.num_steps for k, s in candidates.items()} }")
     fit_samples = checks.integer(fit_samples, "fit_samples", 0)
     agree = agree or (lambda v: v)
-    held = int(heldout[0].shape[0]) if heldout is not None else 0
+    held = 0
+    if heldout is not None:
+        noise, target, denoise = heldout
+        held = int(noise.shape[0])
     base_gain = amplification(baseline.coeffs)
     errors: dict[str, float] = {}  # held-out final MSE (inf: refused for its amplification)
     pooled: dict[str, float] = {}  # what decides between the candidates that pass
@@ -178,12 +181,10 @@ def choose_on_heldout(
         elif heldout is None:
             errors[name] = pooled[name] = own
         else:
-            noise, target, denoise = heldout
             errors[name] = float(agree(final_mse(fitted[name].coeffs, fitted[name].timesteps, noise, target,
                                                  denoise)))
             pooled[name] = (errors[name] * held + own * fit_samples) / max(held + fit_samples, 1)
     if heldout is not None:
-        noise, target, denoise = heldout
         errors["baseline"] = float(agree(final_mse(baseline.coeffs, baseline.timesteps, noise, target, denoise)))
     passing = [k for k in fitted if math.isfinite(errors[k]) and errors[k] <= errors.get("baseline", math.inf)]
     if passing:

@@ -17,7 +17,6 @@ MANAGED_CALL_KWARGS = ("prompt", "latents", "num_inference_steps", "output_type"
                        "return_dict", "timesteps", "sigmas")
 
 
-
 def call_kwargs_for(pipe: Any, extra: dict[str, Any]) -> dict[str, Any]:
     """``extra`` keyword arguments checked against ``pipe.__call__`` (``ValueError`` naming unknown ones)."""
     if not extra:

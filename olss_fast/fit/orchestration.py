@@ -28,11 +28,11 @@ from olss_fast.core.stats import GramStats
 from olss_fast.fit.checkpoint import checkpoint_info
 from olss_fast.fit.config import FitConfig, RecordConfig, fit_configs
 from olss_fast.fit.distributed import DistContext, broadcast_object, resolve_context
-from olss_fast.fit.probe import LatentKeeper, pipeline_denoiser, refine_through_pipeline
+from olss_fast.fit.probe import LatentKeeper, pipeline_denoiser, refine_through_pipeline, student_noise
 from olss_fast.fit.recording import check_recordable, record_trajectories
 from olss_fast.fit.teacher import default_teacher, first_order_coefficients
-from olss_fast.fit.work import WorkItem, item_noise, make_work_items, prompt_list, spread_indices
-from olss_fast.pipelines.facts import call_default_guidance, latent_shape, noise_schedule_id, pipeline_dtype
+from olss_fast.fit.work import WorkItem, make_work_items, prompt_list, spread_indices
+from olss_fast.pipelines.facts import call_default_guidance, latent_shape, noise_schedule_id
 from olss_fast.pipelines.provenance import check_statistics, recording_context, scheduler_usage
 from olss_fast.serve.scheduler import OLSSScheduler
 
@@ -214,9 +214,7 @@ def _fit_refined(pipe: Any, stats: GramStats, teacher: Any, refine_items: Sequen
     T = stats.num_teacher_steps
     steps = sorted(fit.num_steps)
     held, fitpos = split_heldout(len(refine_items), fit.heldout_samples)
-    shape = latent_shape(pipe, record.height, record.width)
-    # the noise as the pipeline sees it (rounded to its dtype), in float32 like OLSSScheduler's x0
-    x0 = item_noise(refine_items, shape, "cpu", torch.float32).to(pipeline_dtype(pipe)).to(torch.float32)
+    x0 = student_noise(pipe, refine_items, record)
     t0 = stats.timesteps[0]
     agree = (lambda v: broadcast_object(v, ctx)) if ctx.enabled else None
     fit_items = [refine_items[k] for k in fitpos]

@@ -154,6 +154,13 @@ def pipeline_denoiser(
     return denoise
 
 
+def student_noise(pipe: Any, items: Sequence[WorkItem], record: RecordConfig) -> torch.Tensor:
+    """The initial noise of ``items`` as the pipeline sees it (rounded to its dtype), in float32 like
+    ``OLSSScheduler``'s x0: what the student starts from."""
+    shape = latent_shape(pipe, record.height, record.width)
+    return item_noise(items, shape, "cpu", torch.float32).to(pipeline_dtype(pipe)).to(torch.float32)
+
+
 def refine_through_pipeline(
     pipe: Any,
     schedule: OLSSSchedule,
@@ -178,10 +185,7 @@ def refine_through_pipeline(
     it with the same arguments.
     """
     ctx = resolve_context(distributed)
-    shape = latent_shape(pipe, record.height, record.width)
-    dtype = pipeline_dtype(pipe)
-    # the noise as the pipeline sees it (rounded to its dtype), in float32 like OLSSScheduler's x0
-    x0 = item_noise(items, shape, "cpu", torch.float32).to(dtype).to(torch.float32)
+    x0 = student_noise(pipe, items, record)
     T = schedule.teacher_steps
     targets = teacher_latents[list(schedule.indices[1:]) + [T]]
     denoise = denoise or pipeline_denoiser(pipe, items, record, distributed=ctx)

@@ -29,8 +29,8 @@ from olss_fast.fit.distributed import (LOCAL, DistContext, agree_on_error, all_r
                                        broadcast_stats, resolve_context, shard_batches)
 from olss_fast.fit.teacher import check_teacher, default_teacher
 from olss_fast.fit.work import WorkItem, item_noise, make_work_items, prompt_list
-from olss_fast.pipelines.facts import (NEGATIVE_PROMPTS, call_default_guidance, describe_model, jsonable_config, latent_shape,
-                                       pipeline_device, pipeline_dtype, pipeline_modules)
+from olss_fast.pipelines.facts import (NEGATIVE_PROMPTS, call_default_guidance, describe_model, jsonable_config,
+                                       latent_shape, pipeline_device, pipeline_dtype, pipeline_modules)
 from olss_fast.pipelines.provenance import recording_context
 from olss_fast.pipelines.registry import adapter_for
 

@@ -7,7 +7,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
 from olss_fast.core.provenance import scheduler_prediction_type
-from olss_fast.core.step import ddim_step_factors, unroll_linear_steps
+from olss_fast.core.step import ddim_coefficients, ddim_step_factors, unroll_linear_steps
 
 #: teachers whose step runs in the VP (or flow-matching) sample space with one model evaluation per timestep
 SUPPORTED_TEACHERS = (
@@ -71,18 +71,16 @@ def first_order_coefficients(teacher: Any, timesteps: Sequence[Any], indices: Se
                              prediction_type: str) -> torch.Tensor:
     """The plain first-order sampler along the teacher timesteps at ``indices`` — DDIM (eta = 0) in the VP space,
     Euler on the velocity for flow matching — ending where the teacher ends, as OLSS coefficients ``[n, n+1]``
-    float64 (``step.ddim_step_factors`` unrolled). On the uniform path it is the guard's baseline: what a
+    float64 (``step.ddim_coefficients``; Euler: ``step.ddim_step_factors`` unrolled). On the uniform path it is the guard's baseline: what a
     re-fitted schedule must beat on held-out samples (:mod:`olss_fast.core.heldout`).
 
     VP: ᾱ at each timestep from ``teacher.alphas_cumprod``, the end from :func:`final_alpha_bar`. Flow matching:
     σ = t / ``num_train_timesteps`` (``FlowMatchEulerDiscreteScheduler``'s timesteps are σ·num_train_timesteps),
     ending at σ = 0.
     """
-    if prediction_type == "flow":
-        scale = float(teacher.config.num_train_timesteps)
-        levels = [float(timesteps[i]) / scale for i in indices] + [0.0]
-    else:
-        ac = teacher.alphas_cumprod.to(torch.float64)
-        levels = [float(ac[int(timesteps[i])]) for i in indices] + [final_alpha_bar(teacher)]
-    return unroll_linear_steps([ddim_step_factors(levels[j], levels[j + 1], prediction_type)
-                                for j in range(len(indices))])
+    ts = [timesteps[i] for i in indices]
+    if prediction_type != "flow":  # DDIM's own update, ending at ``final_alpha_bar`` (prev timestep -1)
+        return ddim_coefficients(teacher.alphas_cumprod, ts, ts[1:] + [-1], final_alpha_bar(teacher), prediction_type)
+    scale = float(teacher.config.num_train_timesteps)
+    sigmas = [float(t) / scale for t in ts] + [0.0]
+    return unroll_linear_steps([ddim_step_factors(sigmas[j], sigmas[j + 1], "flow") for j in range(len(ts))])
