@@ -35,6 +35,24 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def unfinished(tmp_path, monkeypatch):
+    """A recording checkpoint of 2 of 4 work items (the recording crashed in its third batch; tests/test_hostile_inputs
+    has the crashing pipeline)."""
+    from olss_fast import GramStats
+    from olss_fast.fit.recording import record_trajectories
+    from test_hostile_inputs import PROMPTS, REC, CrashingGMM, gmm
+
+    monkeypatch.setattr(CrashingGMM, "calls", 0)
+    monkeypatch.setattr(CrashingGMM, "crash_at", 2)
+    path = tmp_path / "ck.safetensors"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        record_trajectories(gmm(), PROMPTS, checkpoint=path, checkpoint_every=1, **REC)
+    monkeypatch.setattr(CrashingGMM, "crash_at", 10**9)
+    assert GramStats.load(path).meta["record_checkpoint"]["done"] == [[0, 2]]
+    return path
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -51,19 +51,6 @@ REC = dict(teacher_steps=12, batch_size=1, progress=False)
 PROMPTS = [0, 1, 2, 0]
 
 
-@pytest.fixture
-def unfinished(tmp_path, monkeypatch):
-    """A checkpoint of 2 of 4 work items (the recording crashed in its third batch)."""
-    monkeypatch.setattr(CrashingGMM, "calls", 0)
-    monkeypatch.setattr(CrashingGMM, "crash_at", 2)
-    path = tmp_path / "ck.safetensors"
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        record_trajectories(gmm(), PROMPTS, checkpoint=path, checkpoint_every=1, **REC)
-    monkeypatch.setattr(CrashingGMM, "crash_at", 10**9)
-    assert GramStats.load(path).meta["record_checkpoint"]["done"] == [[0, 2]]
-    return path
-
-
 def resume(path):
     return record_trajectories(gmm(), PROMPTS, checkpoint=path, checkpoint_every=1, resume=True, **REC)
 

@@ -32,23 +32,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from helpers import peak_rss_growth, perturbed, resign_schedule_dict, rewrite_stats_file  # noqa: E402
-from test_hostile_inputs import PROMPTS, REC, CrashingGMM, edit_info, gmm, resume  # noqa: E402
+from test_hostile_inputs import PROMPTS, REC, edit_info, gmm, resume  # noqa: E402
 
 MiB = 2**20
 #: another noise schedule than the GMM pipeline's (scaled_linear 0.00085 … 0.012)
 OTHER = {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
-
-
-@pytest.fixture
-def unfinished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A recording checkpoint of 2 of 4 work items (the recording crashed in its third batch)."""
-    monkeypatch.setattr(CrashingGMM, "calls", 0)
-    monkeypatch.setattr(CrashingGMM, "crash_at", 2)
-    path = tmp_path / "ck.safetensors"
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        record_trajectories(gmm(), PROMPTS, checkpoint=path, checkpoint_every=1, **REC)
-    monkeypatch.setattr(CrashingGMM, "crash_at", 10**9)
-    return path
 
 
 @pytest.fixture(scope="module")
