@@ -298,7 +298,7 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         fitted_mu = sched.fitted_for.get("mu")
         if mu is not None and fitted_mu is not None:
             compare({"mu": fitted_mu}, {"mu": float(mu)}, what=f"the {n}-step schedule", where="at this image size")
-        if self.config.clip_sample or self.config.thresholding:
+        if not self.is_flow and (self.config.clip_sample or self.config.thresholding):  # (DDIM's options)
             what = "thresholding" if self.config.thresholding else "clip_sample"
             warn_once(
                 ("olss-clip", what, n),
