@@ -68,14 +68,16 @@ MODULES: dict[str, Module] = {
                    "xǁ_Fitterǁpath_fit"),
         note="the fits, the path searches and the fallback"),
     "refine": Module("olss_fast/core/refine.py", (
-        "tests/test_refine.py", SE + "test_refit_ridge",
+        "tests/test_refine.py", "tests/test_refine_rules.py", SE + "test_refit_ridge",
         "tests/test_refit_search.py::test_programme_is_exact_for_two_steps_and_reports_the_refit_error"),
         functions=("x_sequential_refit", "xǁ_RefitStateǁfit", "xǁ_RefitStateǁadd_output", "x_path_targets"),
         note="the re-fit's per-step fit, its Gram bookkeeping and driver"),
-    "schedule": Module("olss_fast/core/schedule.py", ("tests/test_schedule_io.py",),
+    "schedule": Module("olss_fast/core/schedule.py",
+                       ("tests/test_schedule_io.py", "tests/test_schedule_rules.py"),
         functions=("xǁOLSSScheduleǁvalidate", "x__coeff_tensor"),
         note="the validation of a schedule and of its coefficients"),
-    "scheduler": Module("olss_fast/serve/scheduler.py", ("tests/test_scheduler.py",),
+    "scheduler": Module("olss_fast/serve/scheduler.py",
+                        ("tests/test_scheduler.py", "tests/test_scheduler_rules.py"),
         functions=("xǁOLSSSchedulerǁ_olss_step", "xǁOLSSSchedulerǁddim_schedule", "xǁOLSSSchedulerǁ_select_searched"),
         note="the OLSS step, DDIM's schedule in OLSS form and the selection of a searched schedule"),
     "provenance": Module("olss_fast/core/provenance.py", (
@@ -151,6 +153,15 @@ EQUIVALENT: dict[str, str] = {
         "`dtype=None`: torch infers int64 for Python ints and the default float32 for floats, the same types",
     "olss_fast.serve.backend.x_timesteps_tensor__mutmut_7":
         "`dtype` dropped: torch infers int64 for Python ints and the default float32 for floats, the same types",
+    **{f"olss_fast.core.schedule.{n}": "`>=` for `>` against MAX_COEFFS = 2^21: C·n·(n+1) = 2^21 needs n(n+1) to be "
+       "a power of two, i.e. n = 1 and C = 2^20 channels, which the channel bound (4096) refuses first"
+       for n in ("x__coeff_tensor__mutmut_32", "xǁOLSSScheduleǁvalidate__mutmut_49")},
+    **{f"olss_fast.core.refine.xǁ_RefitStateǁfit__mutmut_{i}": "an extra zero row or column of the Gram buffer "
+       "(m + 2 for m + 1): gram_lstsq reads only the indices 0 … m" for i in (20, 22)},
+    **{f"olss_fast.core.refine.xǁ_RefitStateǁfit__mutmut_{i}": "`keepdim` dropped: gram_lstsq fits an unbatched "
+       "Gram matrix alike and the coefficient row broadcasts into the single group" for i in (44, 46)},
+    "olss_fast.core.refine.xǁ_RefitStateǁfit__mutmut_6":
+        "`history[: j + 2]` for `[: j + 1]`: row j is fitted when the history holds exactly e_0 … e_j",
 }
 
 
