@@ -39,7 +39,8 @@ def _refused(schedule: OLSSSchedule, message: str) -> None:
 
 
 def test_step_count_bounds():
-    """One step is a schedule (zero is not); MAX_STEPS steps are allowed, one more is not."""
+    """One step is a schedule (zero is not); MAX_STEPS steps are allowed, one more is not; MAX_COEFFS coefficients
+    in all."""
     _schedule(1).validate()
     _refused(_schedule(1, timesteps=[], indices=[], coeffs=torch.zeros(0, 1, dtype=torch.float64)),
              "an OLSS schedule needs at least one step (timesteps is empty)")
@@ -51,6 +52,9 @@ def test_step_count_bounds():
     _refused(_schedule(1, timesteps=list(range(2 * n, 0, -2)), indices=list(range(n)), coeffs=_ddim_like(n),
                        teacher_steps=n, errors=[]),
              f"a schedule has at most {MAX_STEPS} steps, got {MAX_STEPS + 1}")
+    # MAX_STEPS steps in 3 channels: each bound met, but more coefficients than a schedule may hold
+    _refused(_schedule(1, **dict(big, coeffs=_ddim_like(MAX_STEPS, 3))),
+             f"a schedule holds at most {MAX_COEFFS} coefficients, got {3 * MAX_STEPS * (MAX_STEPS + 1)}")
 
 
 def test_indices_and_coefficient_shapes():
