@@ -181,6 +181,8 @@ EQUIVALENT: dict[str, str] = {
     **{f"olss_fast.serve.scheduler.xǁOLSSSchedulerǁ_select_searched__mutmut_{i}": "the first element of a one-time-"
        "warning key only keeps it apart from other warnings' keys; another distinct constant does the same"
        for i in (96, 97)},
+    **{f"olss_fast.core.search.xǁ_Fitterǁfit__mutmut_{i}": "the fit cache disabled (nothing stored, or nothing "
+       "found): every fit is computed again, the same numbers, only slower" for i in (3, 4, 22)},
     **{f"olss_fast.serve.scheduler.xǁOLSSSchedulerǁddim_schedule__mutmut_{i}": "`teacher_steps` None or dropped: "
        "OLSSSchedule then takes the last index + 1, which is len(ts) on this path 0 … n−1" for i in (39, 47)},
 }

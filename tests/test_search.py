@@ -137,3 +137,32 @@ def test_comparison_helpers_catch_a_different_fit():
         assert_same_fit(stats, wrong, sched, 1e-15)
     with pytest.raises(AssertionError, match="step 2"):
         assert_fit_errors_optimal(stats, sched.indices, bad, sched.errors)
+
+
+def test_paper_fit_coefficients_are_the_float64_least_squares_solution_bit_for_bit():
+    """Regression: the coefficients of a path held in a float32 buffer (rounded before the schedule stores them as
+    float64): each row must be exactly ``gram_lstsq``'s float64 solution on the teacher statistics."""
+    from olss_fast.core.lstsq import gram_lstsq
+
+    _, stats = record_gmm(3)
+    sched = search_schedule(stats, 4)
+    g = stats.global_gram()
+    targets = list(sched.indices[1:]) + [stats.num_teacher_steps]
+    for j in range(4):
+        basis = [stats.x_index(0)] + [stats.e_index(i) for i in sched.indices[: j + 1]]
+        coef, _ = gram_lstsq(g.unsqueeze(0), basis, stats.x_index(targets[j]))
+        assert torch.equal(sched.coeffs[j, : j + 2], coef[0]), j
+        assert sched.coeffs.dtype == torch.float64 and not torch.equal(coef[0].float().double(), coef[0])
+
+
+def test_search_schedule_warns_once_naming_itself_and_the_refit(caplog):
+    import logging
+
+    _, stats = record_gmm(4)
+    with caplog.at_level(logging.WARNING):
+        search_schedule(stats, 3)
+        search_schedule(stats, 4)
+    said = [r.getMessage() for r in caplog.records if "paper's fit" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(
+        "search_schedule returns the paper's fit (OLSS Eq. 9-10: coefficients fitted on the teacher's own model "
+        "outputs) without the student-in-the-loop re-fit")
