@@ -150,7 +150,6 @@ class GramStats:
             raise ValueError("these statistics hold no samples: record teacher trajectories first")
 
     # ------------------------------------------------------------------ update
-    @torch.no_grad()
     def update(self, x_path: torch.Tensor, e_path: torch.Tensor, items: Sequence[int] | None = None) -> "GramStats":
         """Add one batch of teacher trajectories.
 
@@ -204,12 +203,13 @@ class GramStats:
         per_sample_bytes = self.num_vectors * math.prod(sample_shape) * 8
         chunk = max(1, _UPDATE_CHUNK_BYTES // max(per_sample_bytes, 1))
         total = torch.zeros(channels, self.num_vectors, self.num_vectors, dtype=torch.float64, device=x_path.device)
-        for start in range(0, batch, chunk):
-            sl = slice(start, min(batch, start + chunk))
-            v = torch.cat([x_path[:, sl], e_path[:, sl]], dim=0).to(torch.float64)  # [M, b, ...]
-            v = v.reshape(self.num_vectors, v.shape[1], channels, -1)  # [M, b, C, P]
-            v = v.permute(2, 0, 1, 3).reshape(channels, self.num_vectors, -1)  # [C, M, b*P]
-            total += torch.bmm(v, v.transpose(1, 2))
+        with torch.no_grad():  # (a context, not a decorator: mutation testing skips decorated functions)
+            for start in range(0, batch, chunk):
+                sl = slice(start, min(batch, start + chunk))
+                v = torch.cat([x_path[:, sl], e_path[:, sl]], dim=0).to(torch.float64)  # [M, b, ...]
+                v = v.reshape(self.num_vectors, v.shape[1], channels, -1)  # [M, b, C, P]
+                v = v.permute(2, 0, 1, 3).reshape(channels, self.num_vectors, -1)  # [C, M, b*P]
+                total += torch.bmm(v, v.transpose(1, 2))
         total = total.to(self.device)
         if self.gram is None:
             self.gram = total
