@@ -54,7 +54,7 @@ MODULES: dict[str, Module] = {
         functions=("x_gram_lstsq", "x_solve_spd"),
         note="the fit and the guarded solve (not the pseudo-inverse fallback or the rank helper)"),
     "stats": Module("olss_fast/core/stats.py", (
-        "tests/test_stats_lstsq.py", SE + "test_gram_statistics_",
+        "tests/test_stats_lstsq.py", "tests/test_stats_rules.py", SE + "test_gram_statistics_",
         "tests/test_schedule_io.py::test_merging_different_teachers_is_refused",
         "tests/test_schedule_io.py::test_stats_round_trip",
         "tests/test_hostile_inputs.py::test_merging_never_counts_a_sample_twice"),
@@ -182,6 +182,15 @@ EQUIVALENT: dict[str, str] = {
     **{f"olss_fast.serve.scheduler.xǁOLSSSchedulerǁ_select_searched__mutmut_{i}": "the first element of a one-time-"
        "warning key only keeps it apart from other warnings' keys; another distinct constant does the same"
        for i in (96, 97)},
+    **{f"olss_fast.core.stats.xǁGramStatsǁ{n}": "device argument dropped or None: equivalent where every tensor is "
+       "on the CPU (the only device of this run)" for n in ("merge___mutmut_16", "merge___mutmut_21",
+                                                            "update__mutmut_136", "update__mutmut_141",
+                                                            "update__mutmut_212")},
+    **{f"olss_fast.core.stats.xǁGramStatsǁupdate__mutmut_{i}": "another chunk size: memory use and the float64 "
+       "summation order change, the sums only by float64 rounding (tests/test_stats_rules.py checks a chunking of "
+       "2 samples against the whole batch)" for i in (118, 124, 130)},
+    "olss_fast.core.stats.xǁGramStatsǁ__add____mutmut_4":
+        "`disjoint=None` for `False` in `a + b`: both are falsy, so item-less statistics are refused alike",
     **{f"olss_fast.core.search.xǁ_Fitterǁfit__mutmut_{i}": "the fit cache disabled (nothing stored, or nothing "
        "found): every fit is computed again, the same numbers, only slower" for i in (3, 4, 22)},
     **{f"olss_fast.serve.scheduler.xǁOLSSSchedulerǁddim_schedule__mutmut_{i}": "`teacher_steps` None or dropped: "
