@@ -65,8 +65,8 @@ MODULES: dict[str, Module] = {
     "search": Module("olss_fast/core/search.py", ("tests/test_search.py", SE + "test_minimax_search_falls_back",
                                                   SE + "test_minimax_path_is_the_brute_force_optimum",
                                                   SE + "test_search_schedule_labels_explicit_paths"),
-        functions=("x_search_schedule", "x_minimax_path", "x__greedy", "x_uniform_path", "xǁ_Fitterǁfit",
-                   "xǁ_Fitterǁpath_fit"),
+        functions=("x_search_schedule", "x_paper_schedule", "x_minimax_path", "x__greedy", "x_uniform_path",
+                   "xǁ_Fitterǁfit", "xǁ_Fitterǁpath_fit"),
         note="the fits, the path searches and the fallback"),
     "refine": Module("olss_fast/core/refine.py", (
         "tests/test_refine.py", "tests/test_refine_rules.py", SE + "test_refit_ridge",
@@ -191,6 +191,11 @@ EQUIVALENT: dict[str, str] = {
        "2 samples against the whole batch)" for i in (118, 124, 130)},
     "olss_fast.core.stats.xǁGramStatsǁ__add____mutmut_4":
         "`disjoint=None` for `False` in `a + b`: both are falsy, so item-less statistics are refused alike",
+    "olss_fast.core.search.x__greedy__mutmut_32":
+        "`(lo + hi + 2) // 2`: for lo < hi it is still in (lo, hi], and any such midpoint finds the same largest "
+        "admissible index",
+    "olss_fast.core.search.x_minimax_path__mutmut_1":
+        "`iters=61`: the bisection stops at its relative tolerance 1e-12 after ~40 halvings, before either count",
     **{f"olss_fast.core.search.xǁ_Fitterǁfit__mutmut_{i}": "the fit cache disabled (nothing stored, or nothing "
        "found): every fit is computed again, the same numbers, only slower" for i in (3, 4, 22)},
     **{f"olss_fast.serve.scheduler.xǁOLSSSchedulerǁddim_schedule__mutmut_{i}": "`teacher_steps` None or dropped: "

@@ -166,3 +166,17 @@ def test_search_schedule_warns_once_naming_itself_and_the_refit(caplog):
     assert len(said) == 1 and said[0].startswith(
         "search_schedule returns the paper's fit (OLSS Eq. 9-10: coefficients fitted on the teacher's own model "
         "outputs) without the student-in-the-loop re-fit")
+
+
+def test_search_schedule_honours_a_config_object_and_one_step_minimax():
+    """Regression: a ``SearchConfig`` passed as ``config=`` ignored (the keywords' defaults used instead), and the
+    min-max search failing for one step, whose only path is [0] (admissible at exactly its own error)."""
+    from olss_fast.core.search import SearchConfig, _Fitter, minimax_path
+
+    _, stats = record_gmm(6, T=40)
+    by_config = search_schedule(stats, 5, config=SearchConfig(path="minimax", granularity="channel"))
+    by_keywords = search_schedule(stats, 5, path="minimax", granularity="channel")
+    assert by_config.granularity == "channel" and by_config.indices == by_keywords.indices
+    assert by_config.path == by_keywords.path and torch.equal(by_config.coeffs, by_keywords.coeffs)
+    assert search_schedule(stats, 5, config=SearchConfig(path=(0, 1, 2, 3, 4))).indices == [0, 1, 2, 3, 4]
+    assert minimax_path(_Fitter(stats, "global"), 1) == [0]
