@@ -189,6 +189,10 @@ EQUIVALENT: dict[str, str] = {
     **{f"olss_fast.core.stats.xǁGramStatsǁupdate__mutmut_{i}": "another chunk size: memory use and the float64 "
        "summation order change, the sums only by float64 rounding (tests/test_stats_rules.py checks a chunking of "
        "2 samples against the whole batch)" for i in (118, 124, 130)},
+    "olss_fast.core.stats.xǁGramStatsǁ__add____mutmut_7":
+        "`disjoint=True` in `a + b`'s own check: the merge_ it calls next checks again with disjoint=False and "
+        "refuses item-less statistics with the same message",
+    "olss_fast.core.stats.xǁGramStatsǁupdate__mutmut_164": "`dim=0` dropped: it is torch.cat's default",
     "olss_fast.core.stats.xǁGramStatsǁ__add____mutmut_4":
         "`disjoint=None` for `False` in `a + b`: both are falsy, so item-less statistics are refused alike",
     "olss_fast.core.search.x__greedy__mutmut_32":

@@ -100,6 +100,7 @@ def test_gram_is_the_float64_sum_of_inner_products_in_any_chunking(monkeypatch, 
     whole = _stats().update(x1, e1).update(x2, e2)
     assert whole.gram.dtype == torch.float64 and whole.gram.shape == ref.shape
     torch.testing.assert_close(whole.gram, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(whole.global_gram(), ref.sum(0), rtol=1e-12, atol=1e-12)  # [M, M], channels summed
     per_sample = (2 * T + 1) * torch.Size(shape).numel() * 8
     monkeypatch.setattr(stats_module, "_UPDATE_CHUNK_BYTES", 2 * per_sample)  # chunks of 2 samples
     chunked = _stats().update(x1, e1).update(x2, e2)
