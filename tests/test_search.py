@@ -180,3 +180,39 @@ def test_search_schedule_honours_a_config_object_and_one_step_minimax():
     assert by_config.path == by_keywords.path and torch.equal(by_config.coeffs, by_keywords.coeffs)
     assert search_schedule(stats, 5, config=SearchConfig(path=(0, 1, 2, 3, 4))).indices == [0, 1, 2, 3, 4]
     assert minimax_path(_Fitter(stats, "global"), 1) == [0]
+
+
+def test_paper_schedule_fields_refusals_and_collinearity_note(caplog):
+    """What the statistics-only fit records (teacher steps, prediction type, teacher, meta, not refined), its
+    refusals with their messages, and the note it logs when the path's basis vectors are collinear in the data (here
+    a model whose output is its input: e_i = x_i), and only then."""
+    import logging
+    import re
+
+    from olss_fast.core.search import SearchConfig, paper_schedule
+
+    _, stats = record_gmm(7)
+    s = paper_schedule(stats, 3)
+    assert (s.teacher_steps, s.prediction_type, s.teacher, s.refined) == (30, stats.prediction_type, stats.teacher,
+                                                                           False)
+    assert s.meta == {"num_samples": 24, "model": stats.model} and s.path == "uniform"
+    with pytest.raises(ValueError, match=r"^stats must be GramStats, got dict$"):
+        paper_schedule({}, 3)
+    with pytest.raises(ValueError, match=re.escape("unknown option(s) ['paths'] of the search; SearchConfig takes "
+                                                   "['bisection_iters', 'granularity', 'path']")):
+        paper_schedule(stats, 3, paths="uniform")
+    with pytest.raises(ValueError, match=re.escape("pass search options in config=SearchConfig(...) or as keywords, "
+                                                   "not both (['path'])")):
+        paper_schedule(stats, 3, config=SearchConfig(), path="uniform")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 4, 2, 3, generator=g, dtype=torch.float64)
+    echo = GramStats([800, 600, 400, 200], teacher="echo", prediction_type="epsilon")
+    echo.update(x, x[:4].clone(), items=[0, 1, 2, 3])
+    with caplog.at_level(logging.INFO, logger="olss_fast.core.search"):
+        caplog.clear()
+        paper_schedule(stats, 3)
+        assert not [r for r in caplog.records if "collinear" in r.getMessage()]
+        paper_schedule(echo, 2)
+    assert [r.getMessage() for r in caplog.records if "collinear" in r.getMessage()] == [
+        "the 3 basis vectors of this path are numerically collinear (rank 2) in the recorded data; using "
+        "minimum-norm coefficients where needed"]
