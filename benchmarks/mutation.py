@@ -386,7 +386,7 @@ def report() -> None:
              "`--label before --tests-from <main before the new tests>`): each module in its own scratch copy under "
              "build/mutation/, `[tool.mutmut]` generated with `only_mutate` = the module and "
              "`pytest_add_cli_args_test_selection` = the tests below, then `mutmut run --max-children 2 [function "
-             "globs]` (the command per module is in benchmarks/mutation_after.json). Score = killed (timeouts count as "
+             "globs]` (the command per module is in benchmarks/mutation_after*.json). Score = killed (timeouts count as "
              "killed) / (total − equivalent). 2 CPU cores, shared.", "",
              "| module | scope | tests | total | killed | survived | equivalent | timeouts | score before | "
              "score after | time |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -410,10 +410,11 @@ def report() -> None:
                      f"{after[name]['seconds']:.0f} s |")
     total_s = sum(after[n]["seconds"] for n in after) + sum(before[n]["seconds"] for n in before)
     lines += ["", f"Time: {total_s / 60:.0f} min for both runs of every module (after: "
-              f"{sum(after[n]['seconds'] for n in after) / 60:.0f} min, --max-children 2; before: "
-              f"{sum(before[n]['seconds'] for n in before) / 60:.0f} min, --max-children 1, concurrently with other "
-              "jobs). The test selections of each module are listed in benchmarks/mutation.py (MODULES); 'before' "
-              "uses the same selection at the old revision, without the test files and functions it lacks.",
+              f"{sum(after[n]['seconds'] for n in after) / 60:.0f} min; before: "
+              f"{sum(before[n]['seconds'] for n in before) / 60:.0f} min; --max-children 1 or 2 as each run's "
+              "command in its JSON file says, concurrently with other jobs). The test selections of each module are "
+              "listed in benchmarks/mutation.py (MODULES); 'before' uses the same selection at the old revision, "
+              "without the test files and functions it lacks.",
               "", "The bugs planted by hand for the issue (each survived the suite at main; each fails these tests "
               "now, checked by planting it; the last row is a defect of the library itself, kept visible by a "
               "strict xfail):", "", "| bug | killed by |", "|---|---|"]
