@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import zlib
 from typing import Any, Sequence
 
 import numpy as np
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -16,6 +18,28 @@ from olss_fast.core.files import digest
 from olss_fast.core.schedule import OLSSSchedule
 from olss_fast.core.search import coefficient_errors
 from olss_fast.core.stats import DIGEST_KEY, stats_digest
+
+
+def raises_exactly(message: str) -> Any:
+    """``pytest.raises(ValueError)`` whose message must be ``message``, whole and literally."""
+    return pytest.raises(ValueError, match=f"^{re.escape(message)}$")
+
+
+def ddim_config(**kw: Any) -> dict:
+    """The Stable Diffusion 1.x DDIM config (scaled-linear betas, trailing spacing, no clipping), changed by ``kw``."""
+    cfg = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+               clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing")
+    cfg.update(kw)
+    return cfg
+
+
+def random_paths(T: int, B: int, shape: Sequence[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random teacher trajectories ``x [T+1, B, *shape]`` and model outputs ``e [T, B, *shape]`` correlated with the
+    latents like real outputs."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T + 1, B, *shape, generator=g)
+    e = torch.randn(T, B, *shape, generator=g) + 0.5 * x[:-1]
+    return x, e
 
 
 def perturbed(schedule: Any, seed: int, channels: int | None = None, scale: float = 0.05) -> Any:

@@ -5,14 +5,12 @@ A rule checked only by "some ValueError" is not checked: a rule that moved by on
 message, or with no message at all, would pass such a test (benchmarks/RESULTS.md, "Mutation testing")."""
 from __future__ import annotations
 
-import re
-
-import pytest
 import torch
 
 from olss_fast.core.schedule import (
     MAX_CHANNELS, MAX_COEFF, MAX_COEFFS, MAX_STEPS, MAX_TEACHER_STEPS, OLSSSchedule, _coeff_tensor,
 )
+from helpers import raises_exactly
 
 
 def _ddim_like(n: int, channels: int | None = None) -> torch.Tensor:
@@ -34,7 +32,7 @@ def _schedule(n: int = 3, **fields) -> OLSSSchedule:
 
 
 def _refused(schedule: OLSSSchedule, message: str) -> None:
-    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+    with raises_exactly(message):
         schedule.validate()
 
 
@@ -140,7 +138,7 @@ def test_error_and_prediction_type_rules():
 
 # ---------------------------------------------------------------------------------------------------- from JSON
 def _coeff_refused(value, n: int, message: str) -> None:
-    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+    with raises_exactly(message):
         _coeff_tensor(value, n)
 
 

@@ -16,13 +16,7 @@ from diffusers import DDIMScheduler, DDPMPipeline, FlowMatchEulerDiscreteSchedul
 from olss_fast import OLSSSchedule, OLSSScheduler
 from olss_fast.models.gmm import make_gmm
 from olss_fast.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
-
-
-def ddim_config(**kw):
-    cfg = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-               clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing")
-    cfg.update(kw)
-    return cfg
+from helpers import ddim_config
 
 
 _TRAINED = torch.linspace(1e-4, 0.03, 1000).tolist()

@@ -7,26 +7,20 @@ what a mutation of the step or of the selection of a searched schedule must not 
 from __future__ import annotations
 
 import logging
-import re
 
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 from olss_fast import OLSSSchedule, OLSSScheduler
+from helpers import ddim_config as _config
+from helpers import raises_exactly as _raises
 
 UNCHECKED = ("this OLSSScheduler was put into the pipeline without olss_fast.use_olss_scheduler(pipe, ...): it checks "
              "the latents and timesteps it is given, but cannot see whether its 3-step schedule was fitted for this "
              "model's weights, prediction type and guidance scale (a schedule used on another model gives wrong "
              "images without an error); use_olss_scheduler checks them")
-
-
-def _config(**kw):
-    cfg = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-               clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing")
-    cfg.update(kw)
-    return DDIMScheduler(**cfg).config
 
 
 def _coeffs(n: int, seed: int = 0) -> torch.Tensor:
@@ -39,10 +33,6 @@ def _scheduler(fitted_for=None, **cfg) -> OLSSScheduler:
     sched = OLSSScheduler.from_schedules([s], config=_config(**cfg))
     sched.checked_for = {"test": True}  # as use_olss_scheduler leaves it (the unchecked warning is tested below)
     return sched
-
-
-def _raises(message: str):
-    return pytest.raises(ValueError, match=f"^{re.escape(message)}$")
 
 
 def _loop(sched: OLSSScheduler, x0: torch.Tensor, outputs: list[torch.Tensor]) -> torch.Tensor:

@@ -6,13 +6,7 @@ from olss_fast import GramStats, search_schedule
 from olss_fast.core.lstsq import gram_lstsq
 from olss_fast.models.gmm import make_gmm
 from olss_fast.fit.recording import RecordingScheduler, record_trajectories
-
-
-def random_paths(T, B, shape, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(T + 1, B, *shape, generator=g)
-    e = torch.randn(T, B, *shape, generator=g) + 0.5 * x[:-1]  # correlated like real outputs
-    return x, e
+from helpers import random_paths
 
 
 def lstsq_reference(x, e, indices, per_channel):

@@ -5,14 +5,14 @@ tests/test_stats_lstsq.py checks the fits on the statistics; this file is what a
 its checks must not get past (benchmarks/RESULTS.md, "Mutation testing")."""
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 
 from olss_fast.core import stats as stats_module
 from olss_fast.core.ranges import MAX_ITEMS
 from olss_fast.core.stats import GramStats
+from helpers import random_paths
+from helpers import raises_exactly as _refused
 
 T = 3
 
@@ -22,10 +22,7 @@ def _stats(**kw) -> GramStats:
 
 
 def _paths(batch: int = 2, shape=(2, 3), seed: int = 0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(T + 1, batch, *shape, generator=g).to(dtype)
-    e = torch.randn(T, batch, *shape, generator=g).to(dtype)
-    return x, e
+    return tuple(p.to(dtype) for p in random_paths(T, batch, shape, seed))
 
 
 def _reference_gram(x: torch.Tensor, e: torch.Tensor, channels: int) -> torch.Tensor:
@@ -35,10 +32,6 @@ def _reference_gram(x: torch.Tensor, e: torch.Tensor, channels: int) -> torch.Te
         v = v.unsqueeze(2)
     v = v.reshape(v.shape[0], v.shape[1], channels, -1)
     return torch.einsum("mbcp,nbcp->cmn", v, v)
-
-
-def _refused(message: str):
-    return pytest.raises(ValueError, match=f"^{re.escape(message)}$")
 
 
 def test_update_refusals_have_their_own_messages():
@@ -116,16 +109,6 @@ def test_merging_into_empty_statistics_takes_over_shape_and_dtype():
     assert (empty.sample_shape, empty.dtype, empty.num_samples, empty.items) == ((2, 3), "float32", 2, [[0, 2]])
     assert torch.equal(empty.gram, full.gram) and empty.gram is not full.gram
     assert empty.elements_per_sample == 6
-
-
-def test_adding_statistics_without_items_is_refused_unless_said_disjoint():
-    """``a + b`` cannot tell whether two item-less recordings share samples: refused; ``merge_(disjoint=True)``
-    states it."""
-    x, e = _paths()
-    a, b = _stats().update(x, e), _stats().update(*_paths(seed=3))
-    with pytest.raises(ValueError, match=r"^cannot tell whether these statistics share samples"):
-        a + b
-    assert (a.copy().merge_(b, disjoint=True)).num_samples == 4
 
 
 def test_statistics_of_other_teacher_timesteps_never_merge():
