@@ -18,8 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from olss_fast.core.files import (current_umask, exclusive_lock, short_name,
-                                  temporary_name)
+from olss_fast.core.files import current_umask, exclusive_lock, short_name, temporary_name
 from olss_fast.export.onnx_runner import read_manifest
 
 logger = logging.getLogger(__name__)

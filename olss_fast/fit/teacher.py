@@ -71,8 +71,8 @@ def first_order_coefficients(teacher: Any, timesteps: Sequence[Any], indices: Se
                              prediction_type: str) -> torch.Tensor:
     """The plain first-order sampler along the teacher timesteps at ``indices`` — DDIM (eta = 0) in the VP space,
     Euler on the velocity for flow matching — ending where the teacher ends, as OLSS coefficients ``[n, n+1]``
-    float64 (``step.ddim_coefficients``; Euler: ``step.ddim_step_factors`` unrolled). On the uniform path it is the guard's baseline: what a
-    re-fitted schedule must beat on held-out samples (:mod:`olss_fast.core.heldout`).
+    float64 (``step.ddim_coefficients``; Euler: ``step.ddim_step_factors`` unrolled). On the uniform path it is the
+    guard's baseline: what a re-fitted schedule must beat on held-out samples (:mod:`olss_fast.core.heldout`).
 
     VP: ᾱ at each timestep from ``teacher.alphas_cumprod``, the end from :func:`final_alpha_bar`. Flow matching:
     σ = t / ``num_train_timesteps`` (``FlowMatchEulerDiscreteScheduler``'s timesteps are σ·num_train_timesteps),

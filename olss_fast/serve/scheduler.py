@@ -9,7 +9,7 @@ thresholding, a generator, img2img's ``set_begin_index`` — is the extended sch
 
 A searched schedule computes every latent from the initial noise and the model outputs, so it cannot honour what DDIM
 does on the side: ``eta > 0``, a start after the first timestep, latents edited between steps (callbacks,
-inpainting blends) raise ``ValueError``; ``clip_sample``/``thresholding`` in the config are not applied (one
+inpainting blends) raise ``ValueError``; ``clip_sample``/``thresholding`` in a VP config are not applied (one
 warning); custom ``timesteps``/``sigmas`` must be the schedule's own (``ValueError`` otherwise). The schedules live in
 the scheduler config, so ``save_pretrained`` writes plain JSON (atomically).
 """
