@@ -46,6 +46,7 @@ FLAG_NAMES = {
     "num_inference_steps": "--steps", "checkpoint_every": "--checkpoint-every", "resume=True": "--resume",
     "search_samples": "--search-samples", "search_sweeps": "--search-sweeps", "search_stride": "--search-stride",
     "path='refit'": "--path refit", "heldout_samples": "--heldout-samples", "evaluation_budget": "--evaluation-budget",
+    "timestep_shift=True": "--timestep-shift", "timestep_shift": "--timestep-shift",
 }
 
 
@@ -176,7 +177,8 @@ def _search(args: argparse.Namespace, ctx: DistContext) -> int:
                     refine=not args.no_refine, refine_samples=args.refine_samples,
                     search_samples=args.search_samples, search_sweeps=args.search_sweeps,
                     search_stride=args.search_stride, bisection_iters=args.bisection_iters,
-                    heldout_samples=args.heldout_samples, evaluation_budget=args.evaluation_budget)
+                    heldout_samples=args.heldout_samples, evaluation_budget=args.evaluation_budget,
+                    timestep_shift=args.timestep_shift)
     pipe = None
     if args.pipeline:
         device = args.device
@@ -343,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bisection steps of the paper's min-max path search (default 60)")
     s.add_argument("--no-refine", action="store_true", help="skip the student-in-the-loop re-fit (paper's fit)")
     s.add_argument("--refine-samples", type=positive_int, default=None,
-                   help="samples the re-fit and its held-out check use (default: all recorded, at most 64)")
+                   help="samples the re-fit and its held-out check use (default: all recorded, at most 64; fewer "
+                        "where --evaluation-budget needs it, --path refit)")
     s.add_argument("--heldout-samples", type=checks.nonnegative_int, default=None,
                    help="re-fit samples held out to choose the path and to guard against plain DDIM/Euler "
                         "(default: a quarter of them; 0: no guard)")
@@ -354,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--evaluation-budget; 1: all)")
     s.add_argument("--search-sweeps", type=checks.nonnegative_int, default=0,
                    help="--path refit: coordinate-descent passes after the programme (default 0)")
+    s.add_argument("--timestep-shift", action="store_true",
+                   help="--path refit, VP models: also judge the proposal with per-step shifted timesteps (off by "
+                        "default; see FitConfig.timestep_shift)")
     s.add_argument("--evaluation-budget", type=checks.finite_float, default=3.0,
                    help="--path refit: model evaluations of the whole fit the search is sized to, in multiples of "
                         "the teacher recording's (default 3)")

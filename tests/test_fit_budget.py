@@ -11,9 +11,10 @@ import torch
 
 from olss_fast import FitConfig, fit_olss_scheduler, record_trajectories
 from olss_fast.core import checks
-from olss_fast.core.refine import programme_states
+from olss_fast.core.grid import programme_states
+from olss_fast.core.refine import shift_evaluations
 from olss_fast.core.search import paper_schedule, uniform_path
-from olss_fast.fit.orchestration import plan_search, split_heldout
+from olss_fast.fit.orchestration import plan_fit, plan_search, split_heldout
 from olss_fast.models.gmm import make_gmm
 from olss_fast.pipelines.facts import denoiser_of
 from olss_fast.testing import tiny_sd_pipeline
@@ -59,54 +60,109 @@ def test_default_fit_evaluates_at_most_three_times_its_teacher_recording():
     counter.handle.remove()
 
 
-def test_plan_counts_every_evaluation_of_the_fit():
+@pytest.mark.parametrize("shift", [False, True], ids=["no-shift", "shift"])
+def test_plan_counts_every_evaluation_of_the_fit(shift):
     """On the Gaussian mixture (no CFG: one row per sample), with given search samples and stride, the rows through
     the denoiser are exactly: the recording, the programme (programme_states per search sample), the re-fit of every
     distinct candidate path on the fit part and its run on the held-out part, the DDIM baseline's run there, with
-    step 0 (the initial noise at the first teacher timestep, the same for every path) evaluated once per sample.
-    The plan's count is that with three distinct candidates per step count."""
+    step 0 (the initial noise at the first teacher timestep, the same for every path) evaluated once per sample;
+    with the timestep shift, its runs on the search samples (step 0 once per sample there too), and the shifted
+    proposal is a candidate in the uniform path's place. The plan counts three distinct candidates per step count."""
     pipe = make_gmm((2, 4, 4), num_components=3, seed=0)
     pipe.set_progress_bar_config(disable=True)
     counter = RowCounter(pipe.unet)
     steps, T = (3, 4), 20
     res = fit_olss_scheduler(pipe, [None] * 24, teacher_steps=T, num_steps=steps, batch_size=24,
-                             search_samples=6, search_stride=2, progress=False)
+                             search_samples=6, search_stride=2, timestep_shift=shift, progress=False)
     held, fitpart = split_heldout(24, None)
     assert len(held) == 6 and len(fitpart) == 18
     fit_evals = held_evals = 0
     for n, s in res.schedules.items():
         assert s.path == "refit" and None not in s.meta["heldout"]["errors"].values()  # every candidate ran
-        paths = {tuple(uniform_path(T, n)), tuple(paper_schedule(res.stats, n, path="minimax").indices),
-                 tuple(s.meta["refit_search"]["proposal"])}
+        info = s.meta["refit_search"]
+        minimax = paper_schedule(res.stats, n, path="minimax")
+        proposal = [int(res.stats.timesteps[i]) for i in info["proposal"]]
+        paths = {(tuple(minimax.indices), tuple(minimax.timesteps)), (tuple(info["proposal"]), tuple(proposal))}
+        if shift:
+            paths.add((tuple(info["proposal"]), tuple(info["shifted_timesteps"])))
+        else:
+            paths.add((tuple(uniform_path(T, n)), tuple(int(res.stats.timesteps[i]) for i in uniform_path(T, n))))
         fit_evals += len(paths) * (n - 1)  # step 0 of every path is the one shared evaluation
         held_evals += (len(paths) + 1) * (n - 1)  # the candidates and the baseline
-    expected = 24 * T + 6 * programme_states(T, steps, 2) + 18 * (fit_evals + 1) + 6 * (held_evals + 1)
+    shifting = 0
+    if shift:
+        used = res.schedules[3].meta["refit_search"]["shift_evaluations"]
+        assert 0 < used <= shift_evaluations(3) + shift_evaluations(4)
+        shifting = 6 * (used - 1)  # (step 0 once per sample for both step counts)
+    expected = (24 * T + 6 * programme_states(T, steps, 2) + shifting + 18 * (fit_evals + 1)
+                + 6 * (held_evals + 1))
     assert counter.rows == expected
-    plan = plan_search(T, steps, 24, 18, 6, FitConfig(num_steps=steps, search_samples=6, search_stride=2))
+    cfg = FitConfig(num_steps=steps, search_samples=6, search_stride=2)
+    plan = plan_fit(T, steps, 24, 24, cfg, shift=shift).search
     assert (plan.samples, plan.stride) == (6, 2)
-    assert plan.evaluations == 24 * T + 6 * programme_states(T, steps, 2) + 18 * (3 * 7 - 5) + 6 * (4 * 7 - 7)
+    assert plan.evaluations == (24 * T + 6 * programme_states(T, steps, 2) + 18 * (3 * 7 - 5) + 6 * (4 * 7 - 7)
+                                + (6 * (shift_evaluations(3) + shift_evaluations(4)) if shift else 0))
     assert expected <= plan.evaluations
+    counter.handle.remove()
 
 
-def test_short_teacher_runs_the_smallest_programme_and_warns_once(monkeypatch, caplog):
-    """An 8-step teacher for 3 and 4 steps: the recording and the candidates' re-fits leave room for fewer than 8
-    search samples on any grid, so the fit runs 8 anyway (on the coarsest grid), goes over 3x, and says so once."""
+def test_short_teacher_drops_the_uniform_candidate_and_re_fit_samples_to_stay_within_budget(monkeypatch, caplog):
+    """An 8-step teacher for 3 and 4 steps, 24 samples: the full plan (three candidates on 18 fit / 6 held-out samples)
+    is over 3x, since each candidate's re-fit costs about one recording; the reduced plan (no uniform path; here
+    all 24 re-fit samples still fit, with 5 search samples) stays within it, with no warning, and records what it
+    ran on."""
     monkeypatch.setattr(checks, "_warned", set())
+    T, steps = 8, (3, 4)
+    cfg = FitConfig(num_steps=steps)
+    full = plan_search(T, steps, 24, 18, 6, cfg)
+    assert full.evaluations > full.budget == 3 * 24 * T
+    plan = plan_fit(T, steps, 24, 24, cfg)
+    assert plan.reduced and plan.candidates == ("minimax",)
+    assert (plan.refit_samples, plan.heldout_samples, plan.search.samples, plan.search.stride) == (24, 6, 5, 1)
+    # recording, programme, two candidates' re-fits (18 x (2 x 7 - 4 + 1)) and three held-out runs (6 x (3 x 7 - 6 + 1))
+    assert plan.search.evaluations == 24 * T + 5 * programme_states(T, steps, 1) + 18 * 11 + 6 * 16 <= 576
     pipe = make_gmm((2, 4, 4), num_components=3, seed=0)
     pipe.set_progress_bar_config(disable=True)
     counter = RowCounter(pipe.unet)
-    T, steps = 8, (3, 4)
-    plan = plan_search(T, steps, 24, 18, 6, FitConfig(num_steps=steps))
-    assert plan.samples == 8 and plan.evaluations > plan.budget == 3 * 24 * T
+    with caplog.at_level(logging.WARNING):
+        res = fit_olss_scheduler(pipe, [None] * 24, teacher_steps=T, num_steps=steps, batch_size=24, progress=False)
+    assert not [r for r in caplog.records if "above evaluation_budget" in r.getMessage()]
+    assert counter.rows <= plan.search.evaluations <= 3 * 24 * T
+    for s in res.schedules.values():
+        assert set(s.meta["heldout"]["errors"]) <= {"proposal", "minimax", "baseline"}
+        if "refit_search" in s.meta:  # (not when the guard fell back to DDIM)
+            info = s.meta["refit_search"]
+            assert (info["refit_samples"], info["candidates"], info["samples"]) == (24, ["minimax"], 5)
+    counter.handle.remove()
+    # given sizes are kept as they are: the full plan, over the budget
+    for given in (dict(refine_samples=24), dict(heldout_samples=6), dict(search_samples=5), dict(search_stride=1)):
+        kept = plan_fit(T, steps, 24, 24, FitConfig(num_steps=steps, **given))
+        assert not kept.reduced and kept.candidates == ("minimax", "uniform")
+        assert kept.search.evaluations > kept.search.budget
+
+
+def test_no_plan_fits_a_very_short_teacher_the_full_one_runs_and_warns_once(monkeypatch, caplog):
+    """A 6-step teacher for 3 and 4 steps on 12 samples: not even the smallest reduced plan (12 re-fit samples, the
+    min-max path alone, 4 search samples) fits 3x, so the full plan runs (8 search samples on the coarsest grid,
+    three candidates), over the budget, and the fit says so once."""
+    monkeypatch.setattr(checks, "_warned", set())
+    T, steps = 6, (3, 4)
+    plan = plan_fit(T, steps, 12, 12, FitConfig(num_steps=steps))
+    assert not plan.reduced and plan.candidates == ("minimax", "uniform") and plan.refit_samples == 12
+    assert plan.search.samples == 8 and plan.search.evaluations > plan.search.budget == 3 * 12 * T
+    pipe = make_gmm((2, 4, 4), num_components=3, seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    counter = RowCounter(pipe.unet)
     with caplog.at_level(logging.WARNING):
         for _ in range(2):
             counter.rows = 0
-            res = fit_olss_scheduler(pipe, [None] * 24, teacher_steps=T, num_steps=steps, batch_size=24,
+            res = fit_olss_scheduler(pipe, [None] * 12, teacher_steps=T, num_steps=steps, batch_size=12,
                                      progress=False)
     over = [r.getMessage() for r in caplog.records if "above evaluation_budget" in r.getMessage()]
-    assert len(over) == 1 and "the programme (8 samples" in over[0] and "the teacher has 8 steps" in over[0]
+    assert len(over) == 1 and "the programme (8 samples" in over[0] and "the teacher has 6 steps" in over[0]
+    assert "Record more samples or more teacher steps, or raise evaluation_budget" in over[0]
     planned = int(re.search(r"plans (\d+) model evaluations", over[0]).group(1))
-    assert 3 * 24 * T < counter.rows <= planned
+    assert 3 * 12 * T < counter.rows <= planned
     assert set(res.schedules) == {3, 4}
     counter.handle.remove()
 

@@ -9,7 +9,8 @@ from olss_fast.cli import main
 from olss_fast.models.gmm import make_gmm
 from olss_fast.fit.recording import record_trajectories
 from olss_fast.fit.work import make_work_items
-from olss_fast.core.refine import programme_grid, programme_states, refit_path_search, refit_programme
+from olss_fast.core.grid import programme_grid, programme_states
+from olss_fast.core.refine import refit_path_search, refit_programme
 from olss_fast.core.search import uniform_path
 
 

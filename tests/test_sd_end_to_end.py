@@ -133,3 +133,12 @@ def test_cli_library_errors_name_cli_flags(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "--guidance-scale=5.0 has no effect" in err and "--no-refine" in err
     assert "guidance_scale" not in err
+
+
+def test_cli_timestep_shift_flag_reaches_the_fit_and_its_errors_name_it(tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("a cat\n")
+    base = ["search", "--pipeline", "digits", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o")]
+    assert main(base + ["--timestep-shift", "--path", "minimax"]) == 2
+    err = capsys.readouterr().err
+    assert "--timestep-shift only apply to --path refit" in err and "timestep_shift" not in err
+    assert not (tmp_path / "o").exists()

@@ -167,9 +167,9 @@ def choose_on_heldout(
     pooled: dict[str, float] = {}  # what decides between the candidates that pass
     gains: dict[str, float] = {}
     fitted: dict[str, OLSSSchedule] = {}
-    seen: dict[tuple[int, ...], str] = {}
+    seen: dict[tuple[tuple[Any, ...], tuple[Any, ...]], str] = {}
     for name, cand in candidates.items():
-        key = tuple(cand.indices)
+        key = (tuple(cand.indices), tuple(cand.timesteps))
         if key in seen:
             continue
         seen[key] = name
@@ -202,7 +202,7 @@ def choose_on_heldout(
             gains[best], AMPLIFICATION_LIMIT, logger=logger,
         )
     for name, cand in candidates.items():  # a path given twice has the results of its first name
-        first = seen[tuple(cand.indices)]
+        first = seen[(tuple(cand.indices), tuple(cand.timesteps))]
         errors.setdefault(name, errors[first])
         gains.setdefault(name, gains[first])
         pooled.setdefault(name, pooled[first])

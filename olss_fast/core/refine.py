@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from olss_fast.core.grid import node_rule, programme_states
 from olss_fast.core.lstsq import gram_lstsq, solve_spd
 from olss_fast.core.oss import trace_back
 from olss_fast.core.schedule import GRANULARITIES, OLSSSchedule
@@ -280,45 +281,6 @@ def _fit_errors(state: _RefitState, j: int, ys: torch.Tensor) -> torch.Tensor:
     return sse.sum(0) / state.denom
 
 
-def programme_grid(T: int, stride: int) -> list[int]:
-    """The teacher indices :func:`refit_programme` places steps on: every ``stride``-th, and toward the clean end the
-    spacing halves down to 1 (``T − 1, T − 2, T − 4, …`` below ``stride``): the last model evaluation, just before
-    clean data, is where the final error is most sensitive to the timestep (on held-out digits 10-step paths whose
-    last index was 98 of 100 beat those a plain stride-4 grid ended at 96 by a quarter, benchmarks/RESULTS.md,
-    "Cheaper default search")."""
-    end = {T - 2**m for m in range(max(stride - 1, 0).bit_length()) if 2**m < stride and T - 2**m > 0}
-    return sorted(set(range(0, T, stride)) | end)
-
-
-def _node_rule(T: int, steps: Sequence[int], stride: int) -> Callable[[int, int], bool]:
-    """Whether teacher index j is a node of the programme's layer k: on the grid, and a path through it can still end
-    at T with one of the wanted step counts."""
-    n_max = max(steps)
-    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1 or n_max > len(programme_grid(T, stride)):
-        raise ValueError(f"stride must be a positive integer leaving at least {n_max} of the {T} teacher indices "
-                         f"(programme_grid), got {stride!r}")
-    grid = programme_grid(T, stride)
-    after = {j: len(grid) - 1 - p for p, j in enumerate(grid)}  # grid nodes after j
-
-    def useful(k: int, j: int) -> bool:
-        return j in after and any(n > k and n - k - 1 <= after[j] for n in steps)
-
-    return useful
-
-
-def programme_states(T: int, num_steps: Sequence[int], stride: int = 1) -> int:
-    """The number of states of :func:`refit_programme` (one model evaluation of every search sample each) for a
-    T-step teacher, these step counts and this stride: layer 0 is the initial noise, layer k every node after the
-    first node of layer k − 1."""
-    steps = sorted(set(int(n) for n in num_steps))
-    useful = _node_rule(T, steps, stride)
-    layer, count = [0], 1
-    for k in range(1, steps[-1]):
-        layer = [j for j in range(layer[0] + 1, T) if useful(k, j)]
-        count += len(layer)
-    return count
-
-
 def refit_programme(
     timesteps: Sequence[Any],
     noise: torch.Tensor,
@@ -338,13 +300,14 @@ def refit_programme(
     at the state's latent (once per state, shared by every j), fit row k to the teacher latent at j; that fit's
     error is the cost. The error into the final latent is exactly the re-fit's objective of the whole path; the
     recursion (keep the best state per node) is OSS's approximation. Returns ``{n: (path, final MSE)}`` and the
-    number of model evaluations (:func:`programme_states`, ``O(max n · T / stride)``, shared by every n). ``stride``
-    > 1 restricts the students' timesteps to :func:`programme_grid` (a cheaper, coarser programme).
+    number of model evaluations (:func:`~olss_fast.core.grid.programme_states`, ``O(max n · T / stride)``, shared
+    by every n). ``stride`` > 1 restricts the students' timesteps to :func:`~olss_fast.core.grid.programme_grid` (a
+    cheaper, coarser programme).
     """
     T = len(timesteps)
     steps = sorted(set(int(n) for n in num_steps))
     n_max = steps[-1]
-    useful = _node_rule(T, steps, stride)
+    useful = node_rule(T, steps, stride)
     x0 = noise.to(torch.float32)
     root = _RefitState(x0, n_max, granularity, ridge)
     ys = _teacher_dots(teacher_latents, root.channels)  # [C, T+1, B·rest]
@@ -427,7 +390,8 @@ def refit_path_search(
         denoise: ``denoise(x, t) -> e`` the (guided) model output for all B latents at timestep t.
         num_steps: n, or several (one result each).
         programme: propose a path with :func:`refit_programme`.
-        stride: the programme's grid (:func:`programme_grid`; 1: all; larger is cheaper and coarser).
+        stride: the programme's grid (:func:`~olss_fast.core.grid.programme_grid`; 1: all; larger is cheaper and
+            coarser).
         sweeps: passes of coordinate descent (0: none).
         start: another path to judge as a start (for one step count), or ``{n: path}`` for several.
         granularity, ridge: as in :func:`sequential_refit`.
@@ -560,3 +524,76 @@ def _descend(timesteps: Sequence[Any], x0: torch.Tensor, teacher_latents: torch.
     return RefitSearchResult(indices=list(path), error=best, start_error=start_error,
                              proposal=list(proposal) if proposal is not None else None, proposal_error=proposal_error,
                              evaluations=evaluations, paths_tried=len(seen))
+
+
+#: where :func:`shift_timesteps` tries to evaluate a step: its timestep moved toward the next step's by these
+#: fractions of the gap (negative: toward more noise); measured on held-out noise, benchmarks/RESULTS.md
+#: ("Per-step timestep shift")
+SHIFT_FRACTIONS = (-0.25, 0.25, 0.5, 0.75)
+
+
+def shift_evaluations(n: int, fractions: Sequence[float] = SHIFT_FRACTIONS) -> int:
+    """Model evaluations of each sample :func:`shift_timesteps` makes for an n-step path, at most: one run of the
+    path, then for step j = 1 … n−1 one run of steps j … n−1 per fraction."""
+    return n + len(fractions) * n * (n - 1) // 2
+
+
+def shift_timesteps(
+    timesteps: Sequence[int],
+    noise: torch.Tensor,
+    targets: torch.Tensor,
+    denoise: Callable[[torch.Tensor, Any], torch.Tensor],
+    *,
+    fractions: Sequence[float] = SHIFT_FRACTIONS,
+    granularity: str = "global",
+    ridge: float = 1e-8,
+) -> tuple[list[int], float, int]:
+    """Per-step timestep shift fitted with the re-fit objective (not in the paper; the idea of exposure-bias and
+    time-shift work): the model need not be evaluated at the teacher timestep its step stands at.
+
+    ``timesteps``: the path's integer (VP) timesteps t_0 > … > t_{n−1}; ``targets``: ``[n, B, ...]`` teacher latents
+    at the path's next indices, as in :func:`sequential_refit`. Step 0 stays. For j = 1 … n−1 in turn (earlier steps
+    at their chosen timesteps, later ones at theirs) step j is tried at ``round(t_j − f·(t_j − t_{j+1}))``
+    (``t_n = 0``) for each fraction f, kept strictly between its neighbours; the timestep whose re-fitted student
+    has the lowest final error on these samples wins (the unshifted one on ties). A try re-uses the model outputs
+    of the steps before j. Returns the timesteps, that final MSE and the model evaluations made (of every sample).
+    """
+    n = len(timesteps)
+    if any(isinstance(t, bool) or not isinstance(t, int) for t in timesteps):
+        raise ValueError(f"shift_timesteps needs integer (VP) timesteps, got {list(timesteps)}")
+    if any(a <= b for a, b in zip(timesteps, timesteps[1:])) or timesteps[-1] < 0:
+        raise ValueError(f"timesteps must be non-negative and strictly descending, got {list(timesteps)}")
+    if targets.shape[0] != n or targets.shape[1:] != noise.shape:
+        raise ValueError(f"targets must be [{n}, *noise.shape] = [{n}, {list(noise.shape)}], got "
+                         f"{list(targets.shape)}")
+    _check_equations(noise, n, granularity)
+    evaluations = 0
+
+    def run(times: list[int], base: _RefitState | None, start: int) -> _RefitState:
+        nonlocal evaluations
+        if base is None:
+            state = _RefitState(noise, n, granularity, ridge)
+        else:  # steps before `start` as in base: their outputs kept, row start-1 fitted again (same target)
+            state = base.fork(start)
+            state.fit(start - 1, targets[start - 1])
+        for j in range(start, n):
+            state.add_output(_check_output(denoise(state.latent(j), times[j]), state.x0f, j))
+            evaluations += 1
+            state.fit(j, targets[j])
+        return state
+
+    chosen = [int(t) for t in timesteps]
+    current = run(chosen, None, 0)
+    for j in range(1, n):
+        below = chosen[j + 1] if j + 1 < n else -1
+        tried = {chosen[j]}
+        for f in fractions:
+            t = int(round(timesteps[j] - f * (timesteps[j] - (timesteps[j + 1] if j + 1 < n else 0))))
+            if t in tried or not below < t < chosen[j - 1]:
+                continue
+            tried.add(t)
+            trial = chosen[:j] + [t] + chosen[j + 1:]
+            state = run(trial, current, j)
+            if state.errors[-1] < current.errors[-1]:
+                current, chosen = state, trial
+    return chosen, float(current.errors[-1]), evaluations

@@ -108,24 +108,33 @@ class FitConfig:
         refine: run the student-in-the-loop re-fit after the search (recommended), with its held-out choice and
             guard (:func:`olss_fast.core.heldout.choose_on_heldout`).
         refine_samples: how many of the recorded samples the re-fit uses, held-out part included (default: all,
-            up to 64).
+            up to 64; with ``path="refit"``, fewer where the ``evaluation_budget`` needs it).
         heldout_samples: how many of the re-fit samples (spread over them) are held out of the fit to judge the
             candidate paths and to guard the result against plain DDIM/Euler of the same NFE (default: a quarter,
             at least one when there are two or more; 0 turns the guard off, with a warning).
         search_samples: how many samples of the fit part (spread over them) the programme of ``path="refit"``
-            runs on; its cost is :func:`olss_fast.core.refine.programme_states` model evaluations of each.
+            runs on; its cost is :func:`olss_fast.core.grid.programme_states` model evaluations of each.
             Default (None): sized with ``search_stride`` to the ``evaluation_budget`` (:func:`plan_search`).
         search_stride: the programme of ``path="refit"`` places steps on every this-many-th teacher index only
             (1: all; 2 halves its cost). Default (None): sized to the ``evaluation_budget``.
         search_sweeps: coordinate-descent passes on the programme's proposal (same samples) before the held-out
             choice, in ``path="refit"`` (default 0: on held-out noise the descent's gains on the search samples did
             not carry over, benchmarks/RESULTS.md, learned-step baselines).
+        timestep_shift: in ``path="refit"``, also judge the programme's proposal with a per-step timestep shift
+            (:func:`olss_fast.core.refine.shift_timesteps`, fitted on up to 16 search samples), in the uniform
+            path's place among the candidates: the model is evaluated at a timestep moved toward the next step's
+            where that lowers the re-fitted student's final error, and the held-out choice keeps it only where it
+            wins there too. VP models only (``ValueError`` for flow matching). Off by default: on the Gaussian
+            mixture benchmark it lowered held-out error by a fifth on average, but on digits, judged on classes the
+            fit never saw, it raised it by an eighth (benchmarks/RESULTS.md, "Per-step timestep shift").
         evaluation_budget: the model evaluations of the whole fit (recording, search, re-fit and held-out check)
             that ``path="refit"`` sizes its programme to, as a multiple of the teacher recording's (``T`` per
             recorded sample); it sizes whichever of ``search_samples``/``search_stride`` is not given (default 3.0).
-            Where it cannot hold (a short teacher: with 28 teacher steps for step counts 4, 5, 6, 8 and 10 the
-            recording and the re-fit of the candidate paths together exceed 3x), the smallest programme (8 search
-            samples on the coarsest grid) runs anyway, over the budget, and the fit warns once.
+            With a short teacher and a small recording (28 teacher steps for step counts 4, 5, 6, 8 and 10, every
+            recorded sample re-fitted: the recording and the re-fit of three candidate paths come to about 4.3x)
+            and none of ``refine_samples``, ``heldout_samples``, ``search_samples``, ``search_stride`` given, the
+            fit drops the uniform candidate and re-fits on fewer samples (:func:`plan_fit`); where not even that
+            fits, the full plan runs over the budget and the fit warns once.
     """
 
     num_steps: Sequence[int] = (5, 10)
@@ -138,6 +147,7 @@ class FitConfig:
     search_samples: int | None = None
     search_stride: int | None = None
     search_sweeps: int = 0
+    timestep_shift: bool = False
     evaluation_budget: float = 3.0
 
     def __post_init__(self) -> None:
@@ -155,11 +165,13 @@ class FitConfig:
             checks.optional(checks.integer, getattr(self, name), name, 1, 2**31)
         checks.optional(checks.integer, self.heldout_samples, "heldout_samples", 0, 2**31)
         checks.integer(self.search_sweeps, "search_sweeps", 0, 1000)
+        checks.boolean(self.timestep_shift, "timestep_shift")
         checks.optional(checks.integer, self.search_stride, "search_stride", 1, MAX_TEACHER_STEPS)
         self.evaluation_budget = checks.real(self.evaluation_budget, "evaluation_budget", 1.0, 1e6)
         unused = [name for name, value, default in (("search_samples", self.search_samples, None),
                                                     ("search_stride", self.search_stride, None),
                                                     ("search_sweeps", self.search_sweeps, 0),
+                                                    ("timestep_shift", self.timestep_shift, False),
                                                     ("evaluation_budget", self.evaluation_budget, 3.0))
                   if value != default]
         if unused and self.path != "refit":

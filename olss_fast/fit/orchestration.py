@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from olss_fast.core.checks import warn_once
 from olss_fast.core.heldout import choose_on_heldout, reuse_first_output
 from olss_fast.core.provenance import scheduler_prediction_type
-from olss_fast.core.refine import programme_grid, programme_states, refit_path_search, refit_programme
+from olss_fast.core.grid import programme_grid, programme_states
+from olss_fast.core.refine import refit_path_search, refit_programme, shift_evaluations, shift_timesteps
 from olss_fast.core.schedule import OLSSSchedule
 from olss_fast.core.search import SearchConfig, coefficient_errors, paper_schedule, uniform_path, warn_paper_fit
 from olss_fast.core.stats import GramStats
@@ -105,13 +106,16 @@ def fit_olss_scheduler(
     # the scheduler the result becomes must accept the schedules: check now, not after the recording and search
     base_config = _scheduler_config(pipe, stats)
     _check_noise_schedules(base_config, stats, teacher)
+    shift = _timestep_shift(fit, base_config)
     # (no work items needed when searching given statistics without refinement: the pipeline is never run)
     need_items = stats is None or fit.refine
     items = make_work_items(prompts, record.seeds_per_prompt, record.base_seed) if need_items else []
     for n in fit.num_steps:
         if n > record.teacher_steps:
             raise ValueError(f"cannot fit {n} steps from a {record.teacher_steps}-step teacher")
-    limit = min(len(items), fit.refine_samples or 64)
+    plan = plan_fit(record.teacher_steps, fit.num_steps, stats.num_samples if stats is not None else len(items),
+                    len(items), fit, shift=shift) if fit.refine else None
+    limit = plan.refit_samples if plan is not None else 0
     needed = None
     if fit.path == "uniform":
         needed = sorted({i for n in fit.num_steps for i in uniform_path(record.teacher_steps, n)} | {record.teacher_steps})
@@ -134,7 +138,7 @@ def fit_olss_scheduler(
     if fit.refine:
         teacher = teacher if teacher is not None else default_teacher(pipe.scheduler)
         final, paper = _fit_refined(pipe, stats, teacher, items[:limit], keeper.teacher_latents(T, ctx), record,
-                                    fit, progress, ctx)
+                                    fit, plan, progress, ctx)
     else:
         warn_paper_fit("fit_olss_scheduler(refine=False)")
         paper = {n: _search_on_rank0(stats, n, fit, ctx)
@@ -143,6 +147,17 @@ def fit_olss_scheduler(
         final = dict(paper)
     scheduler = OLSSScheduler.from_schedules(list(final.values()), config=base_config)
     return FitResult(scheduler=scheduler, stats=stats, schedules=final, paper_schedules=paper)
+
+
+def _timestep_shift(fit: FitConfig, base_config: Mapping[str, Any]) -> bool:
+    """Whether ``path="refit"`` judges a timestep-shifted proposal too (``fit.timestep_shift``); ``ValueError`` on a
+    flow-matching model (its float timesteps are not shifted)."""
+    if not fit.timestep_shift or fit.path != "refit" or not fit.refine:
+        return False
+    if noise_schedule_id(base_config).get("kind") == "flow":
+        raise ValueError("timestep_shift=True is not supported for flow-matching models (the shift is fitted on "
+                         "the integer timesteps of VP models); leave it out")
+    return True
 
 
 def _check_stats_match(stats: GramStats, pipe: Any, teacher: Any, record: RecordConfig, fit: FitConfig,
@@ -203,17 +218,18 @@ def _search_on_rank0(stats: GramStats, n: int, fit: FitConfig, ctx: DistContext,
 
 
 def _fit_refined(pipe: Any, stats: GramStats, teacher: Any, refine_items: Sequence[WorkItem], latents: torch.Tensor,
-                 record: RecordConfig, fit: FitConfig, progress: bool,
+                 record: RecordConfig, fit: FitConfig, plan: FitPlan, progress: bool,
                  ctx: DistContext) -> tuple[dict[int, OLSSSchedule], dict[int, OLSSSchedule]]:
     """The re-fit with its held-out choice and guard (docs/design.md, "Held-out choice and guard"): the re-fit
     samples are split into a fit part and a held-out part (``heldout_samples``, spread over them); every candidate
-    path (``path="refit"``: the programme's proposal from ``search_samples`` of the fit part, the min-max and the
-    uniform path; otherwise the one path asked for) is re-fitted on the fit part and judged on the held-out part
+    path (``path="refit"``: the programme's proposal from ``search_samples`` of the fit part and the paths of
+    ``plan.candidates``, the min-max and, unless the budget dropped it, the uniform path; otherwise the one path
+    asked for) is re-fitted on the fit part and judged on the held-out part
     against plain DDIM/Euler of the same NFE (:func:`olss_fast.core.heldout.choose_on_heldout`). Returns the final
     schedules and the paper's fit on their paths."""
     T = stats.num_teacher_steps
     steps = sorted(fit.num_steps)
-    held, fitpos = split_heldout(len(refine_items), fit.heldout_samples)
+    held, fitpos = split_heldout(len(refine_items), plan.heldout_samples)
     x0 = student_noise(pipe, refine_items, record)
     t0 = stats.timesteps[0]
     agree = (lambda v: broadcast_object(v, ctx)) if ctx.enabled else None
@@ -234,37 +250,50 @@ def _fit_refined(pipe: Any, stats: GramStats, teacher: Any, refine_items: Sequen
                   "re-fitted schedules are not checked against plain DDIM/Euler on held-out noise; use more "
                   "samples", len(refine_items), fit.heldout_samples, logger=logger)
     # the paths of the statistics (the paper's search; with path="refit" the min-max and the uniform path)
-    stats_paths = ("minimax", "uniform") if fit.path == "refit" else (fit.path,)
+    stats_paths = plan.candidates if fit.path == "refit" else (fit.path,)
     known = {n: {p: _search_on_rank0(stats, n, fit, ctx, p) for p in stats_paths} for n in steps}
     proposals: dict[int, list[int]] = {}
     search_info: dict[str, Any] = {}
     if fit.path == "refit":
         distinct = {n: 1 + len({tuple(c.indices) for c in known[n].values()}) for n in steps}
         proposals, search_info = _programme(pipe, stats, refine_items, fitpos, x0, latents, record, fit, held,
-                                            distinct, progress, ctx)
+                                            distinct, plan, progress, ctx)
+    shifted = search_info.pop("shifted", {})
     final, paper = {}, {}
     for n in tqdm(steps, desc="re-fitting schedules", disable=not progress or not ctx.is_main):
         candidates = {}
         if n in proposals:
             candidates["proposal"] = paper_schedule(stats, n, config=_search_config(fit, tuple(proposals[n])))
+            if shifted.get(n) is not None and shifted[n] != list(candidates["proposal"].timesteps):
+                candidates["shifted"] = dataclasses.replace(candidates["proposal"], timesteps=shifted[n])
         candidates.update(known[n])
         baseline = _baseline_schedule(stats, n, teacher)
         choice = choose_on_heldout(candidates, baseline, refit, heldout, fit_samples=len(fitpos), agree=agree)
         schedule = choice.schedule
         if fit.path == "refit" and not choice.fell_back:
             meta = dict(schedule.meta, refit_search=dict(search_info, candidate=choice.chosen,
-                                                         proposal=proposals.get(n)))
+                                                         proposal=proposals.get(n),
+                                                         shifted_timesteps=shifted.get(n)))
             schedule = dataclasses.replace(schedule, path="refit", meta=meta)
         final[n] = schedule
         paper[n] = baseline if choice.fell_back else candidates[choice.chosen]
+        if choice.chosen == "shifted":  # the paper's fit is of the teacher timesteps: its schedule keeps them
+            paper[n] = candidates["proposal"]
     return final, paper
 
 
-def split_heldout(count: int, heldout: int | None) -> tuple[list[int], list[int]]:
-    """Positions of the held-out part and of the fit part of ``count`` re-fit samples: ``heldout`` of them (default:
-    a quarter, at least one when there are two or more) spread evenly over them (so over the prompts)."""
+def heldout_count(count: int, heldout: int | None) -> int:
+    """How many of ``count`` re-fit samples are held out: ``heldout`` when given, else a quarter, at least one when
+    there are two or more."""
     if heldout is None:
-        heldout = max(1, count // 4) if count >= 2 else 0
+        return max(1, count // 4) if count >= 2 else 0
+    return heldout
+
+
+def split_heldout(count: int, heldout: int | None) -> tuple[list[int], list[int]]:
+    """Positions of the held-out part and of the fit part of ``count`` re-fit samples: :func:`heldout_count` of them
+    spread evenly over them (so over the prompts)."""
+    heldout = heldout_count(count, heldout)
     if heldout >= count:
         raise ValueError(f"heldout_samples={heldout} leaves none of the {count} re-fit samples to fit on: use fewer "
                          "held-out samples or more re-fit samples (refine_samples)")
@@ -273,7 +302,7 @@ def split_heldout(count: int, heldout: int | None) -> tuple[list[int], list[int]
 
 
 #: the planned programme's grid: about this many teacher indices (stride ``round(T / 25)``: 4 for 100 teacher steps,
-#: :func:`olss_fast.core.refine.programme_grid`), never fewer than :data:`GRID_PER_STEP` per step; finer only when
+#: :func:`olss_fast.core.grid.programme_grid`), never fewer than :data:`GRID_PER_STEP` per step; finer only when
 #: every fit sample fits the budget on it, coarser only to reach :data:`MIN_SEARCH_SAMPLES`. Measured on held-out
 #: noise (benchmarks/RESULTS.md, "Cheaper default search"): at the same cost, more search samples on this grid chose better paths
 #: than fewer samples on the full grid (digits, 5 NFE: 0.052 vs 0.069 teacher RMSE; the mixture, 4-5 NFE, three
@@ -286,7 +315,7 @@ MIN_SEARCH_SAMPLES = 8
 @dataclass(frozen=True)
 class SearchPlan:
     """How :func:`plan_search` sized the programme of ``path="refit"``: ``samples`` search samples on the grid of
-    ``stride`` (:func:`olss_fast.core.refine.programme_grid`), and the planned model evaluations of the whole fit
+    ``stride`` (:func:`olss_fast.core.grid.programme_grid`), and the planned model evaluations of the whole fit
     (``evaluations``, in evaluations of one sample; an upper bound) against ``budget`` (the same unit)."""
 
     samples: int
@@ -295,8 +324,88 @@ class SearchPlan:
     budget: int
 
 
+#: re-fit samples (held-out part included) when ``refine_samples`` is not given: every recorded sample, up to this many
+DEFAULT_REFIT_SAMPLES = 64
+#: the reduced plans of :func:`plan_fit` keep at least this many re-fit samples, and run the programme on at least
+#: :data:`TIGHT_SEARCH_SAMPLES` search samples
+MIN_REFIT_SAMPLES = 12
+TIGHT_SEARCH_SAMPLES = 4
+#: the paths of the statistics judged next to the programme's proposal: in the full plan (with the timestep shift,
+#: whose shifted proposal takes the uniform path's place) and in the reduced plans (no shift)
+FULL_CANDIDATES = ("minimax", "uniform")
+SHIFT_CANDIDATES = ("minimax",)
+REDUCED_CANDIDATES = ("minimax",)
+#: the timestep shift of ``path="refit"`` runs on at most this many of the search samples (spread over them)
+SHIFT_SAMPLES = 16
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """What the re-fit of :func:`fit_olss_scheduler` runs on (:func:`plan_fit`): the first ``refit_samples`` work
+    items, ``heldout_samples`` of them held out; with ``path="refit"``, the paths of the statistics judged next to the
+    programme's proposal (``candidates``), the fewest search samples its programme runs on (``min_search_samples``)
+    and the programme's plan (``search``; the fit sizes it again once it knows which candidate paths coincide, which
+    only leaves more room). ``reduced``: the full plan did not fit the budget and this one does. ``shift``: a
+    timestep-shifted proposal is judged too (:func:`olss_fast.core.refine.shift_timesteps`, on the search samples)."""
+
+    refit_samples: int
+    heldout_samples: int
+    candidates: tuple[str, ...] = FULL_CANDIDATES
+    min_search_samples: int = MIN_SEARCH_SAMPLES
+    search: SearchPlan | None = None
+    reduced: bool = False
+    shift: bool = False
+
+
+def plan_fit(T: int, steps: Sequence[int], recorded: int, available: int, fit: FitConfig,
+             shift: bool = False) -> FitPlan:
+    """The re-fit's samples and, for ``path="refit"``, its candidate paths and programme, sized so that the whole fit
+    stays within ``fit.evaluation_budget`` times the teacher recording (``recorded`` samples of ``T`` steps;
+    ``available``: the work items there are to re-fit on; ``shift``: the timestep shift runs, and its shifted
+    proposal takes the uniform path's place among the candidates).
+
+    The full plan: every recorded sample up to :data:`DEFAULT_REFIT_SAMPLES` (or ``refine_samples``), a quarter of
+    them held out (or ``heldout_samples``), at least :data:`MIN_SEARCH_SAMPLES` search samples (:func:`plan_search`),
+    and next to the proposal the min-max path and, with ``shift``, the shifted proposal (the uniform path's place:
+    with both, the timestep shift's cost left the programme too few samples on the mixture benchmark); without
+    ``shift``, or where the shift does not fit the budget, the min-max and the uniform path. Where neither fits (a
+    small recording, or a teacher with about as many steps as the step counts add up to: each candidate's re-fit then
+    costs about one recording) and none of ``refine_samples``, ``heldout_samples``, ``search_samples`` and
+    ``search_stride`` is given, the first reduced plan that fits: the min-max path the only other candidate, then
+    re-fit samples removed one at a time, down to :data:`MIN_REFIT_SAMPLES`, with at least
+    :data:`TIGHT_SEARCH_SAMPLES` search samples. If none fits, the first full plan runs over the budget (the fit
+    warns).
+    """
+    count = min(available, fit.refine_samples or DEFAULT_REFIT_SAMPLES)
+    split_heldout(count, fit.heldout_samples)  # (its ValueError before any work)
+    if fit.path != "refit":
+        return FitPlan(refit_samples=count, heldout_samples=heldout_count(count, fit.heldout_samples),
+                       candidates=(fit.path,))
+
+    def make(refit: int, candidates: tuple[str, ...], floor: int, reduced: bool, shift: bool) -> FitPlan:
+        held = heldout_count(refit, fit.heldout_samples)
+        search = plan_search(T, steps, recorded, max(0, refit - held), held, fit,
+                             {n: 1 + len(candidates) for n in steps}, min_samples=floor, shift=shift)
+        return FitPlan(refit_samples=refit, heldout_samples=held, candidates=candidates, min_search_samples=floor,
+                       search=search, reduced=reduced, shift=shift)
+
+    full = [make(count, SHIFT_CANDIDATES, MIN_SEARCH_SAMPLES, False, True)] if shift else []
+    full.append(make(count, FULL_CANDIDATES, MIN_SEARCH_SAMPLES, False, False))
+    for plan in full:
+        if plan.search.evaluations <= plan.search.budget:
+            return plan
+    if any(v is not None for v in (fit.refine_samples, fit.heldout_samples, fit.search_samples, fit.search_stride)):
+        return full[0]
+    for refit in range(count, min(count, MIN_REFIT_SAMPLES) - 1, -1):
+        plan = make(refit, REDUCED_CANDIDATES, TIGHT_SEARCH_SAMPLES, True, False)
+        if plan.search.evaluations <= plan.search.budget:
+            return plan
+    return full[0]
+
+
 def plan_search(T: int, steps: Sequence[int], recorded: int, fit_samples: int, heldout_samples: int,
-                fit: FitConfig, candidates: Mapping[int, int] | None = None) -> SearchPlan:
+                fit: FitConfig, candidates: Mapping[int, int] | None = None,
+                min_samples: int = MIN_SEARCH_SAMPLES, shift: bool = False) -> SearchPlan:
     """Size the programme of ``path="refit"`` so that the whole fit stays within ``fit.evaluation_budget`` times the
     teacher recording's model evaluations (``recorded × T``).
 
@@ -305,22 +414,27 @@ def plan_search(T: int, steps: Sequence[int], recorded: int, fit_samples: int, h
     fit part (n per sample each) and their runs on the held-out part plus the DDIM/Euler baseline's, less the step-0
     output every path shares (one evaluation per sample). A proposal that repeats another path, or a candidate
     refused for its amplification, costs less: the plan is an upper bound. The programme costs
-    :func:`programme_states` per search sample. Given ``search_samples``/``search_stride`` are kept (the other one is
+    :func:`programme_states` per search sample; with ``shift``, the timestep shift of every step count's proposal
+    costs :func:`olss_fast.core.refine.shift_evaluations` on each of :data:`SHIFT_SAMPLES` search samples (fewer if
+    there are fewer), and the shifted proposal is one candidate more. Given ``search_samples``/``search_stride`` are
+    kept (the other one is
     sized to the budget); otherwise the grid is about :data:`GRID_NODES` teacher indices with as many fit samples as
-    the budget allows (see there), and where not even :data:`MIN_SEARCH_SAMPLES` fit on the coarsest grid, that many
-    run there anyway (``evaluations`` then exceeds ``budget``, and the fit warns).
+    the budget allows (see there), and where not even ``min_samples`` (:data:`MIN_SEARCH_SAMPLES`; fewer in the
+    reduced plans of :func:`plan_fit`) fit on the coarsest grid, that many run there anyway (``evaluations`` then
+    exceeds ``budget``, and the fit warns).
     """
-    counts = {n: (candidates or {}).get(n, 3) for n in steps}
+    counts = {n: (candidates or {}).get(n, 3) + (1 if shift else 0) for n in steps}
     fitted = sum(counts[n] * n for n in steps) - sum(counts.values()) + 1  # per fit sample, step 0 once
     held = sum((counts[n] + 1) * n for n in steps) - sum(counts.values()) - len(steps) + 1  # candidates + baseline
-    fixed = recorded * T + fit_samples * fitted + heldout_samples * held
+    most = min(fit_samples, fit.search_samples or fit_samples)
+    shifting = min(most, SHIFT_SAMPLES) * sum(shift_evaluations(n) for n in steps) if shift else 0
+    fixed = recorded * T + fit_samples * fitted + heldout_samples * held + shifting
     budget = int(fit.evaluation_budget * recorded * T)
     room = max(0, budget - fixed)
     n_max = max(steps)
     # (the regular part of the grid and its last index must hold GRID_PER_STEP indices per step)
     strides = [g for g in range(1, T + 1) if len(range(0, T, g)) + 1 >= max(n_max, math.ceil(GRID_PER_STEP * n_max))]
     strides = [g for g in strides if len(programme_grid(T, g)) >= n_max] or [1]
-    most = min(fit_samples, fit.search_samples or fit_samples)
 
     def fitting(g: int) -> int:
         return min(most, room // programme_states(T, steps, g))
@@ -337,11 +451,11 @@ def plan_search(T: int, steps: Sequence[int], recorded: int, fit_samples: int, h
         if fitting(at) == most:  # budget to spare: a finer grid while every fit sample still fits
             stride = min(g for g in strides if g <= at and fitting(g) == most)
         else:  # a coarser grid only to reach the minimum number of search samples
-            enough = [g for g in strides if g >= at and fitting(g) >= min(most, MIN_SEARCH_SAMPLES)]
+            enough = [g for g in strides if g >= at and fitting(g) >= min(most, min_samples)]
             stride = enough[0] if enough else strides[-1]
         # no grid fits the minimum: the smallest programme anyway (the budget cannot hold: the re-fit of the
         # candidates alone nearly fills it, which happens when the step counts add up to about the teacher's steps)
-        floor = min(most, MIN_SEARCH_SAMPLES)
+        floor = min(most, min_samples)
         samples = fitting(stride) if fitting(stride) >= floor else floor
     return SearchPlan(samples=samples, stride=stride, budget=budget,
                       evaluations=fixed + samples * programme_states(T, steps, stride))
@@ -349,22 +463,23 @@ def plan_search(T: int, steps: Sequence[int], recorded: int, fit_samples: int, h
 
 def _programme(pipe: Any, stats: GramStats, refine_items: Sequence[WorkItem], fitpos: list[int], x0: torch.Tensor,
                latents: torch.Tensor, record: RecordConfig, fit: FitConfig, held: list[int],
-               candidates: Mapping[int, int], progress: bool,
+               candidates: Mapping[int, int], fit_plan: FitPlan, progress: bool,
                ctx: DistContext) -> tuple[dict[int, list[int]], dict[str, Any]]:
     """The proposal of :func:`refit_programme` for every step count, on ``search_samples`` of the fit part (with
     ``search_sweeps``: improved by coordinate descent on the same samples), sized by :func:`plan_search` unless
     ``search_samples``/``search_stride`` are given."""
     steps = sorted(fit.num_steps)
     plan = plan_search(stats.num_teacher_steps, steps, stats.num_samples, len(fitpos), len(held), fit,
-                       candidates)
+                       candidates, min_samples=fit_plan.min_search_samples, shift=fit_plan.shift)
     info: dict[str, Any] = {"samples": plan.samples, "stride": plan.stride, "planned_evaluations": plan.evaluations,
-                            "budget": plan.budget}
+                            "budget": plan.budget, "refit_samples": fit_plan.refit_samples,
+                            "candidates": list(fit_plan.candidates)}
     if plan.evaluations > plan.budget:
         warn_once(("over-budget", plan), "the fit plans %d model evaluations of one sample, %.2fx the teacher "
                   "recording's, above evaluation_budget=%s (the step counts add up to %d, the teacher has %d steps: "
                   "the re-fit of the candidate paths alone nearly fills it, or search_samples/search_stride ask "
-                  "for more); the programme (%d samples, stride %d) runs anyway. Record more teacher steps to stay "
-                  "within the budget",
+                  "for more); the programme (%d samples, stride %d) runs anyway. Record more samples or more "
+                  "teacher steps, or raise evaluation_budget",
                   plan.evaluations, plan.evaluations / (stats.num_samples * stats.num_teacher_steps),
                   fit.evaluation_budget, sum(steps), stats.num_teacher_steps, plan.samples, plan.stride,
                   logger=logger)
@@ -386,6 +501,24 @@ def _programme(pipe: Any, stats: GramStats, refine_items: Sequence[WorkItem], fi
     info["programme_evaluations"] = evaluations
     logger.info("refit programme on %d samples, stride %d: %d model evaluations of those samples; proposals %s",
                 len(pick), plan.stride, evaluations, proposals)
+    if fit_plan.shift:
+        T = stats.num_teacher_steps
+        sub = spread_indices(len(pick), min(len(pick), SHIFT_SAMPLES))
+        spick = [pick[k] for k in sub]
+        first = reuse_first_output(pipeline_denoiser(pipe, [items[k] for k in sub], record, distributed=ctx),
+                                   x0[spick], stats.timesteps[0])
+        shifted: dict[int, list[int]] = {}
+        for n in tqdm(steps, desc="timestep shift", disable=not progress or not ctx.is_main, leave=False):
+            nominal = [int(stats.timesteps[i]) for i in proposals[n]]
+            times, _, used = shift_timesteps(nominal, x0[spick], latents[proposals[n][1:] + [T]][:, spick], first,
+                                             granularity=fit.granularity)
+            shifted[n] = times
+            evaluations += used
+        if ctx.enabled:
+            shifted = broadcast_object(shifted, ctx)
+        info["shift_evaluations"] = evaluations - info["programme_evaluations"]
+        info["shifted"] = shifted
+        logger.info("timestep shift of the proposals: %s", shifted)
     return proposals, info
 
 
