@@ -181,7 +181,9 @@ def write_report(res: dict, path: Path) -> None:
              "programme on every "
              "re-fit sample on the full grid, paths judged on the search samples' own re-fit error, then the re-fit "
              "on all re-fit samples) and after (the programme sized to `evaluation_budget=3`, candidates chosen on "
-             "held-out re-fit samples, guarded against DDIM/Euler). Rows = latent rows through the denoiser (CFG "
+             "held-out re-fit samples, guarded against DDIM/Euler; for the tiny SD3 / Flux pipelines, whose 28-step "
+             "teacher makes each candidate's re-fit cost about one recording, the reduced plan of section \"Short "
+             "teachers: the reduced plan\"). Rows = latent rows through the denoiser (CFG "
              "counts twice); seconds on " + ", ".join(sorted({r.get("machine", "?") for r in (before, after) if r}))
              + "; dates: " + ", ".join(f"{k} {v.get('date', '?')}" for k, v in (("before", before),
                                                                                   ("after", after)) if v) + ".", "",
@@ -260,7 +262,7 @@ def write_report(res: dict, path: Path) -> None:
     section = "\n".join(lines).rstrip() + "\n"
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     pattern = re.compile(r"## Cheaper default search \(issue 22\)\n.*?(?=\n## |\Z)", re.S)
-    text = pattern.sub(lambda m: section.rstrip("\n"), text) if pattern.search(text) \
+    text = pattern.sub(lambda m: section.rstrip("\n") + "\n", text) if pattern.search(text) \
         else text.rstrip() + "\n\n" + section
     path.write_text(text.rstrip("\n") + "\n")
 
