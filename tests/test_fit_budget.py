@@ -193,6 +193,16 @@ def test_plan_sizes_the_search_to_the_budget():
     # recording; the smallest programme (8 samples on the coarsest grid) runs anyway and the plan says it is over
     over = plan_search(28, STEPS, 24, 18, 6, cfg)
     assert (over.samples, over.stride) == (8, 2) and over.evaluations > over.budget == 3 * 24 * 28
+    # a timestep shift asked for is kept, over the budget if need be: on 16 recorded samples its runs on the 12
+    # search samples (12 x 449) exceed the whole budget; with 1000 recorded samples it fits, on 16 of them
+    assert sum(shift_evaluations(n) for n in STEPS) == 449
+    small = plan_fit(100, STEPS, 16, 16, FitConfig(num_steps=STEPS, timestep_shift=True), shift=True)
+    assert small.shift and not small.reduced and small.candidates == ("minimax",)
+    assert small.search.evaluations > small.search.budget
+    large = plan_fit(100, STEPS, 1000, 1000, FitConfig(num_steps=STEPS, timestep_shift=True), shift=True)
+    assert large.shift and large.search.evaluations <= large.search.budget
+    # (the shifted proposal takes the uniform path's place: the same number of candidates, the same programme)
+    assert large.search.evaluations - plan_fit(100, STEPS, 1000, 1000, cfg).search.evaluations == 16 * 449
     # given options are kept
     given = plan_search(100, STEPS, 16, 12, 4, FitConfig(num_steps=STEPS, search_samples=4, search_stride=3))
     assert (given.samples, given.stride) == (4, 3)

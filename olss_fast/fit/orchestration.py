@@ -222,9 +222,10 @@ def _fit_refined(pipe: Any, stats: GramStats, teacher: Any, refine_items: Sequen
                  ctx: DistContext) -> tuple[dict[int, OLSSSchedule], dict[int, OLSSSchedule]]:
     """The re-fit with its held-out choice and guard (docs/design.md, "Held-out choice and guard"): the re-fit
     samples are split into a fit part and a held-out part (``heldout_samples``, spread over them); every candidate
-    path (``path="refit"``: the programme's proposal from ``search_samples`` of the fit part and the paths of
-    ``plan.candidates``, the min-max and, unless the budget dropped it, the uniform path; otherwise the one path
-    asked for) is re-fitted on the fit part and judged on the held-out part
+    path (``path="refit"``: the programme's proposal from ``search_samples`` of the fit part, the paths of
+    ``plan.candidates`` (the min-max path, and the uniform path unless the plan dropped it) and with
+    ``plan.shift`` the shifted proposal; otherwise the one path asked for) is re-fitted on the fit part and judged
+    on the held-out part
     against plain DDIM/Euler of the same NFE (:func:`olss_fast.core.heldout.choose_on_heldout`). Returns the final
     schedules and the paper's fit on their paths."""
     T = stats.num_teacher_steps
@@ -346,7 +347,8 @@ class FitPlan:
     programme's proposal (``candidates``), the fewest search samples its programme runs on (``min_search_samples``)
     and the programme's plan (``search``; the fit sizes it again once it knows which candidate paths coincide, which
     only leaves more room). ``reduced``: the full plan did not fit the budget and this one does. ``shift``: a
-    timestep-shifted proposal is judged too (:func:`olss_fast.core.refine.shift_timesteps`, on the search samples)."""
+    timestep-shifted proposal is judged too (:func:`olss_fast.core.refine.shift_timesteps`, on up to
+    :data:`SHIFT_SAMPLES` search samples)."""
 
     refit_samples: int
     heldout_samples: int
@@ -366,15 +368,14 @@ def plan_fit(T: int, steps: Sequence[int], recorded: int, available: int, fit: F
 
     The full plan: every recorded sample up to :data:`DEFAULT_REFIT_SAMPLES` (or ``refine_samples``), a quarter of
     them held out (or ``heldout_samples``), at least :data:`MIN_SEARCH_SAMPLES` search samples (:func:`plan_search`),
-    and next to the proposal the min-max path and, with ``shift``, the shifted proposal (the uniform path's place:
-    with both, the timestep shift's cost left the programme too few samples on the mixture benchmark); without
-    ``shift``, or where the shift does not fit the budget, the min-max and the uniform path. Where neither fits (a
-    small recording, or a teacher with about as many steps as the step counts add up to: each candidate's re-fit then
-    costs about one recording) and none of ``refine_samples``, ``heldout_samples``, ``search_samples`` and
-    ``search_stride`` is given, the first reduced plan that fits: the min-max path the only other candidate, then
-    re-fit samples removed one at a time, down to :data:`MIN_REFIT_SAMPLES`, with at least
-    :data:`TIGHT_SEARCH_SAMPLES` search samples. If none fits, the first full plan runs over the budget (the fit
-    warns).
+    and next to the proposal the min-max path and the uniform path, or with ``shift`` the min-max path and the
+    shifted proposal (in the uniform path's place: with both, the shift's cost left the programme too few samples on
+    the mixture benchmark). Where that is over the budget (a small recording, or a teacher with about as many steps
+    as the step counts add up to: each candidate's re-fit then costs about one recording) and none of ``shift``,
+    ``refine_samples``, ``heldout_samples``, ``search_samples`` and ``search_stride`` is asked for, the first reduced
+    plan that fits: the min-max path the only other candidate, then re-fit samples removed one at a time, down to
+    :data:`MIN_REFIT_SAMPLES`, with at least :data:`TIGHT_SEARCH_SAMPLES` search samples. Otherwise, or if none
+    fits, the full plan runs over the budget (the fit warns).
     """
     count = min(available, fit.refine_samples or DEFAULT_REFIT_SAMPLES)
     split_heldout(count, fit.heldout_samples)  # (its ValueError before any work)
@@ -389,18 +390,15 @@ def plan_fit(T: int, steps: Sequence[int], recorded: int, available: int, fit: F
         return FitPlan(refit_samples=refit, heldout_samples=held, candidates=candidates, min_search_samples=floor,
                        search=search, reduced=reduced, shift=shift)
 
-    full = [make(count, SHIFT_CANDIDATES, MIN_SEARCH_SAMPLES, False, True)] if shift else []
-    full.append(make(count, FULL_CANDIDATES, MIN_SEARCH_SAMPLES, False, False))
-    for plan in full:
-        if plan.search.evaluations <= plan.search.budget:
-            return plan
-    if any(v is not None for v in (fit.refine_samples, fit.heldout_samples, fit.search_samples, fit.search_stride)):
-        return full[0]
+    full = make(count, SHIFT_CANDIDATES if shift else FULL_CANDIDATES, MIN_SEARCH_SAMPLES, False, shift)
+    given = (fit.refine_samples, fit.heldout_samples, fit.search_samples, fit.search_stride)
+    if shift or full.search.evaluations <= full.search.budget or any(v is not None for v in given):
+        return full
     for refit in range(count, min(count, MIN_REFIT_SAMPLES) - 1, -1):
         plan = make(refit, REDUCED_CANDIDATES, TIGHT_SEARCH_SAMPLES, True, False)
         if plan.search.evaluations <= plan.search.budget:
             return plan
-    return full[0]
+    return full
 
 
 def plan_search(T: int, steps: Sequence[int], recorded: int, fit_samples: int, heldout_samples: int,
@@ -477,8 +475,8 @@ def _programme(pipe: Any, stats: GramStats, refine_items: Sequence[WorkItem], fi
     if plan.evaluations > plan.budget:
         warn_once(("over-budget", plan), "the fit plans %d model evaluations of one sample, %.2fx the teacher "
                   "recording's, above evaluation_budget=%s (the step counts add up to %d, the teacher has %d steps: "
-                  "the re-fit of the candidate paths alone nearly fills it, or search_samples/search_stride ask "
-                  "for more); the programme (%d samples, stride %d) runs anyway. Record more samples or more "
+                  "the re-fit of the candidate paths alone nearly fills it, or search_samples/search_stride/"
+                  "timestep_shift ask for more); the programme (%d samples, stride %d) runs anyway. Record more samples or more "
                   "teacher steps, or raise evaluation_budget",
                   plan.evaluations, plan.evaluations / (stats.num_samples * stats.num_teacher_steps),
                   fit.evaluation_budget, sum(steps), stats.num_teacher_steps, plan.samples, plan.stride,
