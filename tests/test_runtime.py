@@ -9,6 +9,7 @@ Everything runs on the CPU in float32; the ``gpu`` tests compare the CUDA-graph 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -360,6 +361,23 @@ def test_digits_eager_matches_pipeline() -> None:
                        output_type="pt").images
     torch.testing.assert_close(default_runner([2, 7], generator=torch.Generator().manual_seed(4), output_type="pt").images,
                                ref_default, atol=1e-5, rtol=1e-5)
+
+
+def test_off_grid_timesteps_run_in_the_runner_as_in_the_pipeline() -> None:
+    """A timestep-shifted schedule (timesteps off the DDIM grid, as ``timestep_shift=True`` fits them): the runner
+    evaluates the model where the pipeline with OLSSScheduler does, and the shift is not ignored."""
+    pipe = make_digits_pipe()
+    base = perturbed(ddim_schedule(pipe.scheduler.config, N_STEPS), seed=4, channels=1)
+    shifted = dataclasses.replace(base, timesteps=[base.timesteps[0]] + [t - 13 for t in base.timesteps[1:]])
+    lat = _noise((3, 1, 8, 8), seed=8)
+    with_olss_scheduler(pipe, shifted)
+    ref = pipe([3, 1, 4], num_inference_steps=N_STEPS, guidance_scale=2.0, latents=lat, output_type="pt").images
+    out = compile_olss_pipeline(pipe, shifted, backend="eager", guidance_scale=2.0)([3, 1, 4], latents=lat,
+                                                                                     output_type="pt").images
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    on_grid = compile_olss_pipeline(pipe, base, backend="eager", guidance_scale=2.0)([3, 1, 4], latents=lat,
+                                                                                     output_type="pt").images
+    assert (out - on_grid).abs().max() > 1e-3
 
 
 def test_bundled_digits_model_if_present() -> None:
