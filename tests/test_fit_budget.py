@@ -130,9 +130,11 @@ def test_short_teacher_drops_the_uniform_candidate_and_re_fit_samples_to_stay_wi
     assert counter.rows <= plan.search.evaluations <= 3 * 24 * T
     for s in res.schedules.values():
         assert set(s.meta["heldout"]["errors"]) <= {"proposal", "minimax", "baseline"}
-        if "refit_search" in s.meta:  # (not when the guard fell back to DDIM)
-            info = s.meta["refit_search"]
-            assert (info["refit_samples"], info["candidates"], info["samples"]) == (24, ["minimax"], 5)
+        info = s.meta["refit_search"]  # (also where the guard fell back to DDIM: candidate "baseline")
+        assert (info["refit_samples"], info["candidates"], info["samples"]) == (24, ["minimax"], 5)
+        assert info["candidate"] == s.meta["heldout"]["chosen"]
+        assert s.path == ("ddim" if info["candidate"] == "baseline" else "refit")
+    assert {s.meta["refit_search"]["candidate"] for s in res.schedules.values()} == {"baseline"}  # (this tiny case)
     counter.handle.remove()
     # given sizes are kept as they are: the full plan, over the budget
     for given in (dict(refine_samples=24), dict(heldout_samples=6), dict(search_samples=5), dict(search_stride=1)):

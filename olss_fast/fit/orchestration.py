@@ -271,11 +271,11 @@ def _fit_refined(pipe: Any, stats: GramStats, teacher: Any, refine_items: Sequen
         baseline = _baseline_schedule(stats, n, teacher)
         choice = choose_on_heldout(candidates, baseline, refit, heldout, fit_samples=len(fitpos), agree=agree)
         schedule = choice.schedule
-        if fit.path == "refit" and not choice.fell_back:
+        if fit.path == "refit":  # what the search ran on, also when the guard fell back (candidate "baseline")
             meta = dict(schedule.meta, refit_search=dict(search_info, candidate=choice.chosen,
                                                          proposal=proposals.get(n),
                                                          shifted_timesteps=shifted.get(n)))
-            schedule = dataclasses.replace(schedule, path="refit", meta=meta)
+            schedule = dataclasses.replace(schedule, meta=meta, path=schedule.path if choice.fell_back else "refit")
         final[n] = schedule
         paper[n] = baseline if choice.fell_back else candidates[choice.chosen]
         if choice.chosen == "shifted":  # the paper's fit is of the teacher timesteps: its schedule keeps them
