@@ -168,11 +168,15 @@ def choose_on_heldout(
     gains: dict[str, float] = {}
     fitted: dict[str, OLSSSchedule] = {}
     seen: dict[tuple[tuple[Any, ...], tuple[Any, ...]], str] = {}
+
+    def path_key(cand: OLSSSchedule) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        """The same path evaluated at the same timesteps is the same candidate."""
+        return tuple(cand.indices), tuple(cand.timesteps)
+
     for name, cand in candidates.items():
-        key = (tuple(cand.indices), tuple(cand.timesteps))
-        if key in seen:
+        if path_key(cand) in seen:
             continue
-        seen[key] = name
+        seen[path_key(cand)] = name
         fitted[name] = refit(cand)
         gains[name] = amplification(fitted[name].coeffs) / base_gain
         own = float(agree(fitted[name].errors[-1]))
@@ -202,7 +206,7 @@ def choose_on_heldout(
             gains[best], AMPLIFICATION_LIMIT, logger=logger,
         )
     for name, cand in candidates.items():  # a path given twice has the results of its first name
-        first = seen[(tuple(cand.indices), tuple(cand.timesteps))]
+        first = seen[path_key(cand)]
         errors.setdefault(name, errors[first])
         gains.setdefault(name, gains[first])
         pooled.setdefault(name, pooled[first])

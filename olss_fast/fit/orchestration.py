@@ -119,7 +119,7 @@ def fit_olss_scheduler(
     needed = None
     if fit.path == "uniform":
         needed = sorted({i for n in fit.num_steps for i in uniform_path(record.teacher_steps, n)} | {record.teacher_steps})
-    keeper = LatentKeeper(limit if fit.refine else 0, needed)
+    keeper = LatentKeeper(limit, needed)
     if stats is None:
         stats = record_trajectories(pipe, prompts, teacher=teacher, config=record, items=items,
                                     on_batch=keeper, progress=progress, checkpoint=checkpoint,
@@ -151,8 +151,8 @@ def fit_olss_scheduler(
 
 def _timestep_shift(fit: FitConfig, base_config: Mapping[str, Any]) -> bool:
     """Whether ``path="refit"`` judges a timestep-shifted proposal too (``fit.timestep_shift``); ``ValueError`` on a
-    flow-matching model (its float timesteps are not shifted)."""
-    if not fit.timestep_shift or fit.path != "refit" or not fit.refine:
+    flow-matching model (its float timesteps are not shifted). (FitConfig allows it with ``path="refit"`` only.)"""
+    if not fit.timestep_shift:
         return False
     if noise_schedule_id(base_config).get("kind") == "flow":
         raise ValueError("timestep_shift=True is not supported for flow-matching models (the shift is fitted on "
@@ -331,11 +331,10 @@ DEFAULT_REFIT_SAMPLES = 64
 #: :data:`TIGHT_SEARCH_SAMPLES` search samples
 MIN_REFIT_SAMPLES = 12
 TIGHT_SEARCH_SAMPLES = 4
-#: the paths of the statistics judged next to the programme's proposal: in the full plan (with the timestep shift,
-#: whose shifted proposal takes the uniform path's place) and in the reduced plans (no shift)
+#: the paths of the statistics judged next to the programme's proposal: in the full plan, and the min-max path alone
+#: with the timestep shift (its shifted proposal takes the uniform path's place) and in the reduced plans
 FULL_CANDIDATES = ("minimax", "uniform")
-SHIFT_CANDIDATES = ("minimax",)
-REDUCED_CANDIDATES = ("minimax",)
+MINIMAX_CANDIDATE = ("minimax",)
 #: the timestep shift of ``path="refit"`` runs on at most this many of the search samples (spread over them)
 SHIFT_SAMPLES = 16
 
@@ -390,12 +389,12 @@ def plan_fit(T: int, steps: Sequence[int], recorded: int, available: int, fit: F
         return FitPlan(refit_samples=refit, heldout_samples=held, candidates=candidates, min_search_samples=floor,
                        search=search, reduced=reduced, shift=shift)
 
-    full = make(count, SHIFT_CANDIDATES if shift else FULL_CANDIDATES, MIN_SEARCH_SAMPLES, False, shift)
+    full = make(count, MINIMAX_CANDIDATE if shift else FULL_CANDIDATES, MIN_SEARCH_SAMPLES, False, shift)
     given = (fit.refine_samples, fit.heldout_samples, fit.search_samples, fit.search_stride)
     if shift or full.search.evaluations <= full.search.budget or any(v is not None for v in given):
         return full
     for refit in range(count, min(count, MIN_REFIT_SAMPLES) - 1, -1):
-        plan = make(refit, REDUCED_CANDIDATES, TIGHT_SEARCH_SAMPLES, True, False)
+        plan = make(refit, MINIMAX_CANDIDATE, TIGHT_SEARCH_SAMPLES, True, False)
         if plan.search.evaluations <= plan.search.budget:
             return plan
     return full
