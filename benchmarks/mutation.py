@@ -71,7 +71,7 @@ MODULES: dict[str, Module] = {
     "refine": Module("olss_fast/core/refine.py", (
         "tests/test_refine.py", "tests/test_refine_rules.py", SE + "test_refit_ridge",
         "tests/test_refit_search.py::test_programme_is_exact_for_two_steps_and_reports_the_refit_error"),
-        functions=("x_sequential_refit", "xǁ_RefitStateǁfit", "xǁ_RefitStateǁadd_output", "x_path_targets"),
+        functions=("x_sequential_refit", "xǁRefitStateǁfit", "xǁRefitStateǁadd_output", "x_path_targets"),
         note="the re-fit's per-step fit, its Gram bookkeeping and driver"),
     "schedule": Module("olss_fast/core/schedule.py",
                        ("tests/test_schedule_io.py", "tests/test_schedule_rules.py"),
@@ -157,11 +157,11 @@ EQUIVALENT: dict[str, str] = {
     **{f"olss_fast.core.schedule.{n}": "`>=` for `>` against MAX_COEFFS = 2^21: C·n·(n+1) = 2^21 needs n(n+1) to be "
        "a power of two, i.e. n = 1 and C = 2^20 channels, which the channel bound (4096) refuses first"
        for n in ("x__coeff_tensor__mutmut_32", "xǁOLSSScheduleǁvalidate__mutmut_49")},
-    **{f"olss_fast.core.refine.xǁ_RefitStateǁfit__mutmut_{i}": "an extra zero row or column of the Gram buffer "
+    **{f"olss_fast.core.refine.xǁRefitStateǁfit__mutmut_{i}": "an extra zero row or column of the Gram buffer "
        "(m + 2 for m + 1): gram_lstsq reads only the indices 0 … m" for i in (20, 22)},
-    **{f"olss_fast.core.refine.xǁ_RefitStateǁfit__mutmut_{i}": "`keepdim` dropped: gram_lstsq fits an unbatched "
+    **{f"olss_fast.core.refine.xǁRefitStateǁfit__mutmut_{i}": "`keepdim` dropped: gram_lstsq fits an unbatched "
        "Gram matrix alike and the coefficient row broadcasts into the single group" for i in (44, 46)},
-    "olss_fast.core.refine.xǁ_RefitStateǁfit__mutmut_6":
+    "olss_fast.core.refine.xǁRefitStateǁfit__mutmut_6":
         "`history[: j + 2]` for `[: j + 1]`: row j is fitted when the history holds exactly e_0 … e_j",
     "olss_fast.serve.scheduler.xǁOLSSSchedulerǁ_olss_step__mutmut_25":
         "`float(timestep)` of a tensor timestep: `float()` of a one-element tensor is its item",
@@ -216,7 +216,7 @@ HAND_MUTANTS = [
      "test_runtime::test_update_schedule_with_other_timesteps_equals_a_fresh_runner"),
     ("search: minimax fallback to uniform removed (or its comparison reversed)",
      "test_silent_errors::test_minimax_search_falls_back_to_uniform_when_its_path_is_worse"),
-    ("re-fit ridge sign flipped / removed (in _RefitState.fit; also in lstsq.solve_spd)",
+    ("re-fit ridge sign flipped / removed (in RefitState.fit; also in lstsq.solve_spd)",
      "test_silent_errors::test_refit_ridge_is_the_tikhonov_fit_on_the_students_outputs, "
      "test_silent_errors::test_ridge_solve_is_the_tikhonov_solution_of_the_scaled_system"),
     ("noise-schedule id ignoring `rescale_betas_zero_snr`",

@@ -12,7 +12,7 @@ import torch
 from olss_fast import FitConfig, fit_olss_scheduler, record_trajectories
 from olss_fast.core import checks
 from olss_fast.core.grid import programme_states
-from olss_fast.core.refine import shift_evaluations
+from olss_fast.core.shift import shift_evaluations
 from olss_fast.core.search import paper_schedule, uniform_path
 from olss_fast.fit.orchestration import plan_fit, plan_search, split_heldout
 from olss_fast.models.gmm import make_gmm

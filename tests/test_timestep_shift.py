@@ -1,4 +1,4 @@
-"""The per-step timestep shift (``refine.shift_timesteps``): its coordinate search against a brute-force one built on
+"""The per-step timestep shift (``shift.shift_timesteps``): its coordinate search against a brute-force one built on
 ``sequential_refit`` (every try re-fitted from scratch), what it may and may not change, its evaluation count, and its
 refusals."""
 from __future__ import annotations
@@ -9,7 +9,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from olss_fast.core.refine import SHIFT_FRACTIONS, sequential_refit, shift_evaluations, shift_timesteps
+from olss_fast.core.refine import sequential_refit
+from olss_fast.core.shift import SHIFT_FRACTIONS, shift_evaluations, shift_timesteps
 from olss_fast.core.schedule import OLSSSchedule
 from olss_fast.core.step import student_latent
 from olss_fast.models.gmm import make_gmm

@@ -35,7 +35,7 @@ def _channel_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return prod.transpose(0, 1).reshape(prod.shape[1], -1).sum(-1)
 
 
-class _RefitState:
+class RefitState:
     """The re-fit's running state on one path: coefficient rows, the student's model outputs and their Gram.
 
     Step j is: ``latent(j)`` (the student's latent, from rows < j), the model output there ``add_output(e)``, then
@@ -96,9 +96,9 @@ class _RefitState:
         self.errors.append(err)
         return err
 
-    def fork(self, p: int) -> "_RefitState":
+    def fork(self, p: int) -> "RefitState":
         """A copy that keeps steps 0 … p−1's model outputs and rows 0 … p−2 (row p−1 is to be fitted again)."""
-        other = object.__new__(_RefitState)
+        other = object.__new__(RefitState)
         other.__dict__.update(self.__dict__)
         other.history = list(self.history[:p])
         other.coeffs = self.coeffs.clone()
@@ -108,7 +108,9 @@ class _RefitState:
         return other
 
 
-def _check_output(e: torch.Tensor, like: torch.Tensor, j: int) -> torch.Tensor:
+def check_output(e: torch.Tensor, like: torch.Tensor, j: int) -> torch.Tensor:
+    """A model output of student step j as the re-fit uses it (float32, detached); ValueError for a shape other than
+    ``like``'s or NaN/Inf."""
     e = e.detach().to(torch.float32)
     if e.shape != like.shape:
         raise ValueError(f"the model output at step {j} has shape {list(e.shape)}, expected {list(like.shape)}")
@@ -117,7 +119,9 @@ def _check_output(e: torch.Tensor, like: torch.Tensor, j: int) -> torch.Tensor:
     return e
 
 
-def _check_equations(x0: torch.Tensor, n: int, granularity: str) -> None:
+def check_equations(x0: torch.Tensor, n: int, granularity: str) -> None:
+    """ValueError unless ``granularity`` is known and the samples ``x0`` give at least n + 1 equations per
+    coefficient set (the last of n steps has n + 1 coefficients)."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown granularity {granularity!r}; choose one of {GRANULARITIES}")
     channels = x0.shape[1] if x0.dim() >= 3 else 1
@@ -156,10 +160,10 @@ def sequential_refit(
     gran = granularity or schedule.granularity
     if targets.shape[0] != n or targets.shape[1:] != x0.shape:
         raise ValueError(f"targets must be [{n}, *noise.shape] = [{n}, {list(x0.shape)}], got {list(targets.shape)}")
-    _check_equations(x0, n, gran)
-    state = _RefitState(x0, n, gran, ridge)
+    check_equations(x0, n, gran)
+    state = RefitState(x0, n, gran, ridge)
     for j in tqdm(range(n), desc=f"refining {n}-step schedule", disable=not progress, leave=False):
-        e = _check_output(evaluate(j, state.inference_coeffs(), state.history), state.x0f, j)
+        e = check_output(evaluate(j, state.inference_coeffs(), state.history), state.x0f, j)
         state.add_output(e)
         state.fit(j, targets[j])
     out = state.coeffs if gran == "channel" else state.coeffs[0]
@@ -260,9 +264,9 @@ def _teacher_dots(teacher_latents: torch.Tensor, channels: int) -> torch.Tensor:
     return y.transpose(1, 2).reshape(y.shape[0], channels, -1).transpose(0, 1)
 
 
-def _fit_errors(state: _RefitState, j: int, ys: torch.Tensor) -> torch.Tensor:
+def _fit_errors(state: RefitState, j: int, ys: torch.Tensor) -> torch.Tensor:
     """MSE of fitting row j of ``state`` (basis x0, e_0 … e_j) to each target in ``ys`` ``[C, J, B·rest]`` at once
-    (the same least squares as :meth:`_RefitState.fit`, batched over targets)."""
+    (the same least squares as :meth:`RefitState.fit`, batched over targets)."""
     m = j + 2
     basis = torch.stack([v.to(torch.float64) for v in [state.x0f] + state.history[: j + 1]])  # [m, B, C, ...]
     if basis.dim() < 4:
@@ -309,9 +313,9 @@ def refit_programme(
     n_max = steps[-1]
     useful = node_rule(T, steps, stride)
     x0 = noise.to(torch.float32)
-    root = _RefitState(x0, n_max, granularity, ridge)
+    root = RefitState(x0, n_max, granularity, ridge)
     ys = _teacher_dots(teacher_latents, root.channels)  # [C, T+1, B·rest]
-    layer: dict[int, _RefitState] = {0: root}
+    layer: dict[int, RefitState] = {0: root}
     parents: list[dict[int, int]] = [{0: -1}]
     finals: dict[int, tuple[float, int]] = {}
     evaluations = 0
@@ -321,7 +325,7 @@ def refit_programme(
         best: dict[int, tuple[float, int]] = {}  # node j -> (error at j, predecessor node)
         for i in sorted(layer):
             state = layer[i]
-            e = _check_output(denoise(state.latent(k), timesteps[i]), x0, k)
+            e = check_output(denoise(state.latent(k), timesteps[i]), x0, k)
             evaluations += 1
             bar.update(1)
             state.add_output(e)
@@ -336,7 +340,7 @@ def refit_programme(
                         finals[k + 1] = (err, i)
                 elif j not in best or err < best[j][0]:
                     best[j] = (err, i)
-        nxt: dict[int, _RefitState] = {}
+        nxt: dict[int, RefitState] = {}
         for j, (_, i) in best.items():
             child = layer[i].fork(k + 1)  # its outputs e_0 … e_k, rows 0 … k-1
             child.fit(k, teacher_latents[j])
@@ -417,7 +421,7 @@ def refit_path_search(
         )
     if not torch.allclose(noise.to(teacher_latents.dtype), teacher_latents[0], rtol=1e-4, atol=1e-5):
         raise ValueError("noise must be the teacher run's initial latent (teacher_latents[0])")
-    _check_equations(noise, counts[-1], granularity)
+    check_equations(noise, counts[-1], granularity)
     if start is None:
         starts: dict[int, list[int]] = {}
     elif isinstance(start, Mapping):
@@ -462,15 +466,15 @@ def _descend(timesteps: Sequence[Any], x0: torch.Tensor, teacher_latents: torch.
     def target(p: Sequence[int], j: int) -> torch.Tensor:
         return teacher_latents[p[j + 1]] if j + 1 < n else teacher_latents[T]
 
-    def run(p: Sequence[int], base: _RefitState | None = None, at: int = 0) -> tuple[_RefitState, float]:
+    def run(p: Sequence[int], base: RefitState | None = None, at: int = 0) -> tuple[RefitState, float]:
         nonlocal evaluations
         if base is None:
-            state, first = _RefitState(x0, n, granularity, ridge), 0
+            state, first = RefitState(x0, n, granularity, ridge), 0
         else:  # same timesteps as base before position `at`: re-use those outputs, re-fit row at-1 on its new target
             state, first = base.fork(at), at
             state.fit(at - 1, target(p, at - 1))
         for j in range(first, n):
-            e = _check_output(denoise(state.latent(j), timesteps[p[j]]), x0, j)
+            e = check_output(denoise(state.latent(j), timesteps[p[j]]), x0, j)
             evaluations += 1
             state.add_output(e)
             state.fit(j, target(p, j))
@@ -524,76 +528,3 @@ def _descend(timesteps: Sequence[Any], x0: torch.Tensor, teacher_latents: torch.
     return RefitSearchResult(indices=list(path), error=best, start_error=start_error,
                              proposal=list(proposal) if proposal is not None else None, proposal_error=proposal_error,
                              evaluations=evaluations, paths_tried=len(seen))
-
-
-#: where :func:`shift_timesteps` tries to evaluate a step: its timestep moved toward the next step's by these
-#: fractions of the gap (negative: toward more noise); measured on held-out noise, benchmarks/RESULTS.md
-#: ("Per-step timestep shift")
-SHIFT_FRACTIONS = (-0.25, 0.25, 0.5, 0.75)
-
-
-def shift_evaluations(n: int, fractions: Sequence[float] = SHIFT_FRACTIONS) -> int:
-    """Model evaluations of each sample :func:`shift_timesteps` makes for an n-step path, at most: one run of the
-    path, then for step j = 1 … n−1 one run of steps j … n−1 per fraction."""
-    return n + len(fractions) * n * (n - 1) // 2
-
-
-def shift_timesteps(
-    timesteps: Sequence[int],
-    noise: torch.Tensor,
-    targets: torch.Tensor,
-    denoise: Callable[[torch.Tensor, Any], torch.Tensor],
-    *,
-    fractions: Sequence[float] = SHIFT_FRACTIONS,
-    granularity: str = "global",
-    ridge: float = 1e-8,
-) -> tuple[list[int], float, int]:
-    """Per-step timestep shift fitted with the re-fit objective (not in the paper; the idea of exposure-bias and
-    time-shift work): the model need not be evaluated at the teacher timestep its step stands at.
-
-    ``timesteps``: the path's integer (VP) timesteps t_0 > … > t_{n−1}; ``targets``: ``[n, B, ...]`` teacher latents
-    at the path's next indices, as in :func:`sequential_refit`. Step 0 stays. For j = 1 … n−1 in turn (earlier steps
-    at their chosen timesteps, later ones at theirs) step j is tried at ``round(t_j − f·(t_j − t_{j+1}))``
-    (``t_n = 0``) for each fraction f, kept strictly between its neighbours; the timestep whose re-fitted student
-    has the lowest final error on these samples wins (the unshifted one on ties). A try re-uses the model outputs
-    of the steps before j. Returns the timesteps, that final MSE and the model evaluations made (of every sample).
-    """
-    n = len(timesteps)
-    if any(isinstance(t, bool) or not isinstance(t, int) for t in timesteps):
-        raise ValueError(f"shift_timesteps needs integer (VP) timesteps, got {list(timesteps)}")
-    if any(a <= b for a, b in zip(timesteps, timesteps[1:])) or timesteps[-1] < 0:
-        raise ValueError(f"timesteps must be non-negative and strictly descending, got {list(timesteps)}")
-    if targets.shape[0] != n or targets.shape[1:] != noise.shape:
-        raise ValueError(f"targets must be [{n}, *noise.shape] = [{n}, {list(noise.shape)}], got "
-                         f"{list(targets.shape)}")
-    _check_equations(noise, n, granularity)
-    evaluations = 0
-
-    def run(times: list[int], base: _RefitState | None, start: int) -> _RefitState:
-        nonlocal evaluations
-        if base is None:
-            state = _RefitState(noise, n, granularity, ridge)
-        else:  # steps before `start` as in base: their outputs kept, row start-1 fitted again (same target)
-            state = base.fork(start)
-            state.fit(start - 1, targets[start - 1])
-        for j in range(start, n):
-            state.add_output(_check_output(denoise(state.latent(j), times[j]), state.x0f, j))
-            evaluations += 1
-            state.fit(j, targets[j])
-        return state
-
-    chosen = [int(t) for t in timesteps]
-    current = run(chosen, None, 0)
-    for j in range(1, n):
-        below = chosen[j + 1] if j + 1 < n else -1
-        tried = {chosen[j]}
-        for f in fractions:
-            t = int(round(timesteps[j] - f * (timesteps[j] - (timesteps[j + 1] if j + 1 < n else 0))))
-            if t in tried or not below < t < chosen[j - 1]:
-                continue
-            tried.add(t)
-            trial = chosen[:j] + [t] + chosen[j + 1:]
-            state = run(trial, current, j)
-            if state.errors[-1] < current.errors[-1]:
-                current, chosen = state, trial
-    return chosen, float(current.errors[-1]), evaluations

@@ -121,7 +121,7 @@ class FitConfig:
             choice, in ``path="refit"`` (default 0: on held-out noise the descent's gains on the search samples did
             not carry over, benchmarks/RESULTS.md, learned-step baselines).
         timestep_shift: in ``path="refit"``, also judge the programme's proposal with a per-step timestep shift
-            (:func:`olss_fast.core.refine.shift_timesteps`, fitted on up to 16 search samples), in the uniform
+            (:func:`olss_fast.core.shift.shift_timesteps`, fitted on up to 16 search samples), in the uniform
             path's place among the candidates: the model is evaluated at a timestep moved toward the next step's
             where that lowers the re-fitted student's final error, and the held-out choice keeps it only where it
             wins there too. VP models only (``ValueError`` for flow matching). Off by default: on the Gaussian

@@ -22,7 +22,8 @@ from olss_fast.core.checks import warn_once
 from olss_fast.core.heldout import choose_on_heldout, reuse_first_output
 from olss_fast.core.provenance import scheduler_prediction_type
 from olss_fast.core.grid import programme_grid, programme_states
-from olss_fast.core.refine import refit_path_search, refit_programme, shift_evaluations, shift_timesteps
+from olss_fast.core.refine import refit_path_search, refit_programme
+from olss_fast.core.shift import shift_evaluations, shift_timesteps
 from olss_fast.core.schedule import OLSSSchedule
 from olss_fast.core.search import SearchConfig, coefficient_errors, paper_schedule, uniform_path, warn_paper_fit
 from olss_fast.core.stats import GramStats
@@ -346,7 +347,7 @@ class FitPlan:
     programme's proposal (``candidates``), the fewest search samples its programme runs on (``min_search_samples``)
     and the programme's plan (``search``; the fit sizes it again once it knows which candidate paths coincide, which
     only leaves more room). ``reduced``: the full plan did not fit the budget and this one does. ``shift``: a
-    timestep-shifted proposal is judged too (:func:`olss_fast.core.refine.shift_timesteps`, on up to
+    timestep-shifted proposal is judged too (:func:`olss_fast.core.shift.shift_timesteps`, on up to
     :data:`SHIFT_SAMPLES` search samples)."""
 
     refit_samples: int
@@ -412,7 +413,7 @@ def plan_search(T: int, steps: Sequence[int], recorded: int, fit_samples: int, h
     output every path shares (one evaluation per sample). A proposal that repeats another path, or a candidate
     refused for its amplification, costs less: the plan is an upper bound. The programme costs
     :func:`programme_states` per search sample; with ``shift``, the timestep shift of every step count's proposal
-    costs :func:`olss_fast.core.refine.shift_evaluations` on each of :data:`SHIFT_SAMPLES` search samples (fewer if
+    costs :func:`olss_fast.core.shift.shift_evaluations` on each of :data:`SHIFT_SAMPLES` search samples (fewer if
     there are fewer), and the shifted proposal is one candidate more. Given ``search_samples``/``search_stride`` are
     kept (the other one is
     sized to the budget); otherwise the grid is about :data:`GRID_NODES` teacher indices with as many fit samples as
