@@ -17,7 +17,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-index --no
 #    compiled runner in fresh processes, peak memory (compiled sections only if >= 120 s of the budget are left);
 # 4. flow: latency.py --model sd3-medium and --model flux-dev (random weights, real shapes, bf16, 1024x1024): the
 #    diffusers pipeline at 28 steps vs OLSS 8 steps eager / cuda_graph, the per-step floor, peak memory;
-# 5. extras: the demo on CUDA and the search-speed benchmark on CUDA;
+# 5. extras: the demo on CUDA, the re-fit programme per state vs batched layers (batched_layers.py, SD1.5 shapes)
+#    and the search-speed benchmark on CUDA;
 # 6. prints a short summary and the latency tables last.
 #
 # The device image lacks diffusers and pytest: carry their wheels in .whl/ (git-ignored; line 1 installs them), e.g.
@@ -130,7 +131,7 @@ if [ "$HAVE_CUDA" = "1" ] && has_stage flow; then
   done
 fi
 
-# ---- 5. extras: the demo on CUDA, the search-speed benchmark on CUDA -------------------------------------------
+# ---- 5. extras: the demo, batched programme layers and the search-speed benchmark, on CUDA -----------------------
 EXTRA_RC=skipped
 if [ "$HAVE_CUDA" = "1" ] && has_stage extras; then
   REM=$(( $(left) - 10 ))
@@ -139,6 +140,13 @@ if [ "$HAVE_CUDA" = "1" ] && has_stage extras; then
     > "$OUTDIR/demo.log" 2>&1
   EXTRA_RC=$?
   tail -n 45 "$OUTDIR/demo.log"
+  REM=$(( $(left) - 10 ))
+  if [ $REM -gt 90 ]; then  # the re-fit programme per state vs batched layers, SD1.5 shapes (random weights)
+    timeout --kill-after=10 $(( REM / 2 )) $PY benchmarks/batched_layers.py --models sd15 --device cuda \
+      --dtype float16 --samples 8 --repeats 1 --out "$OUTDIR/batched_layers_cuda.json" \
+      > "$OUTDIR/batched_layers.log" 2>&1 || EXTRA_RC=1
+    grep -E "^sd15|Error|Traceback" "$OUTDIR/batched_layers.log" | head -n 5
+  fi
   REM=$(( $(left) - 10 ))
   if [ $REM -gt 30 ]; then
     timeout --kill-after=10 "$REM" $PY benchmarks/search_speed.py --device cuda --quick \

@@ -29,11 +29,11 @@ over both environment variables.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Optional, Union
 
 import torch
 
+from olss_fast.core.dispatch import FORCE_REFERENCE_ENV, env_flag
 from olss_fast.core.step import olss_combine
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,6 @@ __all__ = [
 
 BACKENDS = ("auto", "triton", "reference")
 DEFAULT_BLOCK_SIZE = 1024
-FORCE_REFERENCE_ENV = "OLSS_FAST_FORCE_REFERENCE"
 FORCE_TRITON_ENV = "OLSS_FAST_FORCE_TRITON"
 # offsets switch to int64 when an index can reach this (module constant so that tests can lower it)
 INT64_THRESHOLD = 2**31
@@ -69,12 +68,8 @@ INT64_THRESHOLD = 2**31
 GuidanceScale = Optional[Union[float, torch.Tensor]]
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
-
-
 def _interpreting() -> bool:
-    return _env_flag("TRITON_INTERPRET")
+    return env_flag("TRITON_INTERPRET")
 
 
 # ---------------------------------------------------------------------------------------------------- validation
@@ -346,9 +341,9 @@ def select_backend(device: torch.device, backend: str = "auto") -> str:
         return "triton"
     if backend == "reference":
         return "reference"
-    if _env_flag(FORCE_REFERENCE_ENV):
+    if env_flag(FORCE_REFERENCE_ENV):
         return "reference"
-    if _env_flag(FORCE_TRITON_ENV) and HAS_TRITON:
+    if env_flag(FORCE_TRITON_ENV) and HAS_TRITON:
         return "triton"
     if HAS_TRITON and torch.device(device).type == "cuda":
         return "triton"

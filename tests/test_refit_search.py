@@ -71,6 +71,32 @@ def test_programme_is_exact_for_two_steps_and_reports_the_refit_error(recorded):
     assert err4 == pytest.approx(redo.errors[-1], rel=1e-9)
 
 
+def test_programme_with_batched_layers_is_the_programme(recorded):
+    """``batched`` (one call per layer, here the mixture's model with per-row timesteps) gives the proposals, errors
+    and evaluation count of one ``denoise`` call per state, and is called once per layer with every state of it."""
+    pipe, stats, x_path = recorded
+    den = lambda x, t: pipe.unet(x, t).sample  # noqa: E731
+    calls = []
+
+    def batched(zs, ts):
+        calls.append(list(ts))
+        t = torch.tensor([t for t in ts for _ in range(zs[0].shape[0])])
+        return list(pipe.unet(torch.cat(zs), t).sample.split(zs[0].shape[0]))
+
+    def no_single(x, t):
+        raise AssertionError("denoise called although batched was given")
+
+    ref, ref_evals = refit_programme(stats.timesteps, x_path[0], x_path, den, [2, 4], stride=2, progress=False)
+    got, evals = refit_programme(stats.timesteps, x_path[0], x_path, no_single, [2, 4], stride=2, progress=False,
+                                 batched=batched)
+    assert evals == ref_evals == sum(len(ts) for ts in calls) and len(calls) == 4
+    assert calls[0] == [stats.timesteps[0]] and len(calls[1]) > 1 and len(set(calls[1])) == len(calls[1])
+    for n in (2, 4):
+        assert got[n][0] == ref[n][0] and got[n][1] == pytest.approx(ref[n][1], rel=1e-5)
+    with pytest.raises(ValueError, match="batched returned 0 model outputs for the 1 states of layer 0"):
+        refit_programme(stats.timesteps, x_path[0], x_path, den, [2], progress=False, batched=lambda zs, ts: [])
+
+
 def test_refit_search_from_a_start_and_with_no_sweeps(recorded):
     pipe, stats, x_path = recorded
     den = lambda x, t: pipe.unet(x, t).sample  # noqa: E731

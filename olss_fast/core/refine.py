@@ -25,6 +25,9 @@ logger = logging.getLogger(__name__)
 
 #: evaluate(j, coeffs_so_far [.., n, n+1] float32, history [e_0..e_{j-1}]) -> e_j for all samples
 StepEvaluator = Callable[[int, torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
+#: batched(latents, timesteps) -> model outputs: ``denoise(z, t)`` of several states (``[B, ...]`` latents at one
+#: timestep each) at once, e.g. in one denoiser call with per-row timesteps (:func:`refit_programme`)
+LayerDenoiser = Callable[[Sequence[torch.Tensor], Sequence[Any]], Sequence[torch.Tensor]]
 
 
 def _channel_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -296,6 +299,7 @@ def refit_programme(
     ridge: float = 1e-8,
     stride: int = 1,
     progress: bool = True,
+    batched: LayerDenoiser | None = None,
 ) -> tuple[dict[int, tuple[list[int], float]], int]:
     """OSS's dynamic programme (:mod:`olss_fast.core.oss`) with the student-in-the-loop re-fit as the solver step.
 
@@ -306,7 +310,8 @@ def refit_programme(
     recursion (keep the best state per node) is OSS's approximation. Returns ``{n: (path, final MSE)}`` and the
     number of model evaluations (:func:`~olss_fast.core.grid.programme_states`, ``O(max n · T / stride)``, shared
     by every n). ``stride`` > 1 restricts the students' timesteps to :func:`~olss_fast.core.grid.programme_grid` (a
-    cheaper, coarser programme).
+    cheaper, coarser programme). ``batched`` evaluates each layer's states at once (it must return what ``denoise``
+    returns for each state; default: one ``denoise`` call per state).
     """
     T = len(timesteps)
     steps = sorted(set(int(n) for n in num_steps))
@@ -323,12 +328,17 @@ def refit_programme(
                leave=False)
     for k in range(n_max):
         best: dict[int, tuple[float, int]] = {}  # node j -> (error at j, predecessor node)
-        for i in sorted(layer):
+        nodes = sorted(layer)
+        zs, ts = [layer[i].latent(k) for i in nodes], [timesteps[i] for i in nodes]
+        outs = list(batched(zs, ts) if batched is not None else (denoise(z, t) for z, t in zip(zs, ts)))
+        if len(outs) != len(nodes):
+            raise ValueError(f"batched returned {len(outs)} model outputs for the {len(nodes)} states of layer {k}")
+        del zs
+        for i, e in zip(nodes, outs):
             state = layer[i]
-            e = check_output(denoise(state.latent(k), timesteps[i]), x0, k)
+            state.add_output(check_output(e, x0, k))
             evaluations += 1
             bar.update(1)
-            state.add_output(e)
             targets = [j for j in range(i + 1, T + 1)
                        if (j == T and k + 1 in steps) or (j < T and useful(k + 1, j))]
             if not targets:

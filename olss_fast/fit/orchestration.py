@@ -30,7 +30,8 @@ from olss_fast.core.stats import GramStats
 from olss_fast.fit.checkpoint import checkpoint_info
 from olss_fast.fit.config import FitConfig, RecordConfig, fit_configs
 from olss_fast.fit.distributed import DistContext, broadcast_object, resolve_context
-from olss_fast.fit.probe import LatentKeeper, pipeline_denoiser, refine_through_pipeline, student_noise
+from olss_fast.fit.probe import (LatentKeeper, layer_denoiser, pipeline_denoiser, refine_through_pipeline,
+                                student_noise)
 from olss_fast.fit.recording import check_recordable, record_trajectories
 from olss_fast.fit.teacher import default_teacher, first_order_coefficients
 from olss_fast.fit.work import WorkItem, make_work_items, prompt_list, spread_indices
@@ -486,7 +487,8 @@ def _programme(pipe: Any, stats: GramStats, refine_items: Sequence[WorkItem], fi
     denoise = pipeline_denoiser(pipe, items, record, distributed=ctx)
     found, evaluations = refit_programme(stats.timesteps, x0[pick], latents[:, pick], denoise, steps,
                                          granularity=fit.granularity, stride=plan.stride,
-                                         progress=progress and ctx.is_main)
+                                         progress=progress and ctx.is_main,
+                                         batched=layer_denoiser(pipe, items, record, distributed=ctx))
     if ctx.enabled:
         found = broadcast_object(found, ctx)
     proposals = {n: list(found[n][0]) for n in steps}

@@ -1,12 +1,16 @@
-"""Evaluating the model through the pipeline itself, one timestep at a time (the re-fit, the refit path search and
-the OSS baselines use it), and the student-in-the-loop re-fit driven that way."""
+"""Evaluating the model through the pipeline itself, one timestep per call (the re-fit, the refit path search and
+the OSS baselines use it) or, for the re-fit programme's layers, per-row timesteps in one call; and the
+student-in-the-loop re-fit driven that way."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Sequence
 
 import torch
 
-from olss_fast.core.refine import sequential_refit
+from olss_fast.core.checks import warn_once
+from olss_fast.core.dispatch import reference_forced
+from olss_fast.core.refine import LayerDenoiser, sequential_refit
 from olss_fast.core.schedule import OLSSSchedule
 from olss_fast.core.step import student_latent
 from olss_fast.fit.config import RecordConfig
@@ -14,8 +18,12 @@ from olss_fast.fit.distributed import (LOCAL, DistContext, all_gather_object, br
                                        resolve_context)
 from olss_fast.fit.recording import StopSampling, quiet_progress, run_pipeline, swapped_scheduler
 from olss_fast.fit.work import WorkItem, item_noise
-from olss_fast.pipelines.facts import latent_shape, pipeline_device, pipeline_dtype
+from olss_fast.pipelines.facts import denoiser_of, latent_shape, pipeline_device, pipeline_dtype
+from olss_fast.pipelines.registry import adapter_for
 from olss_fast.serve.scheduler import OLSSScheduler
+
+logger = logging.getLogger(__name__)
+
 
 class LatentKeeper:
     """Keeps the teacher latents of the work items with ``index < limit`` at the teacher indices the re-fit needs.
@@ -116,42 +124,155 @@ def pipeline_denoiser(
     Under torch.distributed batch k is evaluated by rank ``k % world_size`` and the outputs are all-gathered exactly
     (collective: every rank must call ``denoise`` with the same arguments).
     """
-    ctx = resolve_context(distributed)
-    device, dtype = pipeline_device(pipe), pipeline_dtype(pipe)
-    kwargs = record.pipeline_kwargs()
-    bs = record.batch_size
-    base = OLSSScheduler.from_config({k: v for k, v in dict(pipe.scheduler.config).items() if k != "schedules"})
-    items = list(items)
+    probe = _Prober(pipe, items, record, distributed)
 
     def denoise(z: torch.Tensor, t: Any) -> torch.Tensor:
         if z.shape[0] != len(items):
             raise ValueError(f"denoise got {z.shape[0]} latents for {len(items)} work items")
-        probe = _SingleStepProbe(base, t)
+        return probe.rows(z, [t] * z.shape[0], batched=False)
+
+    return denoise
+
+
+def layer_denoiser(
+    pipe: Any, items: Sequence[WorkItem], record: RecordConfig, *, distributed: bool | DistContext | None = None,
+) -> LayerDenoiser | None:
+    """The fast path of the re-fit programme's layers (:func:`olss_fast.core.refine.refit_programme`'s ``batched``):
+    ``batched(zs, ts)`` evaluates several states (latents ``[len(items), ...]`` at one timestep each) in
+    ``record.batch_size``-row pipeline calls whose rows may stand at different timesteps, so a layer of S states costs
+    ``ceil(S · len(items) / batch_size)`` denoiser calls instead of ``S · ceil(len(items) / batch_size)``.
+
+    The one dispatch point of this fast path. Returns None (the reference: one :func:`pipeline_denoiser` call per
+    state) when ``OLSS_FAST_FORCE_REFERENCE=1`` or when ``pipe`` is not a registered family running its own
+    ``__call__`` (a subclass's loop could use the timestep elsewhere, where per-row timesteps cannot reach). Each
+    mixed call checks that the denoiser received exactly the timestep the family's adapter says
+    (:meth:`~olss_fast.pipelines.base.PipelineAdapter.model_timestep`); where it did not, that call and every later
+    one are evaluated one timestep at a time, with a one-time warning.
+    """
+    if reference_forced() or not _own_loop(pipe):
+        return None
+    probe = _Prober(pipe, items, record, distributed)
+
+    def batched(zs: Sequence[torch.Tensor], ts: Sequence[Any]) -> list[torch.Tensor]:
+        if len(zs) != len(ts) or any(z.shape[0] != len(items) for z in zs):
+            raise ValueError(f"batched needs one timestep per state and {len(items)} latents per state")
+        if not zs:
+            return []
+        out = probe.rows(torch.cat(list(zs)), [t for t in ts for _ in items], batched=True)
+        return list(out.split(len(items)))
+
+    return batched
+
+
+def _own_loop(pipe: Any) -> bool:
+    """``pipe`` is of a registered family and runs the family's own ``__call__`` (diffusers' or this library's)."""
+    if adapter_for(pipe, required=False) is None:
+        return False
+    return getattr(type(pipe).__call__, "__module__", "").startswith(("diffusers.", "olss_fast."))
+
+
+class _Prober:
+    """Evaluates latent rows of ``items`` (row r is item ``r % len(items)``) through the pipeline, in
+    ``record.batch_size``-row calls spread over the ranks, each call one probe timestep (``batched=False``: every
+    row of a call at the same timestep) or per-row timesteps (``batched=True``, see :func:`layer_denoiser`)."""
+
+    def __init__(self, pipe: Any, items: Sequence[WorkItem], record: RecordConfig,
+                 distributed: bool | DistContext | None) -> None:
+        self.pipe, self.items, self.record = pipe, list(items), record
+        self.ctx = resolve_context(distributed)
+        self.device, self.dtype = pipeline_device(pipe), pipeline_dtype(pipe)
+        self.kwargs = record.pipeline_kwargs()
+        self.base = OLSSScheduler.from_config({k: v for k, v in dict(pipe.scheduler.config).items()
+                                               if k != "schedules"})
+        self.mixed_ok = True
+
+    def rows(self, z: torch.Tensor, ts: Sequence[Any], batched: bool) -> torch.Tensor:
+        bs, n, ctx = self.record.batch_size, len(self.items), self.ctx
         outs = []
-        with swapped_scheduler(pipe, probe), quiet_progress(pipe):
-            for k, s in enumerate(range(0, len(items), bs)):
-                if k % ctx.world_size != ctx.rank:
-                    continue
-                batch = items[s : s + bs]
-                probe.output = None
-                try:
-                    run_pipeline(pipe, batch, z[s : s + bs].to(device, dtype), 1, kwargs)
-                except StopSampling:
-                    pass
-                if probe.output is None:
-                    raise ValueError(
-                        f"{type(pipe).__name__} never called scheduler.step: the re-fit (and OSS) evaluate the model "
-                        "through a pipeline whose loop iterates scheduler.timesteps and calls scheduler.step"
-                    )
-                outs.append((s, probe.output.to("cpu", torch.float32)))
+        for k, s in enumerate(range(0, z.shape[0], bs)):
+            if k % ctx.world_size != ctx.rank:
+                continue
+            items = [self.items[r % n] for r in range(s, min(s + bs, z.shape[0]))]
+            outs.append((s, self._call(items, z[s : s + bs], ts[s : s + bs], batched)))
         if not ctx.enabled:
             return torch.cat([o for _, o in outs])
-        full = torch.zeros((len(items), *z.shape[1:]), dtype=torch.float32)
+        full = torch.zeros((z.shape[0], *z.shape[1:]), dtype=torch.float32)
         for s, o in outs:
             full[s : s + o.shape[0]] = o
         return gather_by_sum(full, ctx)
 
-    return denoise
+    def _call(self, items: list[WorkItem], z: torch.Tensor, ts: Sequence[Any], batched: bool) -> torch.Tensor:
+        if len(set(ts)) > 1:
+            if not batched:  # pragma: no cover - pipeline_denoiser passes one timestep
+                raise ValueError("rows at different timesteps need the batched evaluation")
+            if self.mixed_ok:
+                try:
+                    return self._probe(items, z, ts[0], ts)
+                except _NoRowTimesteps as exc:
+                    self.mixed_ok = False
+                    warn_once(("row-timesteps", type(self.pipe).__name__), "the re-fit programme evaluates its "
+                              "states one timestep at a time from now on: %s", exc, logger=logger)
+            out = torch.empty((z.shape[0], *z.shape[1:]), dtype=torch.float32)
+            for t in dict.fromkeys(ts):
+                pos = [r for r, u in enumerate(ts) if u == t]
+                out[pos] = self._probe([items[r] for r in pos], z[pos], t, None)
+            return out
+        return self._probe(items, z, ts[0], None)
+
+    def _probe(self, items: list[WorkItem], z: torch.Tensor, t: Any, per_row: Sequence[Any] | None) -> torch.Tensor:
+        probe = _SingleStepProbe(self.base, t)
+        hook = None
+        if per_row is not None:
+            rows = _RowTimesteps(adapter_for(self.pipe), probe.timesteps[0], per_row)
+            hook = denoiser_of(self.pipe).register_forward_pre_hook(rows, with_kwargs=True)
+        try:
+            with swapped_scheduler(self.pipe, probe), quiet_progress(self.pipe):
+                try:
+                    run_pipeline(self.pipe, items, z.to(self.device, self.dtype), 1, self.kwargs)
+                except StopSampling:
+                    pass
+        finally:
+            if hook is not None:
+                hook.remove()
+        if probe.output is None:
+            raise ValueError(
+                f"{type(self.pipe).__name__} never called scheduler.step: the re-fit (and OSS) evaluate the model "
+                "through a pipeline whose loop iterates scheduler.timesteps and calls scheduler.step"
+            )
+        if per_row is not None and not rows.calls:
+            raise _NoRowTimesteps(f"{type(self.pipe).__name__} did not call its denoiser module")
+        return probe.output.to("cpu", torch.float32)
+
+
+class _NoRowTimesteps(Exception):
+    """The denoiser was not called as the family's adapter says: per-row timesteps cannot be given to it."""
+
+
+class _RowTimesteps:
+    """Forward pre-hook of the denoiser that gives each latent row its own timestep: the pipeline runs one probe
+    timestep ``t`` and passes its denoiser ``adapter.model_timestep(t)``; the hook checks exactly that and replaces
+    it by ``adapter.model_timestep`` of the rows' timesteps (the CFG copies of the batch alike)."""
+
+    def __init__(self, adapter: Any, t: torch.Tensor, per_row: Sequence[Any]) -> None:
+        self.adapter, self.t = adapter, t
+        self.per_row = torch.tensor(list(per_row), dtype=t.dtype)
+        self.calls = 0
+
+    def __call__(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self.calls += 1
+        x = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+        keyword = "timestep" in kwargs
+        tau = kwargs["timestep"] if keyword else (args[1] if len(args) > 1 else None)
+        rows = len(self.per_row)
+        if not isinstance(x, torch.Tensor) or not isinstance(tau, torch.Tensor) or x.shape[0] % rows:
+            raise _NoRowTimesteps(f"its denoiser was called without a timestep tensor for a multiple of {rows} rows")
+        expected = self.adapter.model_timestep(self.t.to(tau.device), x)
+        if tau.dtype != expected.dtype or tau.dim() > 1 or not torch.equal(tau.expand_as(expected), expected):
+            raise _NoRowTimesteps(f"its denoiser got timestep {tau.tolist()} where {expected.tolist()} was expected")
+        given = self.adapter.model_timestep(self.per_row.to(tau.device).repeat(x.shape[0] // rows), x)
+        if keyword:
+            return args, dict(kwargs, timestep=given)
+        return (args[0], given, *args[2:]), kwargs
 
 
 def student_noise(pipe: Any, items: Sequence[WorkItem], record: RecordConfig) -> torch.Tensor:

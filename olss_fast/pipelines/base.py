@@ -235,6 +235,11 @@ class PipelineAdapter:
         """Denoiser keyword arguments for the whole (CFG-doubled) batch, from the static inputs."""
         raise NotImplementedError
 
+    def model_timestep(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The timestep argument the family's pipeline passes its denoiser for scheduler timestep(s) ``t`` (0-d, or
+        one per row of ``x``) and latents ``x``, one per row: ``t`` itself (Flux: σ = t / 1000)."""
+        return t.expand(x.shape[0])
+
     def denoise(self, denoiser: Any, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any],
                 options: CallOptions) -> torch.Tensor:
         """One denoiser call on the (CFG-doubled) batch."""

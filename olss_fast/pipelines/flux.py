@@ -150,9 +150,11 @@ class FluxAdapter(PipelineAdapter):
             cond["guidance"] = inputs["guidance"]
         return cond
 
+    def model_timestep(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return flux_timestep(t, x)
+
     def denoise(self, denoiser, x, t, cond, options):  # type: ignore[override]
-        timestep = t.expand(x.shape[0]).to(x.dtype) / 1000  # as FluxPipeline
-        return denoiser(hidden_states=x, timestep=timestep, return_dict=False, **cond)[0]
+        return denoiser(hidden_states=x, timestep=flux_timestep(t, x), return_dict=False, **cond)[0]
 
     def decode(self, latents: torch.Tensor, height: int = 0, width: int = 0) -> torch.Tensor:
         vae = self.pipe.vae
@@ -174,6 +176,12 @@ class FluxAdapter(PipelineAdapter):
         )
 
 
+def flux_timestep(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The timestep FluxPipeline passes its transformer for scheduler timestep(s) ``t`` and latents ``x``: σ, in the
+    latents' dtype."""
+    return t.expand(x.shape[0]).to(x.dtype) / 1000
+
+
 class FluxDenoiser(torch.nn.Module):
     """``(sample, timestep 0-d, encoder_hidden_states, pooled_projections, txt_ids, img_ids[, guidance])`` →
     velocity, as :meth:`FluxAdapter.denoise` calls the transformer (for the exporter)."""
@@ -186,8 +194,7 @@ class FluxDenoiser(torch.nn.Module):
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 pooled_projections: torch.Tensor, txt_ids: torch.Tensor, img_ids: torch.Tensor,
                 guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
-        t = timestep.expand(sample.shape[0]).to(sample.dtype) / 1000
-        return self.transformer(hidden_states=sample, timestep=t, guidance=guidance if self.with_guidance else None,
+        return self.transformer(hidden_states=sample, timestep=flux_timestep(timestep, sample), guidance=guidance if self.with_guidance else None,
                                 pooled_projections=pooled_projections, encoder_hidden_states=encoder_hidden_states,
                                 txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
 
