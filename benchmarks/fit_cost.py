@@ -183,7 +183,9 @@ def write_report(res: dict, path: Path) -> None:
              "on all re-fit samples) and after (the programme sized to `evaluation_budget=3`, candidates chosen on "
              "held-out re-fit samples, guarded against DDIM/Euler; for the tiny SD3 / Flux pipelines, whose 28-step "
              "teacher makes each candidate's re-fit cost about one recording, the reduced plan of section \"Short "
-             "teachers: the reduced plan\"). Rows = latent rows through the denoiser (CFG "
+             "teachers: the reduced plan\"; the model outputs of path prefixes that candidates share evaluated once, "
+             "and the programme's states of one layer sharing denoiser calls, section \"Batched programme layers "
+             "and shared prefixes\"). Rows = latent rows through the denoiser (CFG "
              "counts twice); seconds on " + ", ".join(sorted({r.get("machine", "?") for r in (before, after) if r}))
              + "; dates: " + ", ".join(f"{k} {v.get('date', '?')}" for k, v in (("before", before),
                                                                                   ("after", after)) if v) + ".", "",

@@ -65,9 +65,11 @@ def test_plan_counts_every_evaluation_of_the_fit(shift):
     """On the Gaussian mixture (no CFG: one row per sample), with given search samples and stride, the rows through
     the denoiser are exactly: the recording, the programme (programme_states per search sample), the re-fit of every
     distinct candidate path on the fit part and its run on the held-out part, the DDIM baseline's run there, with
-    step 0 (the initial noise at the first teacher timestep, the same for every path) evaluated once per sample;
-    with the timestep shift, its runs on the search samples (step 0 once per sample there too), and the shifted
-    proposal is a candidate in the uniform path's place. The plan counts three distinct candidates per step count."""
+    every distinct path prefix (step j of a re-fitted path is fixed by its first j + 1 indices and timesteps; step 0,
+    the initial noise at the first teacher timestep, is shared by every path and the baseline) evaluated once per
+    sample; with the timestep shift, the evaluations it reports making on the search samples, and the shifted
+    proposal is a candidate in the uniform path's place. Here the paths share more than step 0. The plan counts
+    three distinct candidates per step count sharing step 0 only: an upper bound."""
     pipe = make_gmm((2, 4, 4), num_components=3, seed=0)
     pipe.set_progress_bar_config(disable=True)
     counter = RowCounter(pipe.unet)
@@ -76,7 +78,7 @@ def test_plan_counts_every_evaluation_of_the_fit(shift):
                              search_samples=6, search_stride=2, timestep_shift=shift, progress=False)
     held, fitpart = split_heldout(24, None)
     assert len(held) == 6 and len(fitpart) == 18
-    fit_evals = held_evals = 0
+    prefixes, baseline_steps, unshared = set(), 0, 1
     for n, s in res.schedules.items():
         assert s.path == "refit" and None not in s.meta["heldout"]["errors"].values()  # every candidate ran
         info = s.meta["refit_search"]
@@ -87,16 +89,19 @@ def test_plan_counts_every_evaluation_of_the_fit(shift):
             paths.add((tuple(info["proposal"]), tuple(info["shifted_timesteps"])))
         else:
             paths.add((tuple(uniform_path(T, n)), tuple(int(res.stats.timesteps[i]) for i in uniform_path(T, n))))
-        fit_evals += len(paths) * (n - 1)  # step 0 of every path is the one shared evaluation
-        held_evals += (len(paths) + 1) * (n - 1)  # the candidates and the baseline
+        # step j of a re-fitted path is determined by its first j + 1 indices and timesteps
+        prefixes |= {(idx[: j + 1], times[: j + 1]) for idx, times in paths for j in range(n)}
+        unshared += len(paths) * (n - 1)  # the count if paths shared step 0 only
+        baseline_steps += n - 1  # the DDIM baseline's steps after step 0, on the held-out part
     shifting = 0
     if shift:
         used = res.schedules[3].meta["refit_search"]["shift_evaluations"]
         assert 0 < used <= shift_evaluations(3) + shift_evaluations(4)
-        shifting = 6 * (used - 1)  # (step 0 once per sample for both step counts)
-    expected = (24 * T + 6 * programme_states(T, steps, 2) + shifting + 18 * (fit_evals + 1)
-                + 6 * (held_evals + 1))
+        shifting = 6 * used
+    expected = (24 * T + 6 * programme_states(T, steps, 2) + shifting + 18 * len(prefixes)
+                + 6 * (len(prefixes) + baseline_steps))
     assert counter.rows == expected
+    assert len(prefixes) < unshared  # the paths do share more than step 0 here
     cfg = FitConfig(num_steps=steps, search_samples=6, search_stride=2)
     plan = plan_fit(T, steps, 24, 24, cfg, shift=shift).search
     assert (plan.samples, plan.stride) == (6, 2)

@@ -13,7 +13,7 @@ from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
 from olss_fast import OLSSScheduler, fit_olss_scheduler, search_schedule
 from olss_fast.core import checks
-from olss_fast.core.heldout import choose_on_heldout, final_mse
+from olss_fast.core.heldout import choose_on_heldout, final_mse, reuse_outputs
 from olss_fast.core.schedule import OLSSSchedule
 from olss_fast.core.search import uniform_path
 from olss_fast.fit.baselines import sample
@@ -148,6 +148,36 @@ def test_choose_on_heldout_unit():
 def search_schedule_like(n):
     return OLSSSchedule(timesteps=list(range(999, 999 - 100 * n, -100)), indices=list(range(n)),
                         coeffs=torch.eye(n, n + 1), teacher_steps=10)
+
+
+def test_reuse_outputs_evaluates_each_latent_and_timestep_once_within_its_byte_limit():
+    calls = []
+
+    def model(z, t):
+        calls.append(t)
+        return z * 2 + t
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 2, 4, generator=g), torch.randn(3, 2, 4, generator=g)
+    nbytes = a.numel() * 4
+    den = reuse_outputs(model, max_bytes=2 * nbytes)
+    first = den(a, 5)
+    assert den(a.clone(), 5) is first and calls == [5]  # equal latents (another tensor) at the same timestep
+    torch.testing.assert_close(den(a, 7), a * 2 + 7)  # another timestep
+    torch.testing.assert_close(den(b, 5), b * 2 + 5)  # other latents
+    nudged = a.clone()
+    nudged[2, 1, 3] = torch.nextafter(nudged[2, 1, 3], torch.tensor(1e9))  # one bit differs
+    den(nudged, 5)
+    den(a.double(), 5)  # another dtype
+    assert calls == [5, 7, 5, 5, 5]
+    # two float32 outputs fit: the float64 one fills the limit alone, so it is kept and every older one is gone
+    den(a.double(), 5)
+    assert len(calls) == 5
+    den(b, 5)
+    assert len(calls) == 6
+    big = reuse_outputs(model, max_bytes=nbytes - 1)  # an output larger than the limit is never kept
+    big(a, 1), big(a, 1)
+    assert calls[-2:] == [1, 1]
 
 
 def test_paper_fit_warns_once_where_a_user_takes_it(monkeypatch, caplog):

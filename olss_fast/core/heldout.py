@@ -13,8 +13,10 @@ schedule is never worse than DDIM/Euler of the same NFE on the held-out part.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -29,18 +31,41 @@ logger = logging.getLogger(__name__)
 Denoise = Callable[[torch.Tensor, Any], torch.Tensor]
 
 
-def reuse_first_output(denoise: Denoise, noise: torch.Tensor, timestep: Any) -> Denoise:
-    """``denoise`` that evaluates the model at ``(noise, timestep)`` once and returns that output again whenever it
-    is asked for it again: every path starts at teacher index 0 with the initial noise, so step 0 of every candidate,
-    every step count and the baseline is one and the same model evaluation."""
-    first: list[torch.Tensor] = []
+#: at most this many bytes of model outputs are kept by :func:`reuse_outputs` (the least recently used go first)
+REUSE_BYTES = 2 * 2**30
+
+
+def reuse_outputs(denoise: Denoise, max_bytes: int = REUSE_BYTES) -> Denoise:
+    """``denoise`` that evaluates the model once per distinct (latents, timestep) and returns the kept output when
+    asked again (up to ``max_bytes`` of outputs, least recently used dropped first).
+
+    The re-fit of step j depends only on the path up to it (its timesteps, and the teacher indices its rows were
+    fitted to), so candidate paths that share their first steps have bit-identical student latents there, on the fit
+    part and, with those rows, on the held-out part: step 0 (the initial noise at the first teacher timestep) of
+    every path, every step count and the baseline, and the longer prefixes the min-max path and the programme's
+    proposals for several step counts often share. Latents are told apart by a BLAKE2b-256 digest of their bytes,
+    with their shape and dtype.
+    """
+    kept: OrderedDict[tuple[Any, ...], torch.Tensor] = OrderedDict()
+    size = 0
 
     def wrapped(z: torch.Tensor, t: Any) -> torch.Tensor:
-        if t == timestep and z.shape == noise.shape and torch.equal(z.to(noise.dtype), noise):
-            if not first:
-                first.append(denoise(z, t))
-            return first[0]
-        return denoise(z, t)
+        nonlocal size
+        data = z.detach().to("cpu").contiguous()
+        digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=32).digest()
+        key = (t.item() if isinstance(t, torch.Tensor) else t, str(z.dtype), tuple(z.shape), digest)
+        if key in kept:
+            kept.move_to_end(key)
+            return kept[key]
+        out = denoise(z, t)
+        nbytes = out.numel() * out.element_size()
+        if nbytes <= max_bytes:
+            kept[key] = out
+            size += nbytes
+            while size > max_bytes:
+                _, old = kept.popitem(last=False)
+                size -= old.numel() * old.element_size()
+        return out
 
     return wrapped
 

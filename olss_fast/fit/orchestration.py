@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from olss_fast.core.checks import warn_once
-from olss_fast.core.heldout import choose_on_heldout, reuse_first_output
+from olss_fast.core.heldout import choose_on_heldout, reuse_outputs
 from olss_fast.core.provenance import scheduler_prediction_type
 from olss_fast.core.grid import programme_grid, programme_states
 from olss_fast.core.refine import refit_path_search, refit_programme
@@ -234,10 +234,9 @@ def _fit_refined(pipe: Any, stats: GramStats, teacher: Any, refine_items: Sequen
     steps = sorted(fit.num_steps)
     held, fitpos = split_heldout(len(refine_items), plan.heldout_samples)
     x0 = student_noise(pipe, refine_items, record)
-    t0 = stats.timesteps[0]
     agree = (lambda v: broadcast_object(v, ctx)) if ctx.enabled else None
     fit_items = [refine_items[k] for k in fitpos]
-    fit_denoise = reuse_first_output(pipeline_denoiser(pipe, fit_items, record, distributed=ctx), x0[fitpos], t0)
+    fit_denoise = reuse_outputs(pipeline_denoiser(pipe, fit_items, record, distributed=ctx))
 
     def refit(schedule: OLSSSchedule) -> OLSSSchedule:
         return refine_through_pipeline(pipe, schedule, fit_items, latents[:, fitpos], record, fit.granularity,
@@ -245,8 +244,7 @@ def _fit_refined(pipe: Any, stats: GramStats, teacher: Any, refine_items: Sequen
 
     heldout = None
     if held:
-        held_denoise = reuse_first_output(
-            pipeline_denoiser(pipe, [refine_items[k] for k in held], record, distributed=ctx), x0[held], t0)
+        held_denoise = reuse_outputs(pipeline_denoiser(pipe, [refine_items[k] for k in held], record, distributed=ctx))
         heldout = (x0[held], latents[T, held], held_denoise)
     else:
         warn_once(("no-heldout",), "no held-out re-fit samples (%d re-fit sample(s), heldout_samples=%s): the "
@@ -505,18 +503,23 @@ def _programme(pipe: Any, stats: GramStats, refine_items: Sequence[WorkItem], fi
         T = stats.num_teacher_steps
         sub = spread_indices(len(pick), min(len(pick), SHIFT_SAMPLES))
         spick = [pick[k] for k in sub]
-        first = reuse_first_output(pipeline_denoiser(pipe, [items[k] for k in sub], record, distributed=ctx),
-                                   x0[spick], stats.timesteps[0])
+        model = pipeline_denoiser(pipe, [items[k] for k in sub], record, distributed=ctx)
+        made = [0]  # model evaluations made (shift_timesteps counts those it asks for; re-used ones are not made)
+
+        def counted(z: torch.Tensor, t: Any) -> torch.Tensor:
+            made[0] += 1
+            return model(z, t)
+
+        shared = reuse_outputs(counted)
         shifted: dict[int, list[int]] = {}
         for n in tqdm(steps, desc="timestep shift", disable=not progress or not ctx.is_main, leave=False):
             nominal = [int(stats.timesteps[i]) for i in proposals[n]]
-            times, _, used = shift_timesteps(nominal, x0[spick], latents[proposals[n][1:] + [T]][:, spick], first,
-                                             granularity=fit.granularity)
+            times, _, _ = shift_timesteps(nominal, x0[spick], latents[proposals[n][1:] + [T]][:, spick], shared,
+                                          granularity=fit.granularity)
             shifted[n] = times
-            evaluations += used
         if ctx.enabled:
             shifted = broadcast_object(shifted, ctx)
-        info["shift_evaluations"] = evaluations - info["programme_evaluations"]
+        info["shift_evaluations"] = made[0]
         info["shifted"] = shifted
         logger.info("timestep shift of the proposals: %s", shifted)
     return proposals, info

@@ -297,7 +297,7 @@ def refine_through_pipeline(
     """Student-in-the-loop re-fit driving ``pipe`` itself (see module docstring).
 
     ``denoise`` replaces the :func:`pipeline_denoiser` of ``items`` (e.g. one that re-uses the step-0 output,
-    :func:`olss_fast.core.heldout.reuse_first_output`); it must evaluate the same pipeline on the same items.
+    :func:`olss_fast.core.heldout.reuse_outputs`); it must evaluate the same pipeline on the same items.
 
     Under torch.distributed (``distributed``, see :func:`olss_fast.fit.distributed.resolve_context`) the refinement
     batches (``items`` cut into ``record.batch_size`` batches, as a single process would) are evaluated by rank
