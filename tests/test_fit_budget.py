@@ -148,15 +148,17 @@ def test_short_teacher_drops_the_uniform_candidate_and_re_fit_samples_to_stay_wi
         assert kept.search.evaluations > kept.search.budget
 
 
-def test_no_plan_fits_a_very_short_teacher_the_full_one_runs_and_warns_once(monkeypatch, caplog):
+def test_no_plan_fits_a_very_short_teacher_the_cheapest_one_runs_and_warns_once(monkeypatch, caplog):
     """A 6-step teacher for 3 and 4 steps on 12 samples: not even the smallest reduced plan (12 re-fit samples, the
-    min-max path alone, 4 search samples) fits 3x, so the full plan runs (8 search samples on the coarsest grid,
-    three candidates), over the budget, and the fit says so once."""
+    min-max path alone, 4 search samples) fits 3x, so that one, the cheapest, runs over the budget (the full plan
+    would cost more), and the fit says so once."""
     monkeypatch.setattr(checks, "_warned", set())
     T, steps = 6, (3, 4)
     plan = plan_fit(T, steps, 12, 12, FitConfig(num_steps=steps))
-    assert not plan.reduced and plan.candidates == ("minimax", "uniform") and plan.refit_samples == 12
-    assert plan.search.samples == 8 and plan.search.evaluations > plan.search.budget == 3 * 12 * T
+    assert plan.reduced and plan.candidates == ("minimax",) and plan.refit_samples == 12
+    assert plan.search.samples == 4 and plan.search.evaluations > plan.search.budget == 3 * 12 * T
+    full = plan_search(T, steps, 12, 9, 3, FitConfig(num_steps=steps))
+    assert full.evaluations > plan.search.evaluations
     pipe = make_gmm((2, 4, 4), num_components=3, seed=0)
     pipe.set_progress_bar_config(disable=True)
     counter = RowCounter(pipe.unet)
@@ -166,12 +168,24 @@ def test_no_plan_fits_a_very_short_teacher_the_full_one_runs_and_warns_once(monk
             res = fit_olss_scheduler(pipe, [None] * 12, teacher_steps=T, num_steps=steps, batch_size=12,
                                      progress=False)
     over = [r.getMessage() for r in caplog.records if "above evaluation_budget" in r.getMessage()]
-    assert len(over) == 1 and "the programme (8 samples" in over[0] and "the teacher has 6 steps" in over[0]
+    assert len(over) == 1 and "the programme (4 samples" in over[0] and "the teacher has 6 steps" in over[0]
     assert "Record more samples or more teacher steps, or raise evaluation_budget" in over[0]
     planned = int(re.search(r"plans (\d+) model evaluations", over[0]).group(1))
-    assert 3 * 12 * T < counter.rows <= planned
-    assert set(res.schedules) == {3, 4}
+    assert planned == plan.search.evaluations and 3 * 12 * T < counter.rows <= planned
+    assert set(res.schedules) == {3, 4} and res.schedules[3].meta["refit_search"]["candidates"] == ["minimax"]
     counter.handle.remove()
+
+
+@pytest.mark.parametrize("T, recorded", [(28, 24), (28, 12), (100, 16), (6, 12)])
+def test_a_lower_budget_never_plans_a_costlier_fit(T, recorded):
+    """The planned evaluations never grow as evaluation_budget falls, also below what any plan can meet (the tiny
+    SD3 / Flux case of fit_cost.py is T = 28, 24 recorded samples: 2.91x at the default 3, 2.65x at 2)."""
+    steps = (4, 5, 6) if T == 6 else STEPS
+    planned = [plan_fit(T, steps, recorded, recorded, FitConfig(num_steps=steps, evaluation_budget=b)).search
+               for b in (4, 3, 2.5, 2, 1.5, 1)]
+    costs = [p.evaluations for p in planned]
+    assert costs == sorted(costs, reverse=True), costs
+    assert any(p.evaluations > p.budget for p in planned)  # the smaller budgets cannot be met
 
 
 def test_plan_sizes_the_search_to_the_budget():

@@ -345,7 +345,8 @@ class FitPlan:
     items, ``heldout_samples`` of them held out; with ``path="refit"``, the paths of the statistics judged next to the
     programme's proposal (``candidates``), the fewest search samples its programme runs on (``min_search_samples``)
     and the programme's plan (``search``; the fit sizes it again once it knows which candidate paths coincide, which
-    only leaves more room). ``reduced``: the full plan did not fit the budget and this one does. ``shift``: a
+    only leaves more room). ``reduced``: the full plan did not fit the budget and this one does (or, where none
+    does, is the cheapest). ``shift``: a
     timestep-shifted proposal is judged too (:func:`olss_fast.core.shift.shift_timesteps`, on up to
     :data:`SHIFT_SAMPLES` search samples)."""
 
@@ -373,8 +374,9 @@ def plan_fit(T: int, steps: Sequence[int], recorded: int, available: int, fit: F
     as the step counts add up to: each candidate's re-fit then costs about one recording) and none of ``shift``,
     ``refine_samples``, ``heldout_samples``, ``search_samples`` and ``search_stride`` is asked for, the first reduced
     plan that fits: the min-max path the only other candidate, then re-fit samples removed one at a time, down to
-    :data:`MIN_REFIT_SAMPLES`, with at least :data:`TIGHT_SEARCH_SAMPLES` search samples. Otherwise, or if none
-    fits, the full plan runs over the budget (the fit warns).
+    :data:`MIN_REFIT_SAMPLES`, with at least :data:`TIGHT_SEARCH_SAMPLES` search samples; if none fits, the cheapest
+    of them all, over the budget (the fit warns): a lower budget never makes the fit cost more. Where those sizes or
+    the shift are asked for, the full plan, over the budget if need be (the fit warns).
     """
     count = min(available, fit.refine_samples or DEFAULT_REFIT_SAMPLES)
     split_heldout(count, fit.heldout_samples)  # (its ValueError before any work)
@@ -393,11 +395,12 @@ def plan_fit(T: int, steps: Sequence[int], recorded: int, available: int, fit: F
     given = (fit.refine_samples, fit.heldout_samples, fit.search_samples, fit.search_stride)
     if shift or full.search.evaluations <= full.search.budget or any(v is not None for v in given):
         return full
+    plans = [full]
     for refit in range(count, min(count, MIN_REFIT_SAMPLES) - 1, -1):
-        plan = make(refit, MINIMAX_CANDIDATE, TIGHT_SEARCH_SAMPLES, True, False)
-        if plan.search.evaluations <= plan.search.budget:
-            return plan
-    return full
+        plans.append(make(refit, MINIMAX_CANDIDATE, TIGHT_SEARCH_SAMPLES, True, False))
+        if plans[-1].search.evaluations <= plans[-1].search.budget:
+            return plans[-1]
+    return min(plans, key=lambda p: p.search.evaluations)  # the closest to the budget (a lower one never costs more)
 
 
 def plan_search(T: int, steps: Sequence[int], recorded: int, fit_samples: int, heldout_samples: int,
