@@ -103,7 +103,8 @@ def test_a_denoiser_called_otherwise_falls_back_to_the_reference_with_one_warnin
     items = make_work_items(prompts[:2])
     den = pipeline_denoiser(pipe, items, rec)
     if how == "other timestep":  # the adapter expects another argument than the pipeline passes
-        monkeypatch.setattr(type(probe.adapter_for(pipe)), "model_timestep", lambda self, t, x: t.expand(x.shape[0]) + 1)
+        monkeypatch.setattr(type(probe.adapter_for(pipe)), "model_timestep",
+                            lambda self, t, x: t.expand(x.shape[0]) + 1)
     else:  # the hook sits on a module the pipeline never calls
         monkeypatch.setattr(probe, "denoiser_of", lambda p: torch.nn.Identity())
     batched = layer_denoiser(pipe, items, rec)

@@ -39,8 +39,8 @@ def shift_timesteps(
     in turn (earlier steps at their chosen timesteps, later ones at theirs) step j is tried at
     ``round(t_j − f·(t_j − t_{j+1}))`` (``t_n = 0``) for each fraction f, kept strictly between its neighbours; the
     timestep whose re-fitted student has the lowest final error on these samples wins (the unshifted one on ties). A
-    try re-uses the model outputs of the steps before j. Returns the timesteps, that final MSE and the model
-    evaluations made (of every sample).
+    try re-uses the model outputs of the steps before j. Returns the timesteps, that final MSE and the number of
+    ``denoise`` calls (model evaluations of every sample, unless ``denoise`` itself re-uses outputs).
     """
     n = len(timesteps)
     if any(isinstance(t, bool) or not isinstance(t, int) for t in timesteps):

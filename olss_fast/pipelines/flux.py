@@ -194,7 +194,8 @@ class FluxDenoiser(torch.nn.Module):
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 pooled_projections: torch.Tensor, txt_ids: torch.Tensor, img_ids: torch.Tensor,
                 guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.transformer(hidden_states=sample, timestep=flux_timestep(timestep, sample), guidance=guidance if self.with_guidance else None,
+        return self.transformer(hidden_states=sample, timestep=flux_timestep(timestep, sample),
+                                guidance=guidance if self.with_guidance else None,
                                 pooled_projections=pooled_projections, encoder_hidden_states=encoder_hidden_states,
                                 txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
 
