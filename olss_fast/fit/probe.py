@@ -165,10 +165,12 @@ def layer_denoiser(
 
 
 def _own_loop(pipe: Any) -> bool:
-    """``pipe`` is of a registered family and runs the family's own ``__call__`` (diffusers' or this library's)."""
-    if adapter_for(pipe, required=False) is None:
-        return False
-    return getattr(type(pipe).__call__, "__module__", "").startswith(("diffusers.", "olss_fast."))
+    """``pipe`` is of a registered family and runs exactly the family class's own ``__call__`` (diffusers' or this
+    library's; not a subclass's, which might call a second model, a ControlNet say, with the timestep)."""
+    adapter = adapter_for(pipe, required=False)
+    call = type(pipe).__call__
+    return (adapter is not None and getattr(call, "__qualname__", "") == f"{adapter.name}.__call__"
+            and getattr(call, "__module__", "").startswith(("diffusers.", "olss_fast.")))
 
 
 class _Prober:
