@@ -134,7 +134,8 @@ class FitConfig:
             recorded sample re-fitted: the recording and the re-fit of three candidate paths come to about 4.3x)
             and none of ``refine_samples``, ``heldout_samples``, ``search_samples``, ``search_stride`` given, the
             fit drops the uniform candidate and re-fits on fewer samples (:func:`plan_fit`); where not even that
-            fits, the full plan runs over the budget and the fit warns once.
+            fits, the cheapest of those plans runs over the budget (a lower budget never costs more) and the fit
+            warns once.
     """
 
     num_steps: Sequence[int] = (5, 10)

@@ -222,14 +222,13 @@ def _search_on_rank0(stats: GramStats, n: int, fit: FitConfig, ctx: DistContext,
 def _fit_refined(pipe: Any, stats: GramStats, teacher: Any, refine_items: Sequence[WorkItem], latents: torch.Tensor,
                  record: RecordConfig, fit: FitConfig, plan: FitPlan, progress: bool,
                  ctx: DistContext) -> tuple[dict[int, OLSSSchedule], dict[int, OLSSSchedule]]:
-    """The re-fit with its held-out choice and guard (docs/design.md, "Held-out choice and guard"): the re-fit
-    samples are split into a fit part and a held-out part (``heldout_samples``, spread over them); every candidate
-    path (``path="refit"``: the programme's proposal from ``search_samples`` of the fit part, the paths of
-    ``plan.candidates`` (the min-max path, and the uniform path unless the plan dropped it) and with
-    ``plan.shift`` the shifted proposal; otherwise the one path asked for) is re-fitted on the fit part and judged
-    on the held-out part
-    against plain DDIM/Euler of the same NFE (:func:`olss_fast.core.heldout.choose_on_heldout`). Returns the final
-    schedules and the paper's fit on their paths."""
+    """The re-fit with its held-out choice and guard (docs/design.md, "Held-out choice and guard"): the re-fit samples
+    are split into a fit part and a held-out part (``heldout_samples``, spread over them); every candidate path
+    (``path="refit"``: the programme's proposal from ``search_samples`` of the fit part, the paths of
+    ``plan.candidates`` (the min-max path, and the uniform path unless the plan dropped it) and with ``plan.shift``
+    the shifted proposal; otherwise the one path asked for) is re-fitted on the fit part and judged on the held-out
+    part against plain DDIM/Euler of the same NFE (:func:`olss_fast.core.heldout.choose_on_heldout`). Returns the
+    final schedules and the paper's fit on their paths."""
     T = stats.num_teacher_steps
     steps = sorted(fit.num_steps)
     held, fitpos = split_heldout(len(refine_items), plan.heldout_samples)
@@ -250,8 +249,9 @@ def _fit_refined(pipe: Any, stats: GramStats, teacher: Any, refine_items: Sequen
         warn_once(("no-heldout",), "no held-out re-fit samples (%d re-fit sample(s), heldout_samples=%s): the "
                   "re-fitted schedules are not checked against plain DDIM/Euler on held-out noise; use more "
                   "samples", len(refine_items), fit.heldout_samples, logger=logger)
-    # the paths of the statistics (the paper's search; with path="refit" the min-max and the uniform path)
-    stats_paths = plan.candidates if fit.path == "refit" else (fit.path,)
+    # the paths of the statistics (the paper's search; with path="refit" the min-max and the uniform path unless the
+    # plan dropped it; otherwise the one path asked for, which plan_fit gives as its candidate)
+    stats_paths = plan.candidates
     known = {n: {p: _search_on_rank0(stats, n, fit, ctx, p) for p in stats_paths} for n in steps}
     proposals: dict[int, list[int]] = {}
     search_info: dict[str, Any] = {}
@@ -305,9 +305,9 @@ def split_heldout(count: int, heldout: int | None) -> tuple[list[int], list[int]
 #: the planned programme's grid: about this many teacher indices (stride ``round(T / 25)``: 4 for 100 teacher steps,
 #: :func:`olss_fast.core.grid.programme_grid`), never fewer than :data:`GRID_PER_STEP` per step; finer only when
 #: every fit sample fits the budget on it, coarser only to reach :data:`MIN_SEARCH_SAMPLES`. Measured on held-out
-#: noise (benchmarks/RESULTS.md, "Cheaper default search"): at the same cost, more search samples on this grid chose better paths
-#: than fewer samples on the full grid (digits, 5 NFE: 0.052 vs 0.069 teacher RMSE; the mixture, 4-5 NFE, three
-#: training seeds) or on this grid refined by ±2 indices around its proposal.
+#: noise (benchmarks/RESULTS.md, "Cheaper default search"): at the same cost, more search samples on this grid chose
+#: better paths than fewer samples on the full grid (digits, 5 NFE: 0.052 vs 0.069 teacher RMSE; the mixture, 4-5 NFE,
+#: three training seeds) or on this grid refined by ±2 indices around its proposal.
 GRID_NODES = 25
 GRID_PER_STEP = 1.5
 MIN_SEARCH_SAMPLES = 8
@@ -346,9 +346,8 @@ class FitPlan:
     programme's proposal (``candidates``), the fewest search samples its programme runs on (``min_search_samples``)
     and the programme's plan (``search``; the fit sizes it again once it knows which candidate paths coincide, which
     only leaves more room). ``reduced``: the full plan did not fit the budget and this one does (or, where none
-    does, is the cheapest). ``shift``: a
-    timestep-shifted proposal is judged too (:func:`olss_fast.core.shift.shift_timesteps`, on up to
-    :data:`SHIFT_SAMPLES` search samples)."""
+    does, is the cheapest). ``shift``: a timestep-shifted proposal is judged too
+    (:func:`olss_fast.core.shift.shift_timesteps`, on up to :data:`SHIFT_SAMPLES` search samples)."""
 
     refit_samples: int
     heldout_samples: int
@@ -412,16 +411,16 @@ def plan_search(T: int, steps: Sequence[int], recorded: int, fit_samples: int, h
     The rest of the fit costs, in evaluations of one sample: the recording, the re-fit of the ``candidates[n]``
     distinct candidate paths of each step count n (default 3: the proposal, the min-max and the uniform path) on the
     fit part (n per sample each) and their runs on the held-out part plus the DDIM/Euler baseline's, less the step-0
-    output every path shares (one evaluation per sample). A proposal that repeats another path, or a candidate
-    refused for its amplification, costs less: the plan is an upper bound. The programme costs
-    :func:`programme_states` per search sample; with ``shift``, the timestep shift of every step count's proposal
-    costs :func:`olss_fast.core.shift.shift_evaluations` on each of :data:`SHIFT_SAMPLES` search samples (fewer if
-    there are fewer), and the shifted proposal is one candidate more. Given ``search_samples``/``search_stride`` are
-    kept (the other one is
-    sized to the budget); otherwise the grid is about :data:`GRID_NODES` teacher indices with as many fit samples as
-    the budget allows (see there), and where not even ``min_samples`` (:data:`MIN_SEARCH_SAMPLES`; fewer in the
-    reduced plans of :func:`plan_fit`) fit on the coarsest grid, that many run there anyway (``evaluations`` then
-    exceeds ``budget``, and the fit warns).
+    output every path shares (one evaluation per sample). A proposal that repeats another path, paths that share
+    their first steps (:func:`olss_fast.core.heldout.reuse_outputs`), or a candidate refused for its amplification,
+    cost less: the plan is an upper bound. The programme costs :func:`programme_states` per search sample; with
+    ``shift``, the timestep shift of every step count's proposal costs
+    :func:`olss_fast.core.shift.shift_evaluations` on each of :data:`SHIFT_SAMPLES` search samples (fewer if there
+    are fewer), and the shifted proposal is one candidate more. Given ``search_samples``/``search_stride`` are kept
+    (the other one is sized to the budget); otherwise the grid is about :data:`GRID_NODES` teacher indices with as
+    many fit samples as the budget allows (see there), and where not even ``min_samples``
+    (:data:`MIN_SEARCH_SAMPLES`; fewer in the reduced plans of :func:`plan_fit`) fit on the coarsest grid, that many
+    run there anyway (``evaluations`` then exceeds ``budget``, and the fit warns).
     """
     counts = {n: (candidates or {}).get(n, 3) + (1 if shift else 0) for n in steps}
     fitted = sum(counts[n] * n for n in steps) - sum(counts.values()) + 1  # per fit sample, step 0 once
@@ -478,8 +477,8 @@ def _programme(pipe: Any, stats: GramStats, refine_items: Sequence[WorkItem], fi
         warn_once(("over-budget", plan), "the fit plans %d model evaluations of one sample, %.2fx the teacher "
                   "recording's, above evaluation_budget=%s (the step counts add up to %d, the teacher has %d steps: "
                   "the re-fit of the candidate paths alone nearly fills it, or search_samples/search_stride/"
-                  "timestep_shift ask for more); the programme (%d samples, stride %d) runs anyway. Record more samples or more "
-                  "teacher steps, or raise evaluation_budget",
+                  "timestep_shift ask for more); the programme (%d samples, stride %d) runs anyway. Record more "
+                  "samples or more teacher steps, or raise evaluation_budget",
                   plan.evaluations, plan.evaluations / (stats.num_samples * stats.num_teacher_steps),
                   fit.evaluation_budget, sum(steps), stats.num_teacher_steps, plan.samples, plan.stride,
                   logger=logger)

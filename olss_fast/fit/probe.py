@@ -129,7 +129,7 @@ def pipeline_denoiser(
     def denoise(z: torch.Tensor, t: Any) -> torch.Tensor:
         if z.shape[0] != len(items):
             raise ValueError(f"denoise got {z.shape[0]} latents for {len(items)} work items")
-        return probe.rows(z, [t] * z.shape[0], batched=False)
+        return probe.rows(z, [t] * z.shape[0])
 
     return denoise
 
@@ -158,7 +158,7 @@ def layer_denoiser(
             raise ValueError(f"batched needs one timestep per state and {len(items)} latents per state")
         if not zs:
             return []
-        out = probe.rows(torch.cat(list(zs)), [t for t in ts for _ in items], batched=True)
+        out = probe.rows(torch.cat(list(zs)), [t for t in ts for _ in items])
         return list(out.split(len(items)))
 
     return batched
@@ -175,8 +175,8 @@ def _own_loop(pipe: Any) -> bool:
 
 class _Prober:
     """Evaluates latent rows of ``items`` (row r is item ``r % len(items)``) through the pipeline, in
-    ``record.batch_size``-row calls spread over the ranks, each call one probe timestep (``batched=False``: every
-    row of a call at the same timestep) or per-row timesteps (``batched=True``, see :func:`layer_denoiser`)."""
+    ``record.batch_size``-row calls spread over the ranks: a call whose rows share a timestep runs the probe at it, one
+    whose rows do not gives each row its own (see :func:`layer_denoiser`)."""
 
     def __init__(self, pipe: Any, items: Sequence[WorkItem], record: RecordConfig,
                  distributed: bool | DistContext | None) -> None:
@@ -188,25 +188,23 @@ class _Prober:
                                                if k != "schedules"})
         self.mixed_ok = True
 
-    def rows(self, z: torch.Tensor, ts: Sequence[Any], batched: bool) -> torch.Tensor:
+    def rows(self, z: torch.Tensor, ts: Sequence[Any]) -> torch.Tensor:
         bs, n, ctx = self.record.batch_size, len(self.items), self.ctx
         outs = []
         for k, s in enumerate(range(0, z.shape[0], bs)):
             if k % ctx.world_size != ctx.rank:
                 continue
             items = [self.items[r % n] for r in range(s, min(s + bs, z.shape[0]))]
-            outs.append((s, self._call(items, z[s : s + bs], ts[s : s + bs], batched)))
+            outs.append((s, self._call(items, z[s : s + bs], ts[s : s + bs])))
         if not ctx.enabled:
             return torch.cat([o for _, o in outs])
-        full = torch.zeros((z.shape[0], *z.shape[1:]), dtype=torch.float32)
+        full = torch.zeros(z.shape, dtype=torch.float32)
         for s, o in outs:
             full[s : s + o.shape[0]] = o
         return gather_by_sum(full, ctx)
 
-    def _call(self, items: list[WorkItem], z: torch.Tensor, ts: Sequence[Any], batched: bool) -> torch.Tensor:
+    def _call(self, items: list[WorkItem], z: torch.Tensor, ts: Sequence[Any]) -> torch.Tensor:
         if len(set(ts)) > 1:
-            if not batched:  # pragma: no cover - pipeline_denoiser passes one timestep
-                raise ValueError("rows at different timesteps need the batched evaluation")
             if self.mixed_ok:
                 try:
                     return self._probe(items, z, ts[0], ts)
@@ -214,7 +212,7 @@ class _Prober:
                     self.mixed_ok = False
                     warn_once(("row-timesteps", type(self.pipe).__name__), "the re-fit programme evaluates its "
                               "states one timestep at a time from now on: %s", exc, logger=logger)
-            out = torch.empty((z.shape[0], *z.shape[1:]), dtype=torch.float32)
+            out = torch.empty(z.shape, dtype=torch.float32)
             for t in dict.fromkeys(ts):
                 pos = [r for r, u in enumerate(ts) if u == t]
                 out[pos] = self._probe([items[r] for r in pos], z[pos], t, None)
