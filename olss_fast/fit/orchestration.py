@@ -304,10 +304,11 @@ def split_heldout(count: int, heldout: int | None) -> tuple[list[int], list[int]
 
 #: the planned programme's grid: about this many teacher indices (stride ``round(T / 25)``: 4 for 100 teacher steps,
 #: :func:`olss_fast.core.grid.programme_grid`), never fewer than :data:`GRID_PER_STEP` per step; finer only when
-#: every fit sample fits the budget on it, coarser only to reach :data:`MIN_SEARCH_SAMPLES`. Measured on held-out
-#: noise (benchmarks/RESULTS.md, "Cheaper default search"): at the same cost, more search samples on this grid chose
-#: better paths than fewer samples on the full grid (digits, 5 NFE: 0.052 vs 0.069 teacher RMSE; the mixture, 4-5 NFE,
-#: three training seeds) or on this grid refined by ±2 indices around its proposal.
+#: every fit sample fits the budget on it, coarser only to reach :data:`MIN_SEARCH_SAMPLES` (and never in the reduced
+#: plans of :func:`plan_fit`, see :data:`TIGHT_SEARCH_SAMPLES`). Measured on held-out noise (benchmarks/RESULTS.md,
+#: "Cheaper default search"): at the same cost, more search samples on this grid chose better paths than fewer samples
+#: on the full grid (digits, 5 NFE: 0.052 vs 0.069 teacher RMSE; the mixture, 4-5 NFE, three training seeds) or on
+#: this grid refined by ±2 indices around its proposal.
 GRID_NODES = 25
 GRID_PER_STEP = 1.5
 MIN_SEARCH_SAMPLES = 8
@@ -328,9 +329,12 @@ class SearchPlan:
 #: re-fit samples (held-out part included) when ``refine_samples`` is not given: every recorded sample, up to this many
 DEFAULT_REFIT_SAMPLES = 64
 #: the reduced plans of :func:`plan_fit` keep at least this many re-fit samples, and run the programme on at least
-#: :data:`TIGHT_SEARCH_SAMPLES` search samples
+#: :data:`TIGHT_SEARCH_SAMPLES` search samples on the planned grid, never a coarser one. Measured on held-out noise
+#: with the tiny SD3 / Flux pipelines (28 teacher steps for 4-10 steps; benchmarks/RESULTS.md, "Short teachers: the
+#: reduced plan"): 2 search samples on the full grid (28 indices) chose better paths at 5-10 NFE than 4 on the
+#: stride-2 grid (15 indices for 10 steps), whose paths were up to 41 % worse.
 MIN_REFIT_SAMPLES = 12
-TIGHT_SEARCH_SAMPLES = 4
+TIGHT_SEARCH_SAMPLES = 2
 #: the paths of the statistics judged next to the programme's proposal: in the full plan, and the min-max path alone
 #: with the timestep shift (its shifted proposal takes the uniform path's place) and in the reduced plans
 FULL_CANDIDATES = ("minimax", "uniform")
@@ -345,8 +349,8 @@ class FitPlan:
     items, ``heldout_samples`` of them held out; with ``path="refit"``, the paths of the statistics judged next to the
     programme's proposal (``candidates``), the fewest search samples its programme runs on (``min_search_samples``)
     and the programme's plan (``search``; the fit sizes it again once it knows which candidate paths coincide, which
-    only leaves more room). ``reduced``: the full plan did not fit the budget and this one does (or, where none
-    does, is the cheapest). ``shift``: a timestep-shifted proposal is judged too
+    only leaves more room, so never a coarser grid). ``reduced``: the full plan did not fit the budget and this one
+    does (or, where none does, is the cheapest). ``shift``: a timestep-shifted proposal is judged too
     (:func:`olss_fast.core.shift.shift_timesteps`, on up to :data:`SHIFT_SAMPLES` search samples)."""
 
     refit_samples: int
@@ -373,9 +377,11 @@ def plan_fit(T: int, steps: Sequence[int], recorded: int, available: int, fit: F
     as the step counts add up to: each candidate's re-fit then costs about one recording) and none of ``shift``,
     ``refine_samples``, ``heldout_samples``, ``search_samples`` and ``search_stride`` is asked for, the first reduced
     plan that fits: the min-max path the only other candidate, then re-fit samples removed one at a time, down to
-    :data:`MIN_REFIT_SAMPLES`, with at least :data:`TIGHT_SEARCH_SAMPLES` search samples; if none fits, the cheapest
-    of them all, over the budget (the fit warns): a lower budget never makes the fit cost more. Where those sizes or
-    the shift are asked for, the full plan, over the budget if need be (the fit warns).
+    :data:`MIN_REFIT_SAMPLES`, with at least :data:`TIGHT_SEARCH_SAMPLES` search samples on the planned grid (not a
+    coarser one: where the budget is that tight, the grid counts for more than the samples); if none fits, the cheapest
+    of them all, the smallest reduced plan on a coarser grid included, over the budget (the fit warns): a lower budget
+    never makes the fit cost more. Where those sizes or the shift are asked for, the full plan, over the budget if
+    need be (the fit warns).
     """
     count = min(available, fit.refine_samples or DEFAULT_REFIT_SAMPLES)
     split_heldout(count, fit.heldout_samples)  # (its ValueError before any work)
@@ -383,28 +389,31 @@ def plan_fit(T: int, steps: Sequence[int], recorded: int, available: int, fit: F
         return FitPlan(refit_samples=count, heldout_samples=heldout_count(count, fit.heldout_samples),
                        candidates=(fit.path,))
 
-    def make(refit: int, candidates: tuple[str, ...], floor: int, reduced: bool, shift: bool) -> FitPlan:
+    def make(refit: int, candidates: tuple[str, ...], floor: int, reduced: bool, shift: bool,
+             coarsen: bool) -> FitPlan:
         held = heldout_count(refit, fit.heldout_samples)
         search = plan_search(T, steps, recorded, max(0, refit - held), held, fit,
-                             {n: 1 + len(candidates) for n in steps}, min_samples=floor, shift=shift)
+                             {n: 1 + len(candidates) for n in steps}, min_samples=floor, shift=shift,
+                             coarsen=coarsen)
         return FitPlan(refit_samples=refit, heldout_samples=held, candidates=candidates, min_search_samples=floor,
                        search=search, reduced=reduced, shift=shift)
 
-    full = make(count, MINIMAX_CANDIDATE if shift else FULL_CANDIDATES, MIN_SEARCH_SAMPLES, False, shift)
+    full = make(count, MINIMAX_CANDIDATE if shift else FULL_CANDIDATES, MIN_SEARCH_SAMPLES, False, shift, True)
     given = (fit.refine_samples, fit.heldout_samples, fit.search_samples, fit.search_stride)
     if shift or full.search.evaluations <= full.search.budget or any(v is not None for v in given):
         return full
     plans = [full]
     for refit in range(count, min(count, MIN_REFIT_SAMPLES) - 1, -1):
-        plans.append(make(refit, MINIMAX_CANDIDATE, TIGHT_SEARCH_SAMPLES, True, False))
+        plans.append(make(refit, MINIMAX_CANDIDATE, TIGHT_SEARCH_SAMPLES, True, False, False))
         if plans[-1].search.evaluations <= plans[-1].search.budget:
             return plans[-1]
+    plans.append(make(plans[-1].refit_samples, MINIMAX_CANDIDATE, TIGHT_SEARCH_SAMPLES, True, False, True))
     return min(plans, key=lambda p: p.search.evaluations)  # the closest to the budget (a lower one never costs more)
 
 
 def plan_search(T: int, steps: Sequence[int], recorded: int, fit_samples: int, heldout_samples: int,
                 fit: FitConfig, candidates: Mapping[int, int] | None = None,
-                min_samples: int = MIN_SEARCH_SAMPLES, shift: bool = False) -> SearchPlan:
+                min_samples: int = MIN_SEARCH_SAMPLES, shift: bool = False, coarsen: bool = True) -> SearchPlan:
     """Size the programme of ``path="refit"`` so that the whole fit stays within ``fit.evaluation_budget`` times the
     teacher recording's model evaluations (``recorded × T``).
 
@@ -420,7 +429,8 @@ def plan_search(T: int, steps: Sequence[int], recorded: int, fit_samples: int, h
     (the other one is sized to the budget); otherwise the grid is about :data:`GRID_NODES` teacher indices with as
     many fit samples as the budget allows (see there), and where not even ``min_samples``
     (:data:`MIN_SEARCH_SAMPLES`; fewer in the reduced plans of :func:`plan_fit`) fit on the coarsest grid, that many
-    run there anyway (``evaluations`` then exceeds ``budget``, and the fit warns).
+    run there anyway (``evaluations`` then exceeds ``budget``, and the fit warns). ``coarsen=False`` (the reduced
+    plans) keeps the planned grid instead of a coarser one: ``min_samples`` run on it, over the budget if need be.
     """
     counts = {n: (candidates or {}).get(n, 3) + (1 if shift else 0) for n in steps}
     fitted = sum(counts[n] * n for n in steps) - sum(counts.values()) + 1  # per fit sample, step 0 once
@@ -449,11 +459,12 @@ def plan_search(T: int, steps: Sequence[int], recorded: int, fit_samples: int, h
         stride = at
         if fitting(at) == most:  # budget to spare: a finer grid while every fit sample still fits
             stride = min(g for g in strides if g <= at and fitting(g) == most)
-        else:  # a coarser grid only to reach the minimum number of search samples
+        elif coarsen:  # a coarser grid only to reach the minimum number of search samples
             enough = [g for g in strides if g >= at and fitting(g) >= min(most, min_samples)]
             stride = enough[0] if enough else strides[-1]
-        # no grid fits the minimum: the smallest programme anyway (the budget cannot hold: the re-fit of the
-        # candidates alone nearly fills it, which happens when the step counts add up to about the teacher's steps)
+        # the minimum does not fit (on any grid, or with coarsen=False on this one): it runs anyway (the budget
+        # cannot hold: the re-fit of the candidates alone nearly fills it, which happens when the step counts add up
+        # to about the teacher's steps)
         floor = min(most, min_samples)
         samples = fitting(stride) if fitting(stride) >= floor else floor
     return SearchPlan(samples=samples, stride=stride, budget=budget,
