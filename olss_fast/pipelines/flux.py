@@ -154,7 +154,7 @@ class FluxAdapter(PipelineAdapter):
         return flux_timestep(t, x)
 
     def denoise(self, denoiser, x, t, cond, options):  # type: ignore[override]
-        return denoiser(hidden_states=x, timestep=flux_timestep(t, x), return_dict=False, **cond)[0]
+        return denoiser(hidden_states=x, timestep=self.model_timestep(t, x), return_dict=False, **cond)[0]
 
     def decode(self, latents: torch.Tensor, height: int = 0, width: int = 0) -> torch.Tensor:
         vae = self.pipe.vae

@@ -126,7 +126,7 @@ class StableDiffusion3Adapter(PipelineAdapter):
         return {"encoder_hidden_states": inputs["embeds"], "pooled_projections": inputs["pooled"]}
 
     def denoise(self, denoiser, x, t, cond, options):  # type: ignore[override]
-        return denoiser(hidden_states=x, timestep=t.expand(x.shape[0]), return_dict=False, **cond)[0]
+        return denoiser(hidden_states=x, timestep=self.model_timestep(t, x), return_dict=False, **cond)[0]
 
     def decode(self, latents: torch.Tensor, height: int = 0, width: int = 0) -> torch.Tensor:
         cfg = self.pipe.vae.config
