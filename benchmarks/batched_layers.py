@@ -30,6 +30,8 @@ from olss_fast.fit.recording import record_trajectories
 from olss_fast.fit.work import make_work_items
 from olss_fast.pipelines.facts import denoiser_of
 
+from fit_cost import RowCounter  # (benchmarks/, the script's own folder, is on sys.path)
+
 HERE = Path(__file__).resolve().parent
 PROMPTS = ["a cat", "a dog", "blue sky", "red car", "old tree", "a bird", "green hill", "a boat"]
 
@@ -76,13 +78,7 @@ def measure(name: str, args: argparse.Namespace, workdir: Path) -> dict:
                                                                  "height", "width", "call_kwargs")})
     latents = torch.cat(kept, dim=1)
     x0 = student_noise(pipe, items, rec)
-    calls, rows = [0], [0]
-
-    def count(module, a, kw):
-        calls[0] += 1
-        rows[0] += int((a[0] if a else kw.get("sample", kw.get("hidden_states"))).shape[0])
-
-    hook = denoiser_of(pipe).register_forward_pre_hook(count, with_kwargs=True)
+    counter = RowCounter(denoiser_of(pipe))
     out = {"search_samples": len(items), "batch_size": rec.batch_size, "teacher_steps": rec.teacher_steps,
            "steps": list(steps), "stride": stride, "states": programme_states(rec.teacher_steps, steps, stride)}
     found = {}
@@ -93,16 +89,16 @@ def measure(name: str, args: argparse.Namespace, workdir: Path) -> dict:
             den = pipeline_denoiser(pipe, items, rec)
             best = None
             for _ in range(args.repeats):
-                calls[0] = rows[0] = 0
+                counter.calls = counter.rows = 0
                 sync(args.device)
                 t = time.perf_counter()
                 found[label], _ = refit_programme(stats.timesteps, x0, latents, den, steps, stride=stride,
                                                   progress=False, batched=batched)
                 sync(args.device)
                 best = min(best or float("inf"), time.perf_counter() - t)
-            out[label] = {"calls": calls[0], "rows": rows[0], "seconds": best}
+            out[label] = {"calls": counter.calls, "rows": counter.rows, "seconds": best}
     finally:
-        hook.remove()
+        counter.handle.remove()
     out["speedup"] = out["per_state"]["seconds"] / out["batched"]["seconds"]
     out["same_proposals"] = {str(n): found["per_state"][n][0] == found["batched"][n][0] for n in steps}
     return out

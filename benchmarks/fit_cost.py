@@ -77,15 +77,16 @@ def ratio_interval(after: list[float], before: list[float]) -> tuple[float, floa
 
 
 class RowCounter:
-    """Latent rows through a denoiser module (a forward pre-hook; CFG batches count twice)."""
+    """Latent rows through a denoiser module, and its calls (a forward pre-hook; CFG batches count twice)."""
 
     def __init__(self, module: torch.nn.Module) -> None:
-        self.rows = 0
+        self.rows = self.calls = 0
         self.handle = module.register_forward_pre_hook(self._count, with_kwargs=True)
 
     def _count(self, module, args, kwargs):
         x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         self.rows += int(x.shape[0])
+        self.calls += 1
 
 
 def measure(pipe, prompts, fit_kw, record_kw) -> tuple[dict, object]:
