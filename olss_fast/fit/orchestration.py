@@ -389,7 +389,7 @@ def plan_fit(T: int, steps: Sequence[int], recorded: int, available: int, fit: F
         return FitPlan(refit_samples=count, heldout_samples=heldout_count(count, fit.heldout_samples),
                        candidates=(fit.path,))
 
-    def make(refit: int, candidates: tuple[str, ...], floor: int, reduced: bool, shift: bool,
+    def make(refit: int, candidates: tuple[str, ...], floor: int, *, reduced: bool, shift: bool,
              coarsen: bool) -> FitPlan:
         held = heldout_count(refit, fit.heldout_samples)
         search = plan_search(T, steps, recorded, max(0, refit - held), held, fit,
@@ -398,16 +398,18 @@ def plan_fit(T: int, steps: Sequence[int], recorded: int, available: int, fit: F
         return FitPlan(refit_samples=refit, heldout_samples=held, candidates=candidates, min_search_samples=floor,
                        search=search, reduced=reduced, shift=shift)
 
-    full = make(count, MINIMAX_CANDIDATE if shift else FULL_CANDIDATES, MIN_SEARCH_SAMPLES, False, shift, True)
+    full = make(count, MINIMAX_CANDIDATE if shift else FULL_CANDIDATES, MIN_SEARCH_SAMPLES, reduced=False,
+                shift=shift, coarsen=True)
     given = (fit.refine_samples, fit.heldout_samples, fit.search_samples, fit.search_stride)
     if shift or full.search.evaluations <= full.search.budget or any(v is not None for v in given):
         return full
     plans = [full]
     for refit in range(count, min(count, MIN_REFIT_SAMPLES) - 1, -1):
-        plans.append(make(refit, MINIMAX_CANDIDATE, TIGHT_SEARCH_SAMPLES, True, False, False))
+        plans.append(make(refit, MINIMAX_CANDIDATE, TIGHT_SEARCH_SAMPLES, reduced=True, shift=False, coarsen=False))
         if plans[-1].search.evaluations <= plans[-1].search.budget:
             return plans[-1]
-    plans.append(make(plans[-1].refit_samples, MINIMAX_CANDIDATE, TIGHT_SEARCH_SAMPLES, True, False, True))
+    plans.append(make(plans[-1].refit_samples, MINIMAX_CANDIDATE, TIGHT_SEARCH_SAMPLES, reduced=True, shift=False,
+                      coarsen=True))
     return min(plans, key=lambda p: p.search.evaluations)  # the closest to the budget (a lower one never costs more)
 
 
