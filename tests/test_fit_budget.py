@@ -14,7 +14,7 @@ from olss_fast.core import checks
 from olss_fast.core.grid import programme_states
 from olss_fast.core.shift import shift_evaluations
 from olss_fast.core.search import paper_schedule, uniform_path
-from olss_fast.fit.orchestration import plan_fit, plan_search, split_heldout
+from olss_fast.fit.orchestration import FINAL_STATES, plan_fit, plan_search, split_heldout
 from olss_fast.models.gmm import make_gmm
 from olss_fast.pipelines.facts import denoiser_of
 from olss_fast.testing import tiny_sd_pipeline
@@ -64,7 +64,8 @@ def test_default_fit_evaluates_at_most_three_times_its_teacher_recording():
 def test_plan_counts_every_evaluation_of_the_fit(shift):
     """On the Gaussian mixture (no CFG: one row per sample), with given search samples and stride, the rows through
     the denoiser are exactly: the recording, the programme (programme_states per search sample), the re-fit of every
-    distinct candidate path on the fit part and its run on the held-out part, the DDIM baseline's run there, with
+    distinct candidate path on the fit part and its run on the held-out part (unless refused for its
+    amplification), the DDIM baseline's run there, with
     every distinct path prefix (step j of a re-fitted path is fixed by its first j + 1 indices and timesteps; step 0,
     the initial noise at the first teacher timestep, is shared by every path and the baseline) evaluated once per
     sample; with the timestep shift, the evaluations it reports making on the search samples, and the shifted
@@ -78,34 +79,43 @@ def test_plan_counts_every_evaluation_of_the_fit(shift):
                              search_samples=6, search_stride=2, timestep_shift=shift, progress=False)
     held, fitpart = split_heldout(24, None)
     assert len(held) == 6 and len(fitpart) == 18
-    prefixes, baseline_steps, unshared = set(), 0, 1
+    prefixes, ran, baseline_steps, unshared = set(), set(), 0, 1
     for n, s in res.schedules.items():
-        assert s.path == "refit" and None not in s.meta["heldout"]["errors"].values()  # every candidate ran
+        assert s.path == "refit"
         info = s.meta["refit_search"]
         minimax = paper_schedule(res.stats, n, path="minimax")
         proposal = [int(res.stats.timesteps[i]) for i in info["proposal"]]
-        paths = {(tuple(minimax.indices), tuple(minimax.timesteps)), (tuple(info["proposal"]), tuple(proposal))}
+        paths = {"minimax": (tuple(minimax.indices), tuple(minimax.timesteps)),
+                 "proposal": (tuple(info["proposal"]), tuple(proposal))}
         if shift:
-            paths.add((tuple(info["proposal"]), tuple(info["shifted_timesteps"])))
+            paths["shifted"] = (tuple(info["proposal"]), tuple(info["shifted_timesteps"]))
         else:
-            paths.add((tuple(uniform_path(T, n)), tuple(int(res.stats.timesteps[i]) for i in uniform_path(T, n))))
-        # step j of a re-fitted path is determined by its first j + 1 indices and timesteps
-        prefixes |= {(idx[: j + 1], times[: j + 1]) for idx, times in paths for j in range(n)}
-        unshared += len(paths) * (n - 1)  # the count if paths shared step 0 only
+            uniform = uniform_path(T, n)
+            paths["uniform"] = (tuple(uniform), tuple(int(res.stats.timesteps[i]) for i in uniform))
+        assert set(s.meta["heldout"]["errors"]) == set(paths) | {"baseline"}
+        # step j of a re-fitted path is determined by its first j + 1 indices and timesteps; every candidate is
+        # re-fitted on the fit part, and run on the held-out part unless refused for its amplification (error None)
+        steps_of = {name: {(idx[: j + 1], times[: j + 1]) for j in range(n)} for name, (idx, times) in paths.items()}
+        prefixes |= set().union(*steps_of.values())
+        ran |= set().union(*(v for name, v in steps_of.items() if s.meta["heldout"]["errors"][name] is not None))
+        unshared += len(set(paths.values())) * (n - 1)  # the count if paths shared step 0 only
         baseline_steps += n - 1  # the DDIM baseline's steps after step 0, on the held-out part
     shifting = 0
     if shift:
         used = res.schedules[3].meta["refit_search"]["shift_evaluations"]
         assert 0 < used <= shift_evaluations(3) + shift_evaluations(4)
         shifting = 6 * used
-    expected = (24 * T + 6 * programme_states(T, steps, 2) + shifting + 18 * len(prefixes)
-                + 6 * (len(prefixes) + baseline_steps))
+    # the full plan's programme keeps two states per node before a last step
+    assert res.schedules[3].meta["refit_search"]["final_states"] == FINAL_STATES == 2
+    programme = programme_states(T, steps, 2, FINAL_STATES)
+    assert programme > programme_states(T, steps, 2)
+    expected = (24 * T + 6 * programme + shifting + 18 * len(prefixes) + 6 * (len(ran) + baseline_steps))
     assert counter.rows == expected
     assert len(prefixes) < unshared  # the paths do share more than step 0 here
     cfg = FitConfig(num_steps=steps, search_samples=6, search_stride=2)
     plan = plan_fit(T, steps, 24, 24, cfg, shift=shift).search
-    assert (plan.samples, plan.stride) == (6, 2)
-    assert plan.evaluations == (24 * T + 6 * programme_states(T, steps, 2) + 18 * (3 * 7 - 5) + 6 * (4 * 7 - 7)
+    assert (plan.samples, plan.stride, plan.final_states) == (6, 2, 2)
+    assert plan.evaluations == (24 * T + 6 * programme + 18 * (3 * 7 - 5) + 6 * (4 * 7 - 7)
                                 + (6 * (shift_evaluations(3) + shift_evaluations(4)) if shift else 0))
     assert expected <= plan.evaluations
     counter.handle.remove()
@@ -122,7 +132,7 @@ def test_short_teacher_drops_the_uniform_candidate_and_re_fit_samples_to_stay_wi
     full = plan_search(T, steps, 24, 18, 6, cfg)
     assert full.evaluations > full.budget == 3 * 24 * T
     plan = plan_fit(T, steps, 24, 24, cfg)
-    assert plan.reduced and plan.candidates == ("minimax",)
+    assert plan.reduced and plan.candidates == ("minimax",) and plan.search.final_states == 1
     assert (plan.refit_samples, plan.heldout_samples, plan.search.samples, plan.search.stride) == (24, 6, 5, 1)
     # recording, programme, two candidates' re-fits (18 x (2 x 7 - 4 + 1)) and three held-out runs (6 x (3 x 7 - 6 + 1))
     assert plan.search.evaluations == 24 * T + 5 * programme_states(T, steps, 1) + 18 * 11 + 6 * 16 <= 576

@@ -97,6 +97,44 @@ def test_programme_with_batched_layers_is_the_programme(recorded):
         refit_programme(stats.timesteps, x_path[0], x_path, den, [2], progress=False, batched=lambda zs, ts: [])
 
 
+def test_programme_with_more_states_before_the_last_step(recorded):
+    """final_states: the layer before the last step keeps that many states per node. For three steps only layer 2
+    is widened (layer 1 holds the exact paths [0, i]), so more states are a superset of fewer: the final error never
+    rises with final_states, and keeping every state is exact, the best of all paths [0, i, j] on the stride-3 grid by
+    brute force (each judged by a fresh re-fit). On this mixture one state per node is far from it. Each programme
+    costs programme_states evaluations, and batched layers (two states of a node share its timestep) give the same."""
+    pipe, stats, x_path = recorded
+    den = lambda x, t: pipe.unet(x, t).sample  # noqa: E731
+    grid = programme_grid(30, 3)[1:]
+    brute = {(0, i, j): refine_schedule(search_schedule(stats, 3, path=[0, i, j]), den, x_path[0], x_path,
+                                        progress=False).errors[-1] for i in grid for j in grid if j > i}
+    best = min(brute, key=brute.get)
+    found = {}
+    for width in (1, 2, 3, len(grid)):
+        out, evals = refit_programme(stats.timesteps, x_path[0], x_path, den, [3], stride=3, progress=False,
+                                     final_states=width)
+        assert evals == programme_states(30, [3], 3, width)
+        path, err = out[3]
+        assert err == pytest.approx(brute[tuple(path)], rel=1e-9)
+        found[width] = err
+    assert found[len(grid)] == pytest.approx(brute[best], rel=1e-9)
+    assert found[1] >= found[2] >= found[3] >= found[len(grid)] and found[1] > 2 * found[len(grid)]
+
+    def batched(zs, ts):
+        t = torch.tensor([t for t in ts for _ in range(zs[0].shape[0])])
+        return list(pipe.unet(torch.cat(zs), t).sample.split(zs[0].shape[0]))
+
+    ref, ref_evals = refit_programme(stats.timesteps, x_path[0], x_path, den, [3, 5], stride=2, progress=False,
+                                     final_states=2)
+    got, evals = refit_programme(stats.timesteps, x_path[0], x_path, den, [3, 5], stride=2, progress=False,
+                                 final_states=2, batched=batched)
+    assert evals == ref_evals == programme_states(30, [3, 5], 2, 2) > programme_states(30, [3, 5], 2)
+    for n in (3, 5):
+        assert got[n][0] == ref[n][0] and got[n][1] == pytest.approx(ref[n][1], rel=1e-5)
+    with pytest.raises(ValueError, match="final_states must be a positive integer, got 0"):
+        refit_programme(stats.timesteps, x_path[0], x_path, den, [3], progress=False, final_states=0)
+
+
 def test_refit_search_from_a_start_and_with_no_sweeps(recorded):
     pipe, stats, x_path = recorded
     den = lambda x, t: pipe.unet(x, t).sample  # noqa: E731

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+from olss_fast.core.checks import integer
+
 
 def programme_grid(T: int, stride: int) -> list[int]:
     """The teacher indices the programme places steps on: every ``stride``-th, and toward the clean end the
@@ -31,14 +33,28 @@ def node_rule(T: int, steps: Sequence[int], stride: int) -> Callable[[int, int],
     return useful
 
 
-def programme_states(T: int, num_steps: Sequence[int], stride: int = 1) -> int:
+def layer_width(k: int, steps: Sequence[int], final_states: int = 1) -> int:
+    """How many states the programme keeps per node of layer k: ``final_states`` where its next step can be the last
+    one (k + 1 is a wanted step count), else one. The state with the lowest error at a node is not always the one
+    with the lowest error at the end: the last step is fitted to the end, and its error is the one that counts."""
+    return final_states if k >= 1 and k + 1 in steps else 1
+
+
+def programme_states(T: int, num_steps: Sequence[int], stride: int = 1, final_states: int = 1) -> int:
     """The number of states of the programme (one model evaluation of every search sample each) for a
-    T-step teacher, these step counts and this stride: layer 0 is the initial noise, layer k every node after the
-    first node of layer k − 1."""
+    T-step teacher, these step counts, this stride and ``final_states`` (:func:`layer_width`): layer 0 is the initial
+    noise; in layer k every node after the first node of layer k − 1 holds as many states as there are before it in
+    layer k − 1, at most :func:`layer_width`."""
+    integer(final_states, "final_states", lo=1)
     steps = sorted(set(int(n) for n in num_steps))
     useful = node_rule(T, steps, stride)
-    layer, count = [0], 1
+    layer, count = {0: 1}, 1
     for k in range(1, steps[-1]):
-        layer = [j for j in range(layer[0] + 1, T) if useful(k, j)]
-        count += len(layer)
+        nodes, width, before, nxt = sorted(layer), layer_width(k, steps, final_states), 0, {}
+        for j in range(nodes[0] + 1, T):
+            before += layer.get(j - 1, 0)
+            if useful(k, j):
+                nxt[j] = min(width, before)
+        layer = nxt
+        count += sum(layer.values())
     return count

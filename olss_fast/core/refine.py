@@ -14,9 +14,9 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from olss_fast.core.grid import node_rule, programme_states
+from olss_fast.core.checks import integer
+from olss_fast.core.grid import layer_width, node_rule, programme_states
 from olss_fast.core.lstsq import gram_lstsq, solve_spd
-from olss_fast.core.oss import trace_back
 from olss_fast.core.schedule import GRANULARITIES, OLSSSchedule
 from olss_fast.core.search import uniform_path
 from olss_fast.core.step import student_latent
@@ -300,6 +300,7 @@ def refit_programme(
     stride: int = 1,
     progress: bool = True,
     batched: LayerDenoiser | None = None,
+    final_states: int = 1,
 ) -> tuple[dict[int, tuple[list[int], float]], int]:
     """OSS's dynamic programme (:mod:`olss_fast.core.oss`) with the student-in-the-loop re-fit as the solver step.
 
@@ -307,7 +308,10 @@ def refit_programme(
     the targets of its path), the best such k-step student by its error at i. Transition ``i → j``: evaluate the model
     at the state's latent (once per state, shared by every j), fit row k to the teacher latent at j; that fit's
     error is the cost. The error into the final latent is exactly the re-fit's objective of the whole path; the
-    recursion (keep the best state per node) is OSS's approximation. Returns ``{n: (path, final MSE)}`` and the
+    recursion (keep the best state per node) is OSS's approximation. ``final_states`` > 1 keeps that many of the best
+    states per node in each layer whose next step can be the last one (:func:`~olss_fast.core.grid.layer_width`; one
+    model evaluation each): the state with the lowest error at a node is not always the one with the lowest error at
+    the end. Returns ``{n: (path, final MSE)}`` and the
     number of model evaluations (:func:`~olss_fast.core.grid.programme_states`, ``O(max n · T / stride)``, shared
     by every n). ``stride`` > 1 restricts the students' timesteps to :func:`~olss_fast.core.grid.programme_grid` (a
     cheaper, coarser programme). ``batched`` evaluates each layer's states at once (it must return what ``denoise``
@@ -317,29 +321,31 @@ def refit_programme(
     steps = sorted(set(int(n) for n in num_steps))
     n_max = steps[-1]
     useful = node_rule(T, steps, stride)
+    integer(final_states, "final_states", lo=1)
     x0 = noise.to(torch.float32)
     root = RefitState(x0, n_max, granularity, ridge)
     ys = _teacher_dots(teacher_latents, root.channels)  # [C, T+1, B·rest]
-    layer: dict[int, RefitState] = {0: root}
-    parents: list[dict[int, int]] = [{0: -1}]
-    finals: dict[int, tuple[float, int]] = {}
+    # a state is (node, rank): the rank-th best state into that node; parents[k][(j, r)] is the state before it
+    layer: dict[tuple[int, int], RefitState] = {(0, 0): root}
+    parents: list[dict[tuple[int, int], tuple[int, int]]] = [{}]
+    finals: dict[int, tuple[float, tuple[int, int]]] = {}
     evaluations = 0
-    bar = tqdm(total=programme_states(T, steps, stride), desc="refit programme", unit="eval", disable=not progress,
-               leave=False)
+    bar = tqdm(total=programme_states(T, steps, stride, final_states), desc="refit programme", unit="eval",
+               disable=not progress, leave=False)
     for k in range(n_max):
-        best: dict[int, tuple[float, int]] = {}  # node j -> (error at j, predecessor node)
-        nodes = sorted(layer)
-        zs, ts = [layer[i].latent(k) for i in nodes], [timesteps[i] for i in nodes]
+        into: dict[int, list[tuple[float, tuple[int, int]]]] = {}  # node j -> [(error at j, state before)]
+        keys = sorted(layer)
+        zs, ts = [layer[s].latent(k) for s in keys], [timesteps[s[0]] for s in keys]
         outs = list(batched(zs, ts) if batched is not None else (denoise(z, t) for z, t in zip(zs, ts)))
-        if len(outs) != len(nodes):
-            raise ValueError(f"batched returned {len(outs)} model outputs for the {len(nodes)} states of layer {k}")
+        if len(outs) != len(keys):
+            raise ValueError(f"batched returned {len(outs)} model outputs for the {len(keys)} states of layer {k}")
         del zs
-        for i, e in zip(nodes, outs):
-            state = layer[i]
+        for key, e in zip(keys, outs):
+            state = layer[key]
             state.add_output(check_output(e, x0, k))
             evaluations += 1
             bar.update(1)
-            targets = [j for j in range(i + 1, T + 1)
+            targets = [j for j in range(key[0] + 1, T + 1)
                        if (j == T and k + 1 in steps) or (j < T and useful(k + 1, j))]
             if not targets:
                 continue
@@ -347,21 +353,27 @@ def refit_programme(
             for j, err in zip(targets, errs):
                 if j == T:
                     if k + 1 not in finals or err < finals[k + 1][0]:
-                        finals[k + 1] = (err, i)
-                elif j not in best or err < best[j][0]:
-                    best[j] = (err, i)
-        nxt: dict[int, RefitState] = {}
-        for j, (_, i) in best.items():
-            child = layer[i].fork(k + 1)  # its outputs e_0 … e_k, rows 0 … k-1
-            child.fit(k, teacher_latents[j])
-            nxt[j] = child
-        parents.append({j: i for j, (_, i) in best.items()})
+                        finals[k + 1] = (err, key)
+                else:
+                    into.setdefault(j, []).append((err, key))
+        width = layer_width(k + 1, steps, final_states)
+        nxt: dict[tuple[int, int], RefitState] = {}
+        links: dict[tuple[int, int], tuple[int, int]] = {}
+        for j, found in into.items():
+            for r, (_, key) in enumerate(sorted(found)[:width]):
+                child = layer[key].fork(k + 1)  # its outputs e_0 … e_k, rows 0 … k-1
+                child.fit(k, teacher_latents[j])
+                nxt[(j, r)], links[(j, r)] = child, key
+        parents.append(links)
         layer = nxt
     bar.close()
     out = {}
     for n in steps:
-        err, node = finals[n]
-        out[n] = (trace_back(parents, node, n), err)
+        err, key = finals[n]
+        path = [key]
+        for k in range(n - 1, 0, -1):
+            path.append(parents[k][path[-1]])
+        out[n] = ([j for j, _ in reversed(path)], err)
     return out, evaluations
 
 
@@ -380,6 +392,7 @@ def refit_path_search(
     ridge: float = 1e-8,
     progress: bool = True,
     agree: Callable[[Any], Any] | None = None,
+    final_states: int = 1,
 ) -> dict[int, RefitSearchResult]:
     """Path search judged after the student-in-the-loop re-fit (docs/design.md, "Path search"; beyond the paper).
 
@@ -411,6 +424,7 @@ def refit_path_search(
         granularity, ridge: as in :func:`sequential_refit`.
         agree: maps each objective value to the one every process uses (rank 0's under torch.distributed), so
             that all processes take the same decisions; default: as computed.
+        final_states: the programme's states per node before a last step (:func:`refit_programme`).
 
     Raises:
         ValueError: shapes that do not fit, step counts outside 1 … T, a bad start path, too few samples, NaN model
@@ -454,7 +468,7 @@ def refit_path_search(
     if programme:
         proposals, prog_evals = refit_programme(timesteps, noise, teacher_latents, denoise, counts,
                                                 granularity=granularity, ridge=ridge, stride=stride,
-                                                progress=progress)
+                                                progress=progress, final_states=final_states)
         proposals = agree(proposals)
     results = {}
     for n in counts:
