@@ -276,3 +276,25 @@ def test_plan_sizes_the_search_to_the_budget():
     with pytest.raises(ValueError, match="leaves none of the 4 re-fit samples"):
         split_heldout(4, 4)
     assert split_heldout(1, None) == ([], [0]) and split_heldout(8, None) == ([0, 7], [1, 2, 3, 4, 5, 6])
+
+
+def test_full_plan_keeps_two_states_before_a_last_step_only_on_its_own_grid():
+    """The full plan's programme keeps FINAL_STATES (2) states per node before a last step where that fits the budget
+    on the grid one state would get, at the cost of search samples; where it would need a coarser grid, one state."""
+    cfg = FitConfig(num_steps=STEPS)
+    assert FINAL_STATES == 2
+    # 64 recorded samples of a 100-step teacher (48 fit / 16 held out): 23 search samples with two states on the
+    # stride-4 grid, where one state would have taken 35
+    wide = plan_fit(100, STEPS, 64, 64, cfg)
+    assert not wide.reduced and (wide.search.final_states, wide.search.samples, wide.search.stride) == (2, 23, 4)
+    one = plan_search(100, STEPS, 64, 48, 16, cfg)
+    assert (one.samples, one.stride) == (35, 4)
+    assert wide.search.evaluations - 23 * programme_states(100, STEPS, 4, 2) == one.evaluations - 35 * 194
+    assert programme_states(100, STEPS, 4) == 194 and programme_states(100, STEPS, 4, 2) == 296
+    # 16 recorded (the tiny SD case): two states would move the programme to the stride-6 grid, so one state
+    tiny = plan_fit(100, STEPS, 16, 16, cfg)
+    assert (tiny.search.final_states, tiny.search.samples, tiny.search.stride) == (1, 8, 4)
+    assert plan_search(100, STEPS, 16, 12, 4, cfg, final_states=2).stride == 6
+    # the reduced plans keep one
+    short = plan_fit(28, STEPS, 24, 24, cfg)
+    assert short.reduced and short.search.final_states == 1

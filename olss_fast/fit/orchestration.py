@@ -337,10 +337,9 @@ DEFAULT_REFIT_SAMPLES = 64
 #: stride-2 grid (15 indices for 10 steps), whose paths were up to 41 % worse.
 MIN_REFIT_SAMPLES = 12
 TIGHT_SEARCH_SAMPLES = 2
-#: states per node the full plan's programme keeps before a last step (:func:`olss_fast.core.grid.layer_width`; the
-#: reduced plans keep one). Measured on held-out noise (benchmarks/RESULTS.md, "Two states before the last step"):
-#: on the mixture it lowered the error at 5 NFE by 10-16 % for the search samples it costs; in the reduced plans it
-#: pushed the programme onto a coarser grid and lost at 5-10 NFE.
+#: states per node the full plan's programme keeps before a last step (:func:`olss_fast.core.grid.layer_width`) where
+#: that fits the budget on the same grid; else, and in the reduced plans, one (benchmarks/RESULTS.md, "Two states
+#: before the last step": the mixture's error at 5 NFE 10-20 % lower; a coarser grid for SD3 / Flux lost at 5-10 NFE).
 FINAL_STATES = 2
 #: the paths of the statistics judged next to the programme's proposal: in the full plan, and the min-max path alone
 #: with the timestep shift (its shifted proposal takes the uniform path's place) and in the reduced plans
@@ -380,15 +379,16 @@ def plan_fit(T: int, steps: Sequence[int], recorded: int, available: int, fit: F
     them held out (or ``heldout_samples``), at least :data:`MIN_SEARCH_SAMPLES` search samples (:func:`plan_search`),
     and next to the proposal the min-max path and the uniform path, or with ``shift`` the min-max path and the
     shifted proposal (in the uniform path's place: with both, the shift's cost left the programme too few samples on
-    the mixture benchmark). Where that is over the budget (a small recording, or a teacher with about as many steps
-    as the step counts add up to: each candidate's re-fit then costs about one recording) and none of ``shift``,
-    ``refine_samples``, ``heldout_samples``, ``search_samples`` and ``search_stride`` is asked for, the first reduced
-    plan that fits: the min-max path the only other candidate, then re-fit samples removed one at a time, down to
-    :data:`MIN_REFIT_SAMPLES`, with at least :data:`TIGHT_SEARCH_SAMPLES` search samples on the planned grid (not a
-    coarser one: where the budget is that tight, the grid counts for more than the samples); if none fits, the cheapest
-    of them all, the smallest reduced plan on a coarser grid included, over the budget (the fit warns): a lower budget
-    never makes the fit cost more. Where those sizes or the shift are asked for, the full plan, over the budget if
-    need be (the fit warns).
+    the mixture benchmark); its programme keeps :data:`FINAL_STATES` states per node before a last step where that
+    fits the budget on the same grid, else one. Where that is over the budget (a small recording, or a teacher with
+    about as many steps as the step counts add up to: each candidate's re-fit then costs about one recording) and
+    none of ``shift``, ``refine_samples``, ``heldout_samples``, ``search_samples`` and ``search_stride`` is asked for,
+    the first reduced plan that fits: the min-max path the only other candidate, then re-fit samples removed one at a
+    time, down to :data:`MIN_REFIT_SAMPLES`, with at least :data:`TIGHT_SEARCH_SAMPLES` search samples on the planned
+    grid (not a coarser one: where the budget is that tight, the grid counts for more than the samples); if none fits,
+    the cheapest of them all, the smallest reduced plan on a coarser grid included, over the budget (the fit warns): a
+    lower budget never makes the fit cost more. Where those sizes or the shift are asked for, the full plan, over the
+    budget if need be (the fit warns).
     """
     count = min(available, fit.refine_samples or DEFAULT_REFIT_SAMPLES)
     split_heldout(count, fit.heldout_samples)  # (its ValueError before any work)
@@ -397,16 +397,20 @@ def plan_fit(T: int, steps: Sequence[int], recorded: int, available: int, fit: F
                        candidates=(fit.path,))
 
     def make(refit: int, candidates: tuple[str, ...], floor: int, *, reduced: bool, shift: bool,
-             coarsen: bool) -> FitPlan:
+             coarsen: bool, final_states: int = 1) -> FitPlan:
         held = heldout_count(refit, fit.heldout_samples)
         search = plan_search(T, steps, recorded, max(0, refit - held), held, fit,
                              {n: 1 + len(candidates) for n in steps}, min_samples=floor, shift=shift,
-                             coarsen=coarsen, final_states=1 if reduced else FINAL_STATES)
+                             coarsen=coarsen, final_states=final_states)
         return FitPlan(refit_samples=refit, heldout_samples=held, candidates=candidates, min_search_samples=floor,
                        search=search, reduced=reduced, shift=shift)
 
     full = make(count, MINIMAX_CANDIDATE if shift else FULL_CANDIDATES, MIN_SEARCH_SAMPLES, reduced=False,
                 shift=shift, coarsen=True)
+    wide = make(count, full.candidates, MIN_SEARCH_SAMPLES, reduced=False, shift=shift, coarsen=True,
+                final_states=FINAL_STATES)
+    if wide.search.evaluations <= wide.search.budget and wide.search.stride <= full.search.stride:
+        full = wide  # the extra states before a last step, where they fit without a coarser grid
     given = (fit.refine_samples, fit.heldout_samples, fit.search_samples, fit.search_stride)
     if shift or full.search.evaluations <= full.search.budget or any(v is not None for v in given):
         return full
