@@ -229,9 +229,7 @@ def write_report(res: dict, path: Path) -> None:
              "teacher makes each candidate's re-fit cost about one recording, the reduced plan of section \"Short "
              "teachers: the reduced plan\"; the model outputs of path prefixes that candidates share evaluated once, "
              "and the programme's states of one layer sharing denoiser calls, section \"Batched programme layers "
-             "and shared prefixes\"; where the full plan runs on its own grid, its programme keeping two states per "
-             "node before a last step, section \"Two states before the last step\": digits and the mixture, not "
-             "tiny SD). Rows = latent rows through the denoiser (CFG "
+             "and shared prefixes\"). Rows = latent rows through the denoiser (CFG "
              "counts twice); seconds on " + ", ".join(sorted({r.get("machine", "?") for r in (before, after) if r}))
              + "; dates: " + ", ".join(f"{k} {v.get('date', '?')}" for k, v in (("before", before),
                                                                                   ("after", after)) if v) + ".", "",

@@ -14,7 +14,7 @@ from olss_fast.core import checks
 from olss_fast.core.grid import programme_states
 from olss_fast.core.shift import shift_evaluations
 from olss_fast.core.search import paper_schedule, uniform_path
-from olss_fast.fit.orchestration import FINAL_STATES, plan_fit, plan_search, split_heldout
+from olss_fast.fit.orchestration import plan_fit, plan_search, split_heldout
 from olss_fast.models.gmm import make_gmm
 from olss_fast.pipelines.facts import denoiser_of
 from olss_fast.testing import tiny_sd_pipeline
@@ -105,16 +105,13 @@ def test_plan_counts_every_evaluation_of_the_fit(shift):
         used = res.schedules[3].meta["refit_search"]["shift_evaluations"]
         assert 0 < used <= shift_evaluations(3) + shift_evaluations(4)
         shifting = 6 * used
-    # the full plan's programme keeps two states per node before a last step
-    assert res.schedules[3].meta["refit_search"]["final_states"] == FINAL_STATES == 2
-    programme = programme_states(T, steps, 2, FINAL_STATES)
-    assert programme > programme_states(T, steps, 2)
+    programme = programme_states(T, steps, 2)
     expected = (24 * T + 6 * programme + shifting + 18 * len(prefixes) + 6 * (len(ran) + baseline_steps))
     assert counter.rows == expected
     assert len(prefixes) < unshared  # the paths do share more than step 0 here
     cfg = FitConfig(num_steps=steps, search_samples=6, search_stride=2)
     plan = plan_fit(T, steps, 24, 24, cfg, shift=shift).search
-    assert (plan.samples, plan.stride, plan.final_states) == (6, 2, 2)
+    assert (plan.samples, plan.stride) == (6, 2)
     assert plan.evaluations == (24 * T + 6 * programme + 18 * (3 * 7 - 5) + 6 * (4 * 7 - 7)
                                 + (6 * (shift_evaluations(3) + shift_evaluations(4)) if shift else 0))
     assert expected <= plan.evaluations
@@ -132,7 +129,7 @@ def test_short_teacher_drops_the_uniform_candidate_and_re_fit_samples_to_stay_wi
     full = plan_search(T, steps, 24, 18, 6, cfg)
     assert full.evaluations > full.budget == 3 * 24 * T
     plan = plan_fit(T, steps, 24, 24, cfg)
-    assert plan.reduced and plan.candidates == ("minimax",) and plan.search.final_states == 1
+    assert plan.reduced and plan.candidates == ("minimax",)
     assert (plan.refit_samples, plan.heldout_samples, plan.search.samples, plan.search.stride) == (24, 6, 5, 1)
     # recording, programme, two candidates' re-fits (18 x (2 x 7 - 4 + 1)) and three held-out runs (6 x (3 x 7 - 6 + 1))
     assert plan.search.evaluations == 24 * T + 5 * programme_states(T, steps, 1) + 18 * 11 + 6 * 16 <= 576
@@ -276,25 +273,3 @@ def test_plan_sizes_the_search_to_the_budget():
     with pytest.raises(ValueError, match="leaves none of the 4 re-fit samples"):
         split_heldout(4, 4)
     assert split_heldout(1, None) == ([], [0]) and split_heldout(8, None) == ([0, 7], [1, 2, 3, 4, 5, 6])
-
-
-def test_full_plan_keeps_two_states_before_a_last_step_only_on_its_own_grid():
-    """The full plan's programme keeps FINAL_STATES (2) states per node before a last step where that fits the budget
-    on the grid one state would get, at the cost of search samples; where it would need a coarser grid, one state."""
-    cfg = FitConfig(num_steps=STEPS)
-    assert FINAL_STATES == 2
-    # 64 recorded samples of a 100-step teacher (48 fit / 16 held out): 23 search samples with two states on the
-    # stride-4 grid, where one state would have taken 35
-    wide = plan_fit(100, STEPS, 64, 64, cfg)
-    assert not wide.reduced and (wide.search.final_states, wide.search.samples, wide.search.stride) == (2, 23, 4)
-    one = plan_search(100, STEPS, 64, 48, 16, cfg)
-    assert (one.samples, one.stride) == (35, 4)
-    assert wide.search.evaluations - 23 * programme_states(100, STEPS, 4, 2) == one.evaluations - 35 * 194
-    assert programme_states(100, STEPS, 4) == 194 and programme_states(100, STEPS, 4, 2) == 296
-    # 16 recorded (the tiny SD case): two states would move the programme to the stride-6 grid, so one state
-    tiny = plan_fit(100, STEPS, 16, 16, cfg)
-    assert (tiny.search.final_states, tiny.search.samples, tiny.search.stride) == (1, 8, 4)
-    assert plan_search(100, STEPS, 16, 12, 4, cfg, final_states=2).stride == 6
-    # the reduced plans keep one
-    short = plan_fit(28, STEPS, 24, 24, cfg)
-    assert short.reduced and short.search.final_states == 1

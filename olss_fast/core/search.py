@@ -41,7 +41,7 @@ DEFAULT_STATS_PATH = "uniform"
 #: search_stride`` model evaluations of each search sample; ``fit_olss_scheduler`` sizes ``search_samples`` and
 #: ``search_stride`` so that the whole fit stays within ``FitConfig.evaluation_budget`` (3) times the teacher recording
 #: and chooses among the proposal, min-max and uniform on held-out re-fit samples (RESULTS.md, "Cheaper default
-#: search": digits 0.0519 at 5 NFE, 0.0265 at 10, at 2.96x the recording instead of 10.6x).
+#: search": digits 0.0519 at 5 NFE, 0.0243 at 10, at 2.99x the recording instead of 10.6x).
 DEFAULT_PATH = "refit"
 
 

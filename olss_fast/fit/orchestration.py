@@ -317,15 +317,13 @@ MIN_SEARCH_SAMPLES = 8
 @dataclass(frozen=True)
 class SearchPlan:
     """How :func:`plan_search` sized the programme of ``path="refit"``: ``samples`` search samples on the grid of
-    ``stride`` (:func:`olss_fast.core.grid.programme_grid`) keeping ``final_states`` states per node before a last
-    step (:func:`olss_fast.core.grid.layer_width`), and the planned model evaluations of the whole fit
+    ``stride`` (:func:`olss_fast.core.grid.programme_grid`), and the planned model evaluations of the whole fit
     (``evaluations``, in evaluations of one sample; an upper bound) against ``budget`` (the same unit)."""
 
     samples: int
     stride: int
     evaluations: int
     budget: int
-    final_states: int = 1
 
 
 #: re-fit samples (held-out part included) when ``refine_samples`` is not given: every recorded sample, up to this many
@@ -337,10 +335,6 @@ DEFAULT_REFIT_SAMPLES = 64
 #: stride-2 grid (15 indices for 10 steps), whose paths were up to 41 % worse.
 MIN_REFIT_SAMPLES = 12
 TIGHT_SEARCH_SAMPLES = 2
-#: states per node the full plan's programme keeps before a last step (:func:`olss_fast.core.grid.layer_width`) where
-#: that fits the budget on the same grid; else, and in the reduced plans, one (benchmarks/RESULTS.md, "Two states
-#: before the last step": the mixture's error at 5 NFE 10-20 % lower; a coarser grid for SD3 / Flux lost at 5-10 NFE).
-FINAL_STATES = 2
 #: the paths of the statistics judged next to the programme's proposal: in the full plan, and the min-max path alone
 #: with the timestep shift (its shifted proposal takes the uniform path's place) and in the reduced plans
 FULL_CANDIDATES = ("minimax", "uniform")
@@ -379,16 +373,15 @@ def plan_fit(T: int, steps: Sequence[int], recorded: int, available: int, fit: F
     them held out (or ``heldout_samples``), at least :data:`MIN_SEARCH_SAMPLES` search samples (:func:`plan_search`),
     and next to the proposal the min-max path and the uniform path, or with ``shift`` the min-max path and the
     shifted proposal (in the uniform path's place: with both, the shift's cost left the programme too few samples on
-    the mixture benchmark); its programme keeps :data:`FINAL_STATES` states per node before a last step where that
-    fits the budget on the same grid, else one. Where that is over the budget (a small recording, or a teacher with
-    about as many steps as the step counts add up to: each candidate's re-fit then costs about one recording) and
-    none of ``shift``, ``refine_samples``, ``heldout_samples``, ``search_samples`` and ``search_stride`` is asked for,
-    the first reduced plan that fits: the min-max path the only other candidate, then re-fit samples removed one at a
-    time, down to :data:`MIN_REFIT_SAMPLES`, with at least :data:`TIGHT_SEARCH_SAMPLES` search samples on the planned
-    grid (not a coarser one: where the budget is that tight, the grid counts for more than the samples); if none fits,
-    the cheapest of them all, the smallest reduced plan on a coarser grid included, over the budget (the fit warns): a
-    lower budget never makes the fit cost more. Where those sizes or the shift are asked for, the full plan, over the
-    budget if need be (the fit warns).
+    the mixture benchmark). Where that is over the budget (a small recording, or a teacher with about as many steps
+    as the step counts add up to: each candidate's re-fit then costs about one recording) and none of ``shift``,
+    ``refine_samples``, ``heldout_samples``, ``search_samples`` and ``search_stride`` is asked for, the first reduced
+    plan that fits: the min-max path the only other candidate, then re-fit samples removed one at a time, down to
+    :data:`MIN_REFIT_SAMPLES`, with at least :data:`TIGHT_SEARCH_SAMPLES` search samples on the planned grid (not a
+    coarser one: where the budget is that tight, the grid counts for more than the samples); if none fits, the cheapest
+    of them all, the smallest reduced plan on a coarser grid included, over the budget (the fit warns): a lower budget
+    never makes the fit cost more. Where those sizes or the shift are asked for, the full plan, over the budget if
+    need be (the fit warns).
     """
     count = min(available, fit.refine_samples or DEFAULT_REFIT_SAMPLES)
     split_heldout(count, fit.heldout_samples)  # (its ValueError before any work)
@@ -397,20 +390,16 @@ def plan_fit(T: int, steps: Sequence[int], recorded: int, available: int, fit: F
                        candidates=(fit.path,))
 
     def make(refit: int, candidates: tuple[str, ...], floor: int, *, reduced: bool, shift: bool,
-             coarsen: bool, final_states: int = 1) -> FitPlan:
+             coarsen: bool) -> FitPlan:
         held = heldout_count(refit, fit.heldout_samples)
         search = plan_search(T, steps, recorded, max(0, refit - held), held, fit,
                              {n: 1 + len(candidates) for n in steps}, min_samples=floor, shift=shift,
-                             coarsen=coarsen, final_states=final_states)
+                             coarsen=coarsen)
         return FitPlan(refit_samples=refit, heldout_samples=held, candidates=candidates, min_search_samples=floor,
                        search=search, reduced=reduced, shift=shift)
 
     full = make(count, MINIMAX_CANDIDATE if shift else FULL_CANDIDATES, MIN_SEARCH_SAMPLES, reduced=False,
                 shift=shift, coarsen=True)
-    wide = make(count, full.candidates, MIN_SEARCH_SAMPLES, reduced=False, shift=shift, coarsen=True,
-                final_states=FINAL_STATES)
-    if wide.search.evaluations <= wide.search.budget and wide.search.stride <= full.search.stride:
-        full = wide  # the extra states before a last step, where they fit without a coarser grid
     given = (fit.refine_samples, fit.heldout_samples, fit.search_samples, fit.search_stride)
     if shift or full.search.evaluations <= full.search.budget or any(v is not None for v in given):
         return full
@@ -426,8 +415,7 @@ def plan_fit(T: int, steps: Sequence[int], recorded: int, available: int, fit: F
 
 def plan_search(T: int, steps: Sequence[int], recorded: int, fit_samples: int, heldout_samples: int,
                 fit: FitConfig, candidates: Mapping[int, int] | None = None,
-                min_samples: int = MIN_SEARCH_SAMPLES, shift: bool = False, coarsen: bool = True,
-                final_states: int = 1) -> SearchPlan:
+                min_samples: int = MIN_SEARCH_SAMPLES, shift: bool = False, coarsen: bool = True) -> SearchPlan:
     """Size the programme of ``path="refit"`` so that the whole fit stays within ``fit.evaluation_budget`` times the
     teacher recording's model evaluations (``recorded × T``).
 
@@ -436,8 +424,7 @@ def plan_search(T: int, steps: Sequence[int], recorded: int, fit_samples: int, h
     fit part (n per sample each) and their runs on the held-out part plus the DDIM/Euler baseline's, less the step-0
     output every path shares (one evaluation per sample). A proposal that repeats another path, paths that share
     their first steps (:func:`olss_fast.core.heldout.reuse_outputs`), or a candidate refused for its amplification,
-    cost less: the plan is an upper bound. The programme costs :func:`programme_states` per search sample
-    (keeping ``final_states`` states per node before a last step); with
+    cost less: the plan is an upper bound. The programme costs :func:`programme_states` per search sample; with
     ``shift``, the timestep shift of every step count's proposal costs
     :func:`olss_fast.core.shift.shift_evaluations` on each of :data:`SHIFT_SAMPLES` search samples (fewer if there
     are fewer), and the shifted proposal is one candidate more. Given ``search_samples``/``search_stride`` are kept
@@ -461,13 +448,13 @@ def plan_search(T: int, steps: Sequence[int], recorded: int, fit_samples: int, h
     strides = [g for g in strides if len(programme_grid(T, g)) >= n_max] or [1]
 
     def fitting(g: int) -> int:
-        return min(most, room // programme_states(T, steps, g, final_states))
+        return min(most, room // programme_states(T, steps, g))
 
     if fit.search_stride is not None:
         stride = fit.search_stride
         samples = fit.search_samples or max(1, fitting(stride))
     elif fit.search_samples is not None:
-        fits = [g for g in strides if most * programme_states(T, steps, g, final_states) <= room]
+        fits = [g for g in strides if most * programme_states(T, steps, g) <= room]
         stride, samples = (fits[0] if fits else strides[-1]), most
     else:
         at = min(max(1, round(T / GRID_NODES)), strides[-1])
@@ -482,8 +469,8 @@ def plan_search(T: int, steps: Sequence[int], recorded: int, fit_samples: int, h
         # to about the teacher's steps)
         floor = min(most, min_samples)
         samples = fitting(stride) if fitting(stride) >= floor else floor
-    return SearchPlan(samples=samples, stride=stride, budget=budget, final_states=final_states,
-                      evaluations=fixed + samples * programme_states(T, steps, stride, final_states))
+    return SearchPlan(samples=samples, stride=stride, budget=budget,
+                      evaluations=fixed + samples * programme_states(T, steps, stride))
 
 
 def _programme(pipe: Any, stats: GramStats, refine_items: Sequence[WorkItem], fitpos: list[int], x0: torch.Tensor,
@@ -495,10 +482,8 @@ def _programme(pipe: Any, stats: GramStats, refine_items: Sequence[WorkItem], fi
     ``search_samples``/``search_stride`` are given."""
     steps = sorted(fit.num_steps)
     plan = plan_search(stats.num_teacher_steps, steps, stats.num_samples, len(fitpos), len(held), fit,
-                       candidates, min_samples=fit_plan.min_search_samples, shift=fit_plan.shift,
-                       final_states=fit_plan.search.final_states)
-    info: dict[str, Any] = {"samples": plan.samples, "stride": plan.stride, "final_states": plan.final_states,
-                            "planned_evaluations": plan.evaluations,
+                       candidates, min_samples=fit_plan.min_search_samples, shift=fit_plan.shift)
+    info: dict[str, Any] = {"samples": plan.samples, "stride": plan.stride, "planned_evaluations": plan.evaluations,
                             "budget": plan.budget, "refit_samples": fit_plan.refit_samples,
                             "candidates": list(fit_plan.candidates)}
     if plan.evaluations > plan.budget:
@@ -515,7 +500,7 @@ def _programme(pipe: Any, stats: GramStats, refine_items: Sequence[WorkItem], fi
     denoise = pipeline_denoiser(pipe, items, record, distributed=ctx)
     found, evaluations = refit_programme(stats.timesteps, x0[pick], latents[:, pick], denoise, steps,
                                          granularity=fit.granularity, stride=plan.stride,
-                                         progress=progress and ctx.is_main, final_states=plan.final_states,
+                                         progress=progress and ctx.is_main,
                                          batched=layer_denoiser(pipe, items, record, distributed=ctx))
     if ctx.enabled:
         found = broadcast_object(found, ctx)
