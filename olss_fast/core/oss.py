@@ -32,12 +32,14 @@ import logging
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Hashable, Mapping, Sequence, TypeVar
 
 import torch
 from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
+#: a programme node (:func:`trace_back`)
+K = TypeVar("K", bound=Hashable)
 
 #: solvers the dynamic programme knows (their step is implemented here)
 SOLVERS = ("ddim", "dpmsolver++")
@@ -257,9 +259,10 @@ def oss_search(
     return result
 
 
-def trace_back(parents: Sequence[Mapping[int, int]], last: int, n: int) -> list[int]:
+def trace_back(parents: Sequence[Mapping[K, K]], last: K, n: int) -> list[K]:
     """The n grid nodes of the best path whose last step starts at node ``last``: ``parents[k][j]`` is the node
-    before j on the best k-step path to j (the programme's back-pointers)."""
+    before j on the best k-step path to j (the programme's back-pointers; a node is a teacher index, or any key, e.g.
+    the (index, rank) states of :func:`olss_fast.core.refine.refit_programme`)."""
     path = [last]
     for k in range(n - 1, 0, -1):
         path.append(parents[k][path[-1]])

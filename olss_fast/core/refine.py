@@ -14,9 +14,9 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from olss_fast.core.checks import integer
 from olss_fast.core.grid import layer_width, node_rule, programme_states
 from olss_fast.core.lstsq import gram_lstsq, solve_spd
+from olss_fast.core.oss import trace_back
 from olss_fast.core.schedule import GRANULARITIES, OLSSSchedule
 from olss_fast.core.search import uniform_path
 from olss_fast.core.step import student_latent
@@ -321,7 +321,7 @@ def refit_programme(
     steps = sorted(set(int(n) for n in num_steps))
     n_max = steps[-1]
     useful = node_rule(T, steps, stride)
-    integer(final_states, "final_states", lo=1)
+    total = programme_states(T, steps, stride, final_states)  # (its ValueError for a bad final_states first)
     x0 = noise.to(torch.float32)
     root = RefitState(x0, n_max, granularity, ridge)
     ys = _teacher_dots(teacher_latents, root.channels)  # [C, T+1, B·rest]
@@ -330,8 +330,7 @@ def refit_programme(
     parents: list[dict[tuple[int, int], tuple[int, int]]] = [{}]
     finals: dict[int, tuple[float, tuple[int, int]]] = {}
     evaluations = 0
-    bar = tqdm(total=programme_states(T, steps, stride, final_states), desc="refit programme", unit="eval",
-               disable=not progress, leave=False)
+    bar = tqdm(total=total, desc="refit programme", unit="eval", disable=not progress, leave=False)
     for k in range(n_max):
         into: dict[int, list[tuple[float, tuple[int, int]]]] = {}  # node j -> [(error at j, state before)]
         keys = sorted(layer)
@@ -370,10 +369,7 @@ def refit_programme(
     out = {}
     for n in steps:
         err, key = finals[n]
-        path = [key]
-        for k in range(n - 1, 0, -1):
-            path.append(parents[k][path[-1]])
-        out[n] = ([j for j, _ in reversed(path)], err)
+        out[n] = ([j for j, _ in trace_back(parents, key, n)], err)
     return out, evaluations
 
 
