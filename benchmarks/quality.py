@@ -44,6 +44,8 @@ from olss_fast.fit.teacher import default_teacher
 from olss_fast.fit.work import item_noise, make_work_items
 from olss_fast.core.search import DEFAULT_PATH
 
+from heldout import MIXTURE_HELDOUT_SEED, MIXTURE_TRAINING_SEEDS, check_disjoint
+
 HERE = Path(__file__).resolve().parent
 BASELINES = ["ddim", "dpmsolver++", "unipc", "deis", "pndm", "euler"]
 
@@ -71,7 +73,9 @@ def gmm_benchmark(args) -> dict:
     ntrain, ntest = (128, 200) if args.quick else (256, 500)
     steps = [5, 10] if args.quick else [4, 5, 6, 8, 10, 15, 20]
     train_items = make_work_items([None] * ntrain, base_seed=1)
-    test_x0 = item_noise(make_work_items([None] * ntest, base_seed=2), (3, 6, 6))
+    test_items = make_work_items([None] * ntest, base_seed=MIXTURE_HELDOUT_SEED)
+    check_disjoint(train_items, test_items, "mixture, training seed 1")
+    test_x0 = item_noise(test_items, (3, 6, 6))
     prompts = [None] * ntest
     ac = pipe.scheduler.alphas_cumprod
     exact = ode_solution(pipe.unet, test_x0.double(), float(ac[999]), 1.0, num_steps=1000).float()
@@ -125,6 +129,7 @@ def digits_benchmark(args) -> dict:
                "eval": f"classes {eval_classes} x {seeds_test} held-out seeds", "teacher": quality(teacher)}
     samplers = {b: baseline_scheduler(b, cfg) for b in BASELINES}
     for train_classes, tag in (([0, 1, 2, 3, 4], "search on 0-4"), (list(range(10)), "search on 0-9")):
+        check_disjoint(make_work_items(train_classes, seeds_train, base_seed=0), items, f"digits, {tag}")
         fit = fit_olss_scheduler(pipe, train_classes, teacher_steps=100, num_steps=tuple(steps),
                                  seeds_per_prompt=seeds_train, base_seed=0, batch_size=200,
                                  refine_samples=len(train_classes) * seeds_train, progress=False, path="uniform",
@@ -255,7 +260,8 @@ def gmm_setup(quick: bool):
     pipe = make_gmm((3, 6, 6), num_components=4, seed=0)
     pipe.set_progress_bar_config(disable=True)
     ntrain, ntest = (128, 200) if quick else (256, 500)
-    test_x0 = item_noise(make_work_items([None] * ntest, base_seed=2), (3, 6, 6))
+    test_items = make_work_items([None] * ntest, base_seed=MIXTURE_HELDOUT_SEED)
+    test_x0 = item_noise(test_items, (3, 6, 6))
     exact = ode_solution(pipe.unet, test_x0.double(), float(pipe.scheduler.alphas_cumprod[999]), 1.0,
                          num_steps=1000).float()
 
@@ -264,13 +270,18 @@ def gmm_setup(quick: bool):
         return {"rmse": rmse(samples, exact), "median": float(per.median()),
                 "worst": float(per.max())}
 
-    return pipe, ntrain, ntest, test_x0, quality
+    def check(train_seed: int) -> None:
+        check_disjoint(make_work_items([None] * ntrain, base_seed=train_seed), test_items,
+                       f"mixture, training seed {train_seed}")
+
+    return pipe, ntrain, ntest, test_x0, quality, check
 
 
 def gmm14(args) -> dict:
     """Mixture, held-out noise, RMSE against the exact ODE: diffusers solvers, OSS, OLSS (the default teacher with 100
-    steps, training seed 1 as in issue 3), and the OLSS/OSS rows again for training seeds 0 and 2 (robustness)."""
-    pipe, ntrain, ntest, test_x0, quality = gmm_setup(args.quick)
+    steps, training seed 1 as in issue 3), and the OLSS/OSS rows again for the other training seeds of
+    ``heldout.MIXTURE_TRAINING_SEEDS`` (robustness)."""
+    pipe, ntrain, ntest, test_x0, quality, check = gmm_setup(args.quick)
     cfg = dict(pipe.scheduler.config)
     steps = [5, 10] if args.quick else STEPS14
     prompts = [None] * ntrain
@@ -279,7 +290,8 @@ def gmm14(args) -> dict:
            "reference": "probability-flow ODE, RK4 float64, 1000 log-sigma steps", "seeds": {}}
     teacher = sample(pipe, default_teacher(pipe.scheduler), [None] * ntest, test_x0, 100)
     out["teacher_vs_exact"] = quality(teacher)
-    for seed in ([1] if args.quick else [1, 0, 2]):
+    for seed in ([1] if args.quick else MIXTURE_TRAINING_SEEDS):
+        check(seed)
         fit_kw = dict(teacher_steps=100, batch_size=ntrain, refine_samples=ntrain, base_seed=seed)
         oss_kw = dict(teacher_steps=100, batch_size=ntrain, base_seed=seed)
         samplers, info = learned_rows(pipe, prompts, fit_kw, oss_kw, steps)
@@ -294,7 +306,8 @@ def gmm14(args) -> dict:
 def teachers14(args) -> dict:
     """Mixture: each teacher's own RMSE against the exact ODE at 50–250 steps (cost = steps), and OLSS re-fit
     (default path) from each teacher at 100 steps on held-out noise."""
-    pipe, ntrain, ntest, test_x0, quality = gmm_setup(args.quick)
+    pipe, ntrain, ntest, test_x0, quality, check = gmm_setup(args.quick)
+    check(1)
     cfg = dict(pipe.scheduler.config)
     prompts = [None] * ntest
     grid = [50, 100] if args.quick else [50, 100, 125, 200, 250]  # divisors of 1000: DDIM's step lands on its grid
@@ -329,6 +342,7 @@ def digits14(args) -> dict:
     teacher = sample(pipe, default_teacher(pipe.scheduler), prompts, x0, 100, batch_size=300)
     quality = digits_quality(teacher, torch.tensor(prompts), eval_classes, classifier)
     ntrain = len(train_classes) * seeds_train
+    check_disjoint(make_work_items(train_classes, seeds_train, base_seed=0), items, "digits")
     fit_kw = dict(teacher_steps=100, seeds_per_prompt=seeds_train, base_seed=0, batch_size=200,
                   refine_samples=ntrain)
     oss_kw = dict(teacher_steps=100, seeds_per_prompt=seeds_train, base_seed=0, batch_size=200)
@@ -381,8 +395,10 @@ def write_report14(res: dict, path: Path) -> None:
         lines += [f"Default vs the best non-OLSS row (RMSE): "
                   f"{_rank_line(t1, g['steps'], 'rmse', '{:.4f}', default)}.", ""]
         if len(g["seeds"]) > 1:
-            lines += ["Robustness: the OLSS and OSS rows fitted on other training noises (seeds 0 and 2; the "
-                      "diffusers rows do not depend on them), RMSE against the exact ODE:", ""]
+            others = ", ".join(k for k in g["seeds"] if k != "1")
+            lines += [f"Robustness: the OLSS and OSS rows fitted on other training noises (seeds {others}; the "
+                      "diffusers rows do not depend on them; the held-out noises are those above), RMSE against the "
+                      "exact ODE:", ""]
             rob = {f"{k} [seed {seed}]": v for seed, d in g["seeds"].items() if seed != "1"
                    for k, v in d["table"].items()}
             lines += fmt_table(rob, g["steps"], "rmse", "{:.4f}") + [""]
