@@ -2,8 +2,9 @@
 
 A work item's initial noise depends only on (base seed, prompt index, seed index) (``olss_fast.fit.work``), so two
 sets drawn with the same base seed share their noises: the mixture's held-out noises (base seed 2) were once also
-"training seed 2"'s training noises. ``quality.py`` and ``fit_cost.py`` take the seeds from here and call
-:func:`check_disjoint` before they fit, so that a benchmark that would score a fit on its own training noise stops.
+"training seed 2"'s training noises. ``quality.py``, ``fit_cost.py`` and ``candidates.py`` take the seeds from here
+and call :func:`check_disjoint` before they fit, so that a benchmark that would score a fit on its own training noise
+stops.
 """
 from __future__ import annotations
 
