@@ -38,7 +38,7 @@ from olss_fast.fit.probe import pipeline_denoiser
 from olss_fast.fit.teacher import default_teacher
 from olss_fast.fit.work import item_noise, make_work_items
 
-from heldout import MIXTURE_CONFIRMATION_SEED, MIXTURE_TRAINING_SEEDS, check_disjoint
+from heldout import MIXTURE_CONFIRMATION_SEED, MIXTURE_TRAINING_SEEDS, check_disjoint, mixture_heldout
 
 HERE = Path(__file__).resolve().parent
 STEPS = (4, 5, 6, 8, 10)
@@ -94,14 +94,7 @@ def judged(runs, sets: dict, score) -> dict:
 
 
 def part_gmm(args) -> dict:
-    from olss_fast.models.gmm import make_gmm, ode_solution
-
-    pipe = make_gmm((3, 6, 6), num_components=4, seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    items = make_work_items([None] * 2000, base_seed=MIXTURE_CONFIRMATION_SEED)
-    x0 = item_noise(items, (3, 6, 6))
-    exact = ode_solution(pipe.unet, x0.double(), float(pipe.scheduler.alphas_cumprod[999]), 1.0,
-                         num_steps=1000).float()
+    pipe, items, x0, exact = mixture_heldout(2000, MIXTURE_CONFIRMATION_SEED)
     sets = {"heldout 2000": (x0, exact, pipeline_denoiser(pipe, items, RecordConfig(batch_size=2000)))}
 
     def score(samples, ref):

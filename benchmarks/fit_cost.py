@@ -47,7 +47,7 @@ from olss_fast.fit.teacher import default_teacher
 from olss_fast.fit.work import item_noise, make_work_items
 from olss_fast.pipelines.facts import denoiser_of
 
-from heldout import MIXTURE_HELDOUT_SEED, MIXTURE_TRAINING_SEEDS, check_disjoint
+from heldout import MIXTURE_TRAINING_SEEDS, check_disjoint, mixture_heldout
 
 HERE = Path(__file__).resolve().parent
 STEPS = [4, 5, 6, 8, 10]
@@ -111,14 +111,7 @@ def measure(pipe, prompts, fit_kw, record_kw) -> tuple[dict, object]:
 
 
 def part_gmm(args) -> dict:
-    from olss_fast.models.gmm import make_gmm, ode_solution
-
-    pipe = make_gmm((3, 6, 6), num_components=4, seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    test_items = make_work_items([None] * 500, base_seed=MIXTURE_HELDOUT_SEED)
-    test_x0 = item_noise(test_items, (3, 6, 6))
-    exact = ode_solution(pipe.unet, test_x0.double(), float(pipe.scheduler.alphas_cumprod[999]), 1.0,
-                         num_steps=1000).float()
+    pipe, test_items, test_x0, exact = mixture_heldout(500)
     quality = lambda s: errors(s, exact)  # noqa: E731
     out = {}
     for seed in args.gmm_seeds:

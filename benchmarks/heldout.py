@@ -20,6 +20,22 @@ MIXTURE_TRAINING_SEEDS = (1, 0, 3, 4, 5, 6, 7, 8)
 MIXTURE_CONFIRMATION_SEED = 9
 
 
+def mixture_heldout(count: int, base_seed: int = MIXTURE_HELDOUT_SEED):
+    """The benchmarks' Gaussian mixture (3x6x6, 4 components, its progress bar off), ``count`` held-out work items of
+    ``base_seed``, their initial noise and the exact solution from it (the probability-flow ODE, RK4 float64, 1000
+    log-sigma steps): ``(pipe, items, noise, exact)``."""
+    from olss_fast.fit.work import item_noise, make_work_items
+    from olss_fast.models.gmm import make_gmm, ode_solution
+
+    pipe = make_gmm((3, 6, 6), num_components=4, seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    items = make_work_items([None] * count, base_seed=base_seed)
+    noise = item_noise(items, (3, 6, 6))
+    exact = ode_solution(pipe.unet, noise.double(), float(pipe.scheduler.alphas_cumprod[999]), 1.0,
+                         num_steps=1000).float()
+    return pipe, items, noise, exact
+
+
 def check_disjoint(train: Iterable, heldout: Iterable, what: str) -> None:
     """Raise ValueError when a training work item has the same noise seed as a held-out one (same noise)."""
     shared = {item.seed for item in train} & {item.seed for item in heldout}

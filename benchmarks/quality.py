@@ -44,7 +44,7 @@ from olss_fast.fit.teacher import default_teacher
 from olss_fast.fit.work import item_noise, make_work_items
 from olss_fast.core.search import DEFAULT_PATH
 
-from heldout import MIXTURE_HELDOUT_SEED, MIXTURE_TRAINING_SEEDS, check_disjoint
+from heldout import MIXTURE_TRAINING_SEEDS, check_disjoint, mixture_heldout
 
 HERE = Path(__file__).resolve().parent
 BASELINES = ["ddim", "dpmsolver++", "unipc", "deis", "pndm", "euler"]
@@ -65,20 +65,13 @@ def olss_variants(stats, steps, refine_fn, with_channel=True):
 
 # ---------------------------------------------------------------------------------------------------- GMM
 def gmm_benchmark(args) -> dict:
-    from olss_fast.models.gmm import make_gmm, ode_solution
-
-    pipe = make_gmm((3, 6, 6), num_components=4, seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    cfg = dict(pipe.scheduler.config)
     ntrain, ntest = (128, 200) if args.quick else (256, 500)
+    pipe, test_items, test_x0, exact = mixture_heldout(ntest)
+    cfg = dict(pipe.scheduler.config)
     steps = [5, 10] if args.quick else [4, 5, 6, 8, 10, 15, 20]
     train_items = make_work_items([None] * ntrain, base_seed=1)
-    test_items = make_work_items([None] * ntest, base_seed=MIXTURE_HELDOUT_SEED)
     check_disjoint(train_items, test_items, "mixture, training seed 1")
-    test_x0 = item_noise(test_items, (3, 6, 6))
     prompts = [None] * ntest
-    ac = pipe.scheduler.alphas_cumprod
-    exact = ode_solution(pipe.unet, test_x0.double(), float(ac[999]), 1.0, num_steps=1000).float()
 
     def quality(samples):
         per = rmse(samples, exact, per_sample=True)
@@ -255,15 +248,8 @@ def learned_rows(pipe, prompts, fit_kw, oss_kw, steps, progress=False, with_oss=
 
 
 def gmm_setup(quick: bool):
-    from olss_fast.models.gmm import make_gmm, ode_solution
-
-    pipe = make_gmm((3, 6, 6), num_components=4, seed=0)
-    pipe.set_progress_bar_config(disable=True)
     ntrain, ntest = (128, 200) if quick else (256, 500)
-    test_items = make_work_items([None] * ntest, base_seed=MIXTURE_HELDOUT_SEED)
-    test_x0 = item_noise(test_items, (3, 6, 6))
-    exact = ode_solution(pipe.unet, test_x0.double(), float(pipe.scheduler.alphas_cumprod[999]), 1.0,
-                         num_steps=1000).float()
+    pipe, test_items, test_x0, exact = mixture_heldout(ntest)
 
     def quality(samples):
         per = rmse(samples, exact, per_sample=True)
