@@ -179,6 +179,9 @@ def test_refit_path_errors(recorded):
         refit_path_search(stats.timesteps, x_path[0], x_path, den, 3, start=[0, 5, 5], progress=False)
     with pytest.raises(ValueError, match="sweeps"):
         refit_path_search(stats.timesteps, x_path[0], x_path, den, 3, sweeps=-1, progress=False)
+    for option in ({"stride": 2}, {"final_states": 2}):  # options of the programme it would not run
+        with pytest.raises(ValueError, match="size the programme, which programme=False does not run"):
+            refit_path_search(stats.timesteps, x_path[0], x_path, den, 3, programme=False, progress=False, **option)
     with pytest.raises(ValueError, match="fewer than"):
         refit_path_search(stats.timesteps, x_path[0][:1, :1, :1, :2], x_path[:, :1, :1, :1, :2], den, 3,
                           progress=False)

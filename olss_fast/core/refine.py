@@ -420,11 +420,12 @@ def refit_path_search(
         granularity, ridge: as in :func:`sequential_refit`.
         agree: maps each objective value to the one every process uses (rank 0's under torch.distributed), so
             that all processes take the same decisions; default: as computed.
-        final_states: the programme's states per node before a last step (:func:`refit_programme`).
+        final_states: the programme's states per node before a last step (:func:`refit_programme`). ``stride`` and
+            ``final_states`` other than 1 need ``programme``.
 
     Raises:
         ValueError: shapes that do not fit, step counts outside 1 … T, a bad start path, too few samples, NaN model
-            outputs.
+            outputs, programme options without the programme.
     """
     T = len(timesteps)
     single = isinstance(num_steps, int) and not isinstance(num_steps, bool)
@@ -434,6 +435,9 @@ def refit_path_search(
     counts = sorted(set(counts))
     if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
         raise ValueError(f"sweeps must be a non-negative integer, got {sweeps!r}")
+    if not programme and (stride != 1 or final_states != 1):
+        raise ValueError(f"stride={stride!r} and final_states={final_states!r} size the programme, which "
+                         "programme=False does not run: leave them at 1 or run the programme")
     if teacher_latents.shape[0] != T + 1 or teacher_latents.shape[1:] != noise.shape:
         raise ValueError(
             f"teacher_latents must be [T+1, *noise.shape] = [{T + 1}, {list(noise.shape)}] for a {T}-step teacher, "
