@@ -38,12 +38,10 @@ from olss_fast.fit.probe import pipeline_denoiser
 from olss_fast.fit.teacher import default_teacher
 from olss_fast.fit.work import item_noise, make_work_items
 
-from heldout import MIXTURE_CONFIRMATION_SEED, MIXTURE_TRAINING_SEEDS, check_disjoint, mixture_heldout
+from heldout import FLIP, MIXTURE_CONFIRMATION_SEED, MIXTURE_TRAINING_SEEDS, check_disjoint, mixture_heldout
 
 HERE = Path(__file__).resolve().parent
 STEPS = (4, 5, 6, 8, 10)
-#: a per-sample RMSE above this against the exact ODE: the sample ended in another mixture component
-FLIP = 0.3
 
 
 class Keep:

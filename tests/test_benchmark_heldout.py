@@ -36,3 +36,22 @@ def test_a_training_noise_among_the_heldout_ones_is_refused():
         heldout.check_disjoint(one, held, "x")
     # the same prompts with another base seed: no noise in common
     heldout.check_disjoint(make_work_items([None] * 500, base_seed=3), held, "seed 3")
+
+
+def test_the_confirmation_ratio_leaves_out_the_noises_either_run_flipped(monkeypatch):
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("olss_benchmarks_fit_cost", bench / "fit_cost.py")
+    fit_cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fit_cost)
+    after = {"flips": [1], "per_sample": [0.02, 2.0, 0.04, 0.03]}
+    before = {"flips": [3], "per_sample": [0.01, 0.02, 0.02, 1.5]}
+    ratio, lo, hi, kept = fit_cost._kept_ratio(after, before)
+    # noises 0 and 2 are kept: sqrt((0.02² + 0.04²) / (0.01² + 0.02²)) = 2
+    assert kept == 2 and abs(ratio - 2.0) < 1e-12 and lo <= ratio <= hi
+    step = {str(n): before for n in fit_cost.STEPS}
+    lines = fit_cost.confirmation_lines({"parts": {"seed 1": {"confirmation": step}}},
+                                        {"parts": {"seed 1": {"confirmation": {str(n): after for n in fit_cost.STEPS}}}},
+                                        ["seed 1"])
+    assert "| seed 1 | 1 → 1; 2.000" in "\n".join(lines)
+    assert fit_cost.confirmation_lines({"parts": {}}, {"parts": {}}, ["seed 1"]) == []
