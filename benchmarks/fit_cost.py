@@ -6,7 +6,7 @@ machine-independent), wall seconds on this machine (one torch thread), and the h
 
 - ``digits``: the bundled digits model, trained on classes 0–4 × 20 seeds (100 samples, all re-fit samples), RMSE
   against the DPM-Solver++-100 teacher on held-out classes 5–9 × 60 held-out seeds (as ``quality.py --part
-  digits14``);
+  digits14``), and on a second held-out set of the same classes (seeds of base 778);
 - ``gmm``: the analytic Gaussian mixture, 256 training noises (all re-fit samples) with each training seed of
   ``heldout.MIXTURE_TRAINING_SEEDS``, RMSE against the exact ODE on 500 held-out noises (as ``quality.py --part
   gmm14``), and on 2000 further ones (base seed ``heldout.MIXTURE_CONFIRMATION_SEED``), where the noises that end in
@@ -148,10 +148,18 @@ def part_digits(args) -> dict:
     teacher = sample(pipe, default_teacher(pipe.scheduler), prompts, x0, 100, batch_size=300)
     kw = dict(teacher_steps=100, seeds_per_prompt=20, base_seed=0, batch_size=200)
     check_disjoint(make_work_items([0, 1, 2, 3, 4], 20, base_seed=0), items, "digits")
+    # a second held-out set: the same classes, other seeds
+    items2 = make_work_items([5, 6, 7, 8, 9], 60, base_seed=778)
+    x2 = item_noise(items2, (1, 16, 16))
+    assert [it.prompt for it in items2] == prompts  # the same classes in the same order
+    teacher2 = sample(pipe, default_teacher(pipe.scheduler), prompts, x2, 100, batch_size=300)
+    check_disjoint(make_work_items([0, 1, 2, 3, 4], 20, base_seed=0), items2, "digits (second held-out set)")
     cost, res = measure(pipe, [0, 1, 2, 3, 4], dict(kw, refine_samples=100), kw)
     table = compare_samplers(pipe, {"olss": res.scheduler}, STEPS, prompts, x0, lambda s: errors(s, teacher),
                              batch_size=300)
-    return {"digits": dict(cost, quality=table["olss"])}
+    second = compare_samplers(pipe, {"olss": res.scheduler}, STEPS, prompts, x2, lambda s: errors(s, teacher2),
+                              batch_size=300)
+    return {"digits": dict(cost, quality=table["olss"], second=second["olss"])}
 
 
 def part_flow(args, family: str) -> dict:
@@ -235,8 +243,7 @@ def _kept_ratio(a: dict, b: dict) -> tuple[float, float, float, int]:
     dropped = set(a["flips"]) | set(b["flips"])
     keep = [i for i in range(len(a["per_sample"])) if i not in dropped]
     pa, pb = [a["per_sample"][i] for i in keep], [b["per_sample"][i] for i in keep]
-    ratio = (sum(v * v for v in pa) / sum(v * v for v in pb)) ** 0.5
-    return (ratio, *ratio_interval(pa, pb), len(keep))
+    return (rmse_of(pa) / rmse_of(pb), *ratio_interval(pa, pb), len(keep))
 
 
 def confirmation_lines(before: dict, after: dict, keys: list[str]) -> list[str]:
@@ -276,13 +283,12 @@ def confirmation_lines(before: dict, after: dict, keys: list[str]) -> list[str]:
     cells = []
     for n in STEPS:
         b, a = pooled[n]
-        ratio = (sum(v * v for v in a) / sum(v * v for v in b)) ** 0.5
-        cells.append(f"{total[n][0]} → {total[n][1]}; {ratio:.3f}")
+        cells.append(f"{total[n][0]} → {total[n][1]}; {rmse_of(a) / rmse_of(b):.3f}")
     lines.append(f"| all {len(seeds)} seeds (flips summed, ratio pooled) | " + " | ".join(cells) + " |")
     cells = []
     for n in STEPS:
-        b, a = (sum(v * v for v in part) / len(part) for part in every[n])
-        cells.append(f"{b ** 0.5:.4f} → {a ** 0.5:.4f}; {(a / b) ** 0.5:.3f}")
+        b, a = (rmse_of(part) for part in every[n])
+        cells.append(f"{b:.4f} → {a:.4f}; {a / b:.3f}")
     lines.append(f"| all {len(seeds)} seeds, every noise: RMSE before → after; after / before | "
                  + " | ".join(cells) + " |")
     over = [w for w in worst if w[1] > 1.03]
@@ -290,6 +296,30 @@ def confirmation_lines(before: dict, after: dict, keys: list[str]) -> list[str]:
               f"on the noises both runs solve): {len(over)} of {len(worst)}"
               + (" (" + ", ".join(f"{k} at {n} NFE, {r:.3f}" for r, _, k, n in over) + ")" if over else "") + "."]
     return lines
+
+
+def digits_second_lines(before: dict, after: dict) -> list[str]:
+    """Digits on its second held-out set (base seed 778), and on both sets together, after / before."""
+    b, a = before.get("parts", {}).get("digits", {}), after.get("parts", {}).get("digits", {})
+    if "second" not in b or "second" not in a:
+        return []
+    lines = ["", "Digits on a second held-out set (classes 5-9 × 60 seeds of base 778, against the same teacher), and on "
+             "both sets together (600 samples): RMSE before → after, after / before (95 % paired-bootstrap interval):",
+             "", "| digits | " + " | ".join(f"{n} NFE" for n in STEPS) + " |", "|---|" + "---|" * len(STEPS)]
+    for name, pick in (("second set", lambda run, n: run["second"][str(n)]),
+                       ("both sets", lambda run, n: {"rmse": rmse_of(run["quality"][str(n)]["per_sample"]
+                                                                     + run["second"][str(n)]["per_sample"]),
+                                                     "per_sample": run["quality"][str(n)]["per_sample"]
+                                                     + run["second"][str(n)]["per_sample"]})):
+        lines.append(f"| {name} | " + " | ".join(
+            f"{pick(b, n)['rmse']:.4f} → {pick(a, n)['rmse']:.4f}; {_ratio_cell(pick(a, n), pick(b, n))}"
+            for n in STEPS) + " |")
+    return lines
+
+
+def rmse_of(per_sample: list[float]) -> float:
+    """The RMSE of a set from its samples' RMSEs (each over the same number of elements)."""
+    return (sum(v * v for v in per_sample) / len(per_sample)) ** 0.5
 
 
 def write_report(res: dict, path: Path) -> None:
@@ -385,6 +415,7 @@ def write_report(res: dict, path: Path) -> None:
         lines += ["", "Where the ratio is over 3 (the tiny SD3 / Flux runs, with the 28-step teacher of their "
                   "pipelines for 4-10 steps), the recording and the re-fit of the candidate paths alone exceed 3x the "
                   "recording: the smallest programme runs anyway and the fit warns once (README, \"Notes\")."]
+    lines += digits_second_lines(before, after)
     lines += confirmation_lines(before, after, keys)
     section = "\n".join(lines).rstrip() + "\n"
     text = path.read_text() if path.exists() else "# Benchmark results\n"
