@@ -1,8 +1,9 @@
 """Digits at 5 NFE against OSS-DPM-Solver++ at 8: where the gap lies, and one sampler form beyond the paper's
-(section "Digits at 5 NFE: where the gap lies" of ``benchmarks/RESULTS.md``).
+(section "Digits at 5 NFE: where the gap to OSS-DPM-Solver++ at 8 lies, and a split guidance basis" of
+``benchmarks/RESULTS.md``).
 
 An offline experiment, not a library option. OLSS writes each student latent as a linear combination of the initial
-noise and the *guided* model outputs so far (one coefficient per output; paper Eq. 9). With classifier-free guidance
+noise and the *guided* model outputs so far (one coefficient per output; OLSS Eq. 8). With classifier-free guidance
 each step has two outputs, the unconditional ``e_u`` and the conditional ``e_c``, and the guided one is fixed to
 ``e_u + w (e_c - e_u)``. The "split" form gives both their own coefficient (basis ``x0, g_0, d_0, …, g_j, d_j`` with
 ``g = e_u + w (e_c - e_u)`` and ``d = e_c - e_u``), so each step may choose its own guidance. Both forms are re-fitted
@@ -18,7 +19,7 @@ ridge of 1e-8) on the paths the default fit chose (``fit_cost.json``, "after"), 
 sample with OLSS at 5 NFE (the default's per-sample errors from ``fit_cost.json``). Writes
 ``benchmarks/guidance_basis.json``::
 
-    python benchmarks/guidance_basis.py --oss      # about 15 min on 2 CPU cores
+    python benchmarks/guidance_basis.py --oss      # 24 min on this project's 2-core container (shared)
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from olss_fast.core.metrics import rmse
 from olss_fast.fit.baselines import fit_oss_baselines, sample
 from olss_fast.fit.teacher import default_teacher
 from olss_fast.fit.work import item_noise, make_work_items
-from olss_fast.models.digits import NULL_CLASS, load_digits_pipeline
+from olss_fast.models.digits import DEFAULT_GUIDANCE_SCALE, NULL_CLASS, load_digits_pipeline
 
 from heldout import check_disjoint
 
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
              json.loads((HERE / "fit_cost.json").read_text())["after"]["parts"]["digits"]["paths"].items()}
     pipe = load_digits_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    unet, scale = pipe.unet, 1.5  # the pipeline's default guidance, as the benchmarks use it
+    unet, scale = pipe.unet, DEFAULT_GUIDANCE_SCALE  # the pipeline's default, as the benchmarks use it
     train_classes = [0, 1, 2, 3, 4]
     items = make_work_items([5, 6, 7, 8, 9], 60, base_seed=777)
     check_disjoint(make_work_items(train_classes, 20, base_seed=0), items, "digits")
