@@ -32,13 +32,12 @@ import olss_fast.fit.orchestration as orchestration
 from olss_fast import fit_olss_scheduler
 from olss_fast.core.heldout import run_student
 from olss_fast.core.metrics import rmse
-from olss_fast.fit.baselines import sample
 from olss_fast.fit.config import RecordConfig
 from olss_fast.fit.probe import pipeline_denoiser
-from olss_fast.fit.teacher import default_teacher
-from olss_fast.fit.work import item_noise, make_work_items
+from olss_fast.fit.work import make_work_items
 
-from heldout import FLIP, MIXTURE_CONFIRMATION_SEED, MIXTURE_TRAINING_SEEDS, check_disjoint, mixture_heldout
+from heldout import (DIGITS_HELDOUT_SEED, DIGITS_SECOND_SEED, FLIP, MIXTURE_CONFIRMATION_SEED, MIXTURE_TRAINING_SEEDS,
+                     check_disjoint, digits_heldout, mixture_heldout)
 
 HERE = Path(__file__).resolve().parent
 STEPS = (4, 5, 6, 8, 10)
@@ -117,12 +116,9 @@ def part_digits(args) -> dict:
 
     pipe = load_digits_pipeline()
     sets = {}
-    for base in (777, 778):
-        items = make_work_items([5, 6, 7, 8, 9], 60, base_seed=base)
+    for base in (DIGITS_HELDOUT_SEED, DIGITS_SECOND_SEED):
+        items, _, x0, teacher = digits_heldout(pipe, base_seed=base)
         check_disjoint(make_work_items([0, 1, 2, 3, 4], 20, base_seed=0), items, "digits")
-        prompts = [it.prompt for it in items]
-        x0 = item_noise(items, (1, 16, 16))
-        teacher = sample(pipe, default_teacher(pipe.scheduler), prompts, x0, 100, batch_size=300)
         sets[f"classes 5-9, base seed {base}"] = (x0, teacher, pipeline_denoiser(pipe, items,
                                                                                  RecordConfig(batch_size=300)))
     with Keep() as keep:

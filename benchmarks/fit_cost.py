@@ -43,12 +43,12 @@ import torch
 import olss_fast
 from olss_fast import fit_olss_scheduler, record_trajectories
 from olss_fast.core.metrics import rmse
-from olss_fast.fit.baselines import compare_samplers, sample
-from olss_fast.fit.teacher import default_teacher
+from olss_fast.fit.baselines import compare_samplers
 from olss_fast.fit.work import item_noise, make_work_items
 from olss_fast.pipelines.facts import denoiser_of
 
-from heldout import FLIP, MIXTURE_CONFIRMATION_SEED, MIXTURE_TRAINING_SEEDS, check_disjoint, mixture_heldout
+from heldout import (DIGITS_SECOND_SEED, FLIP, MIXTURE_CONFIRMATION_SEED, MIXTURE_TRAINING_SEEDS, check_disjoint,
+                     digits_heldout, mixture_heldout)
 
 HERE = Path(__file__).resolve().parent
 STEPS = [4, 5, 6, 8, 10]
@@ -142,18 +142,13 @@ def part_digits(args) -> dict:
     from olss_fast.models.digits import load_digits_pipeline
 
     pipe = load_digits_pipeline()
-    items = make_work_items([5, 6, 7, 8, 9], 60, base_seed=777)
-    prompts = [it.prompt for it in items]
-    x0 = item_noise(items, (1, 16, 16))
-    teacher = sample(pipe, default_teacher(pipe.scheduler), prompts, x0, 100, batch_size=300)
+    train = make_work_items([0, 1, 2, 3, 4], 20, base_seed=0)
+    # the benchmark's held-out set and a second one (the same classes, other seeds)
+    items, prompts, x0, teacher = digits_heldout(pipe)
+    items2, _, x2, teacher2 = digits_heldout(pipe, base_seed=DIGITS_SECOND_SEED)
+    check_disjoint(train, items, "digits")
+    check_disjoint(train, items2, "digits (second held-out set)")
     kw = dict(teacher_steps=100, seeds_per_prompt=20, base_seed=0, batch_size=200)
-    check_disjoint(make_work_items([0, 1, 2, 3, 4], 20, base_seed=0), items, "digits")
-    # a second held-out set: the same classes, other seeds
-    items2 = make_work_items([5, 6, 7, 8, 9], 60, base_seed=778)
-    x2 = item_noise(items2, (1, 16, 16))
-    assert [it.prompt for it in items2] == prompts  # the same classes in the same order
-    teacher2 = sample(pipe, default_teacher(pipe.scheduler), prompts, x2, 100, batch_size=300)
-    check_disjoint(make_work_items([0, 1, 2, 3, 4], 20, base_seed=0), items2, "digits (second held-out set)")
     cost, res = measure(pipe, [0, 1, 2, 3, 4], dict(kw, refine_samples=100), kw)
     table = compare_samplers(pipe, {"olss": res.scheduler}, STEPS, prompts, x0, lambda s: errors(s, teacher),
                              batch_size=300)

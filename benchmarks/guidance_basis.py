@@ -35,11 +35,10 @@ from olss_fast import record_trajectories
 from olss_fast.core.lstsq import gram_lstsq
 from olss_fast.core.metrics import rmse
 from olss_fast.fit.baselines import fit_oss_baselines, sample
-from olss_fast.fit.teacher import default_teacher
-from olss_fast.fit.work import item_noise, make_work_items
+from olss_fast.fit.work import make_work_items
 from olss_fast.models.digits import DEFAULT_GUIDANCE_SCALE, NULL_CLASS, load_digits_pipeline
 
-from heldout import check_disjoint
+from heldout import DIGITS_HELDOUT_CLASSES, DIGITS_HELDOUT_SEED, check_disjoint, digits_heldout
 
 HERE = Path(__file__).resolve().parent
 RIDGE = 1e-8  # the re-fit's (olss_fast.core.refine.sequential_refit)
@@ -72,6 +71,21 @@ def run(unet, timesteps, path, x0, labels, scale, form, targets=None, coeffs=Non
     return x, rows
 
 
+def recorded(pipe, classes, seeds_per_class: int, base_seed: int, batch_size: int):
+    """The default teacher's latents along its path for ``classes`` × seeds: ``([T + 1, N, C, H, W]`` (the latent
+    before each step, then the final one), the class labels, the teacher's timesteps)."""
+    parts: list[torch.Tensor] = []
+    labels: list[int] = []
+
+    def keep(batch, x_path, _):
+        parts.append(x_path)
+        labels.extend(it.prompt for it in batch)
+
+    stats = record_trajectories(pipe, classes, teacher_steps=100, seeds_per_prompt=seeds_per_class,
+                                base_seed=base_seed, batch_size=batch_size, on_batch=keep, progress=False)
+    return torch.cat(parts, dim=1), torch.tensor(labels), stats.timesteps
+
+
 def per_sample(samples: torch.Tensor, reference: torch.Tensor) -> dict:
     each = rmse(samples, reference, per_sample=True)
     return {"rmse": rmse(samples, reference), "median": float(each.median()),
@@ -91,36 +105,16 @@ def main(argv=None) -> int:
     pipe.set_progress_bar_config(disable=True)
     unet, scale = pipe.unet, DEFAULT_GUIDANCE_SCALE  # the pipeline's default, as the benchmarks use it
     train_classes = [0, 1, 2, 3, 4]
-    items = make_work_items([5, 6, 7, 8, 9], 60, base_seed=777)
+    items, prompts, x0, teacher = digits_heldout(pipe)
     check_disjoint(make_work_items(train_classes, 20, base_seed=0), items, "digits")
-    prompts = [it.prompt for it in items]
-    x0 = item_noise(items, (1, 16, 16))
-    teacher = sample(pipe, default_teacher(pipe.scheduler), prompts, x0, 100, batch_size=300)
-
-    recorded: dict[str, list] = {"x": [], "labels": []}
-
-    def keep(batch, x_path, _):
-        recorded["x"].append(x_path)
-        recorded["labels"] += [it.prompt for it in batch]
-
-    stats = record_trajectories(pipe, train_classes, teacher_steps=100, seeds_per_prompt=20, base_seed=0,
-                                batch_size=200, on_batch=keep, progress=False)
-    x_train = torch.cat(recorded["x"], dim=1)  # [T + 1, N, C, H, W]: the teacher's latent before each step, then x_T
-    labels_train = torch.tensor(recorded["labels"])
-    ts, last = stats.timesteps, len(stats.timesteps)
-    labels_held = torch.tensor(prompts)
-    # the held-out teacher's latents along the path, for the in-sample bound
-    held_path: dict[int, torch.Tensor] = {}
-
-    def keep_held(batch, x_path, _):
-        for i in range(x_path.shape[0]):
-            held_path.setdefault(i, []).append(x_path[i])
-
-    record_trajectories(pipe, [5, 6, 7, 8, 9], teacher_steps=100, seeds_per_prompt=60, base_seed=777,
-                        batch_size=300, on_batch=keep_held, progress=False)
-    x_held = torch.stack([torch.cat(held_path[i]) for i in sorted(held_path)])
-    if not torch.allclose(x_held[-1], teacher, atol=1e-5):
-        raise ValueError("the recorded held-out teacher differs from the sampled one")
+    x_train, labels_train, ts = recorded(pipe, train_classes, 20, 0, batch_size=200)
+    # the held-out teacher's latents along the path, for the in-sample bound; its final latents must be the
+    # reference the other digits benchmarks use (digits_heldout's), which this records a second time
+    x_held, labels_held, _ = recorded(pipe, list(DIGITS_HELDOUT_CLASSES), 60, DIGITS_HELDOUT_SEED, batch_size=300)
+    if not (torch.equal(x_held[0], x0) and labels_held.tolist() == prompts
+            and torch.allclose(x_held[-1], teacher, atol=1e-5)):
+        raise ValueError("the recorded held-out set differs from the benchmark's (noise, labels or teacher)")
+    last = len(ts)
 
     res: dict = {"date": time.strftime("%Y-%m-%d"), "machine": "2-core CPU container (torch "
                  f"{torch.__version__}, 1 thread)", "paths": paths, "cells": {}}

@@ -18,6 +18,10 @@ MIXTURE_HELDOUT_SEED = 2
 MIXTURE_TRAINING_SEEDS = (1, 0, 3, 4, 5, 6, 7, 8)
 #: base seed of the larger held-out set (2000 noises) of ``candidates.py`` and of ``fit_cost.py``'s mixture part
 MIXTURE_CONFIRMATION_SEED = 9
+#: the digits benchmarks' held-out classes and the base seeds of their two held-out sets (the benchmark's, a second)
+DIGITS_HELDOUT_CLASSES = (5, 6, 7, 8, 9)
+DIGITS_HELDOUT_SEED = 777
+DIGITS_SECOND_SEED = 778
 #: a per-sample RMSE above this against the exact ODE: the sample ended in another mixture component than the exact
 #: solution (a "flip"; such samples are at 1.2-2.4, every other one near 0.02)
 FLIP = 0.3
@@ -37,6 +41,21 @@ def mixture_heldout(count: int, base_seed: int = MIXTURE_HELDOUT_SEED):
     exact = ode_solution(pipe.unet, noise.double(), float(pipe.scheduler.alphas_cumprod[999]), 1.0,
                          num_steps=1000).float()
     return pipe, items, noise, exact
+
+
+def digits_heldout(pipe, seeds_per_class: int = 60, base_seed: int = DIGITS_HELDOUT_SEED):
+    """The digits benchmarks' held-out set: ``seeds_per_class`` work items of ``base_seed`` for each held-out class,
+    their class labels (the prompts), their initial noise and the reference, the default teacher (DPM-Solver++(2M),
+    100 trailing steps) run through ``pipe`` from that noise: ``(items, prompts, noise, teacher)``."""
+    from olss_fast.fit.baselines import sample
+    from olss_fast.fit.teacher import default_teacher
+    from olss_fast.fit.work import item_noise, make_work_items
+
+    items = make_work_items(list(DIGITS_HELDOUT_CLASSES), seeds_per_class, base_seed=base_seed)
+    prompts = [it.prompt for it in items]
+    noise = item_noise(items, (1, 16, 16))
+    teacher = sample(pipe, default_teacher(pipe.scheduler), prompts, noise, 100, batch_size=300)
+    return items, prompts, noise, teacher
 
 
 def check_disjoint(train: Iterable, heldout: Iterable, what: str) -> None:

@@ -44,7 +44,7 @@ from olss_fast.fit.teacher import default_teacher
 from olss_fast.fit.work import item_noise, make_work_items
 from olss_fast.core.search import DEFAULT_PATH
 
-from heldout import MIXTURE_TRAINING_SEEDS, check_disjoint, mixture_heldout
+from heldout import DIGITS_HELDOUT_CLASSES, MIXTURE_TRAINING_SEEDS, check_disjoint, digits_heldout, mixture_heldout
 
 HERE = Path(__file__).resolve().parent
 BASELINES = ["ddim", "dpmsolver++", "unipc", "deis", "pndm", "euler"]
@@ -321,11 +321,8 @@ def digits14(args) -> dict:
     cfg = dict(pipe.scheduler.config)
     steps = [5, 10] if args.quick else STEPS14
     seeds_train, seeds_test = (10, 20) if args.quick else (20, 60)
-    train_classes, eval_classes = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
-    items = make_work_items(eval_classes, seeds_test, base_seed=777)
-    prompts = [it.prompt for it in items]
-    x0 = item_noise(items, (1, 16, 16))
-    teacher = sample(pipe, default_teacher(pipe.scheduler), prompts, x0, 100, batch_size=300)
+    train_classes, eval_classes = [0, 1, 2, 3, 4], list(DIGITS_HELDOUT_CLASSES)
+    items, prompts, x0, teacher = digits_heldout(pipe, seeds_test)
     quality = digits_quality(teacher, torch.tensor(prompts), eval_classes, classifier)
     ntrain = len(train_classes) * seeds_train
     check_disjoint(make_work_items(train_classes, seeds_train, base_seed=0), items, "digits")
