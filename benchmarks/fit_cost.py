@@ -232,13 +232,18 @@ def best_other(model: dict, n: int) -> tuple[str, float]:
     return name, rows[name]
 
 
+def _kept(a: dict, b: dict) -> tuple[list[float], list[float]]:
+    """The per-sample RMSEs of two runs on the confirmation noises that neither sent to another component."""
+    dropped = set(a["flips"]) | set(b["flips"])
+    keep = [i for i in range(len(a["per_sample"])) if i not in dropped]
+    return [a["per_sample"][i] for i in keep], [b["per_sample"][i] for i in keep]
+
+
 def _kept_ratio(a: dict, b: dict) -> tuple[float, float, float, int]:
     """After / before RMSE over the confirmation noises that neither run sent to another component, its 95 % paired
     bootstrap interval, and how many noises that is."""
-    dropped = set(a["flips"]) | set(b["flips"])
-    keep = [i for i in range(len(a["per_sample"])) if i not in dropped]
-    pa, pb = [a["per_sample"][i] for i in keep], [b["per_sample"][i] for i in keep]
-    return (rmse_of(pa) / rmse_of(pb), *ratio_interval(pa, pb), len(keep))
+    pa, pb = _kept(a, b)
+    return (rmse_of(pa) / rmse_of(pb), *ratio_interval(pa, pb), len(pa))
 
 
 def confirmation_lines(before: dict, after: dict, keys: list[str]) -> list[str]:
@@ -267,9 +272,9 @@ def confirmation_lines(before: dict, after: dict, keys: list[str]) -> list[str]:
             ratio, lo, hi, _ = _kept_ratio(ca, cb)
             total[n][0] += len(cb["flips"])
             total[n][1] += len(ca["flips"])
-            dropped = set(ca["flips"]) | set(cb["flips"])
-            for dst, cell in ((pooled[n][0], cb), (pooled[n][1], ca)):
-                dst.extend(v for i, v in enumerate(cell["per_sample"]) if i not in dropped)
+            kept_a, kept_b = _kept(ca, cb)
+            pooled[n][0].extend(kept_b)
+            pooled[n][1].extend(kept_a)
             every[n][0].extend(cb["per_sample"])
             every[n][1].extend(ca["per_sample"])
             worst.append((ratio, lo, k, n))
@@ -301,14 +306,17 @@ def digits_second_lines(before: dict, after: dict) -> list[str]:
     lines = ["", "Digits on a second held-out set (classes 5-9 × 60 seeds of base 778, against the same teacher), and on "
              "both sets together (600 samples): RMSE before → after, after / before (95 % paired-bootstrap interval):",
              "", "| digits | " + " | ".join(f"{n} NFE" for n in STEPS) + " |", "|---|" + "---|" * len(STEPS)]
-    for name, pick in (("second set", lambda run, n: run["second"][str(n)]),
-                       ("both sets", lambda run, n: {"rmse": rmse_of(run["quality"][str(n)]["per_sample"]
-                                                                     + run["second"][str(n)]["per_sample"]),
-                                                     "per_sample": run["quality"][str(n)]["per_sample"]
-                                                     + run["second"][str(n)]["per_sample"]})):
-        lines.append(f"| {name} | " + " | ".join(
-            f"{pick(b, n)['rmse']:.4f} → {pick(a, n)['rmse']:.4f}; {_ratio_cell(pick(a, n), pick(b, n))}"
-            for n in STEPS) + " |")
+
+    def both(run: dict, n: int) -> dict:
+        per = run["quality"][str(n)]["per_sample"] + run["second"][str(n)]["per_sample"]
+        return {"rmse": rmse_of(per), "per_sample": per}
+
+    for name, pick in (("second set", lambda run, n: run["second"][str(n)]), ("both sets", both)):
+        cells = []
+        for n in STEPS:
+            cb, ca = pick(b, n), pick(a, n)
+            cells.append(f"{cb['rmse']:.4f} → {ca['rmse']:.4f}; {_ratio_cell(ca, cb)}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
 
