@@ -164,12 +164,12 @@ def summary(res: dict) -> list[str]:
                     c = {k: v for k, v in parts[s][n]["candidates"].items() if v["pooled_mse"] is not None}
                     vals.append(c[pick(c)]["heldout 2000"]["rmse"])
                 text += f" mixture RMS {(sum(v * v for v in vals) / len(vals)) ** 0.5:.4f}"
-                best = [min(v["heldout 2000"]["rmse"] for v in parts[s][n]["candidates"].values()) for s in seeds]
             if "digits" in parts:
                 c = {k: v for k, v in parts["digits"][n]["candidates"].items() if v["pooled_mse"] is not None}
                 text += f" digits {c[pick(c)]['classes 5-9, base seed 777']['rmse']:.4f}"
             rules.append(text)
         if seeds:
+            best = [min(v["heldout 2000"]["rmse"] for v in parts[s][n]["candidates"].values()) for s in seeds]
             rules.append(f"best candidate per seed: mixture RMS {(sum(v * v for v in best) / len(best)) ** 0.5:.4f}")
         lines.append(f"{n} NFE | " + "; ".join(cells) + " | " + "; ".join(rules))
     return lines
